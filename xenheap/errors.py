@@ -1,0 +1,29 @@
+"""The exceptions xenheap raises; every one derives from :class:`XenHeapError`."""
+
+
+class XenHeapError(Exception):
+    """Base class of every xenheap error."""
+
+
+class OutOfMemory(XenHeapError, MemoryError):
+    """No free chunk (or quota) is large enough for the request; nothing was changed."""
+
+
+class InvalidArgument(XenHeapError, ValueError):
+    """A bad order, size, node, dtype or option; nothing was changed."""
+
+
+class InvalidFree(XenHeapError, ValueError):
+    """A double free, a block of another or a destroyed domain, or a stale handle."""
+
+
+class DomainDead(XenHeapError):
+    """The domain was destroyed; it cannot allocate any more."""
+
+
+class HeapClosed(XenHeapError):
+    """The heap was closed; its memory is gone."""
+
+
+class HeapCorruption(XenHeapError):
+    """An invariant of the heap does not hold; the message names the first broken one."""
