@@ -1,0 +1,281 @@
+"""The buddy allocator over the frame table: Xen's alloc_heap_pages / free_heap_pages.
+
+Chunks of 2^order pages are aligned to their size relative to their node's first page and
+never cross a node. A free chunk records ``first_dirty``; merging a clean and a dirty buddy
+gives one chunk whose first_dirty points into the dirty half, so dirty memory still merges
+into high orders (Xen's fix for the RFC's "high-order allocations may fail" downside).
+"""
+
+from numba import njit
+
+from native_kernels.atomics import (
+    atomic_cas,
+    atomic_load,
+    atomic_max,
+    atomic_store,
+    backoff,
+    fetch_add,
+    monotonic_ns,
+)
+from native_kernels.layout import (
+    ABORT_HIST_BUCKETS,
+    E_NOMEM,
+    INVALID_DIRTY_IDX,
+    L_HEAD,
+    M_DEBUG,
+    M_MAX_ORDER,
+    M_NR_NODES,
+    M_PAGES_PER_NODE,
+    N_ABORT_HIST,
+    N_ABORT_WAIT_MAX_NS,
+    N_ABORT_WAIT_NS,
+    N_ABORTS,
+    N_ADDR,
+    N_ALLOC_SCRUBBED,
+    N_BASE,
+    N_DIRTY,
+    N_FREE,
+    N_FREES,
+    N_LOCK,
+    N_PAGES,
+    N_TAG,
+    NIL,
+    NOT_SCRUBBING,
+    PAGE_SHIFT,
+    PG_FIRST_DIRTY,
+    PG_NEED_SCRUB,
+    PG_ORDER,
+    PG_SCRUB_STATE,
+    PG_STATE,
+    PGS_FREE,
+    PGS_INUSE,
+    SCRUB_ABORT,
+    SCRUB_PATTERN,
+    SCRUBBING,
+)
+from native_kernels.locks import spin_lock, spin_unlock
+from native_kernels.page_list import page_list_add_scrub, page_list_del
+from native_kernels.pages import fill_pages, pages_hold
+
+TAG_MASK = 0x7FFFFFFF
+
+
+@njit(nogil=True, cache=True)
+def node_of(meta, mfn):
+    """The node holding page ``mfn`` (nodes are equal-sized, consecutive mfn ranges)."""
+    return mfn // meta[M_PAGES_PER_NODE]
+
+
+@njit(nogil=True, cache=True)
+def page_address(nodes, node, mfn):
+    """Virtual address of page ``mfn`` of ``node``."""
+    return nodes[node, N_ADDR] + ((mfn - nodes[node, N_BASE]) << PAGE_SHIFT)
+
+
+@njit(nogil=True, cache=True)
+def _record_abort_wait(nodes, node, waited_ns):
+    fetch_add(nodes, (node, N_ABORTS), 1)
+    fetch_add(nodes, (node, N_ABORT_WAIT_NS), waited_ns)
+    atomic_max(nodes, (node, N_ABORT_WAIT_MAX_NS), waited_ns)
+    bucket = 0
+    while bucket < ABORT_HIST_BUCKETS - 1 and (waited_ns >> (bucket + 1)) > 0:
+        bucket += 1
+    fetch_add(nodes, (node, N_ABORT_HIST + bucket), 1)
+
+
+@njit(nogil=True, cache=True)
+def check_and_stop_scrub(ft8, nodes, node, head):
+    """Stop a scrub in progress on chunk ``head``; the caller holds the node's lock.
+
+    The handshake: set SCRUB_ABORT and wait until the scrubber, which checks after every
+    granule, has recorded its progress in first_dirty and set NOT_SCRUBBING.
+    """
+    if atomic_load(ft8, (PG_SCRUB_STATE, head)) != SCRUBBING:
+        return
+    start = monotonic_ns()
+    if not atomic_cas(ft8, (PG_SCRUB_STATE, head), SCRUBBING, SCRUB_ABORT):
+        return  # the scrubber let go by itself in between
+    attempt = 0
+    while atomic_load(ft8, (PG_SCRUB_STATE, head)) != NOT_SCRUBBING:
+        backoff(attempt)
+        attempt += 1
+    _record_abort_wait(nodes, node, monotonic_ns() - start)
+
+
+@njit(nogil=True, cache=True)
+def _get_free_buddy(ft32, lists, node, order, max_order, use_dirty):
+    """Head of the first usable chunk of ``order`` or above on ``node``, and its order.
+
+    Clean chunks sit at a list's head, so one look per order decides whether the list has one.
+    """
+    for j in range(order, max_order + 1):
+        link = lists[node, j, L_HEAD]
+        if link == NIL:
+            continue
+        head = link - 1
+        if use_dirty or ft32[PG_FIRST_DIRTY, head] == INVALID_DIRTY_IDX:
+            return head, j
+    return -1, -1
+
+
+@njit(nogil=True, cache=True)
+def _take_chunk(ft32, ft8, nodes, lists, node, head, j, order):
+    """Unlink chunk (head, j) and give back all but 2^order pages; returns (mfn, tag).
+
+    As in Xen, the lower halves go back to the lists carrying first_dirty, and the block is
+    the chunk's top part. Caller holds the node's lock.
+    """
+    check_and_stop_scrub(ft8, nodes, node, head)
+    first_dirty = atomic_load(ft32, (PG_FIRST_DIRTY, head))
+    page_list_del(ft32, lists, node, j, head)
+    pg = head
+    while j > order:
+        j -= 1
+        half = 1 << j
+        lower = first_dirty if first_dirty != INVALID_DIRTY_IDX and first_dirty - 1 < half \
+            else INVALID_DIRTY_IDX
+        page_list_add_scrub(ft32, ft8, lists, node, j, pg, lower)
+        pg += half
+        if first_dirty != INVALID_DIRTY_IDX:
+            first_dirty = first_dirty - half if first_dirty - 1 >= half else 1
+    for p in range(pg, pg + (1 << order)):
+        ft8[PG_STATE, p] = PGS_INUSE
+    ft8[PG_ORDER, pg] = order
+    ft32[PG_FIRST_DIRTY, pg] = INVALID_DIRTY_IDX
+    fetch_add(nodes, (node, N_FREE), -(1 << order))
+    tag = (nodes[node, N_TAG] + 1) & TAG_MASK
+    nodes[node, N_TAG] = tag
+    return pg, tag
+
+
+@njit(nogil=True, cache=True)
+def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exact):
+    """Take a block of 2^order pages; returns ``tag << 32 | mfn`` or E_NOMEM.
+
+    Pass 1 takes only clean chunks, on the preferred node and then the others by distance
+    (``exact``: that node only); pass 2 accepts dirty ones. The block's dirty pages are
+    zeroed by the caller after the lock is dropped (scrub_taken_block).
+    """
+    max_order = meta[M_MAX_ORDER]
+    nr_nodes = 1 if exact else meta[M_NR_NODES]
+    for use_dirty in (False, True):
+        for k in range(nr_nodes):
+            node = node_pref if exact else zone[node_pref, k]
+            if atomic_load(nodes, (node, N_FREE)) < (1 << order):
+                continue
+            spin_lock(nodes, node, N_LOCK)
+            head, j = _get_free_buddy(ft32, lists, node, order, max_order, use_dirty)
+            if head >= 0:
+                mfn, tag = _take_chunk(ft32, ft8, nodes, lists, node, head, j, order)
+                spin_unlock(nodes, node, N_LOCK)
+                return (tag << 32) | mfn
+            spin_unlock(nodes, node, N_LOCK)
+    return E_NOMEM
+
+
+@njit(nogil=True, cache=True)
+def scrub_taken_block(ft8, nodes, meta, mfn, order):
+    """Zero the dirty pages of a block just taken (scrub-on-allocate), without the lock.
+
+    Returns the pages zeroed, or -1 if debug mode found a clean page without the scrub
+    pattern (it was written after it was freed, or never scrubbed). The block is the
+    caller's alone, so need_scrub is cleared with plain stores.
+    """
+    node = node_of(meta, mfn)
+    debug = meta[M_DEBUG] != 0
+    value = SCRUB_PATTERN if debug else 0
+    n = 1 << order
+    scrubbed = 0
+    corrupt = False
+    i = 0
+    while i < n:
+        j = i
+        dirty = ft8[PG_NEED_SCRUB, mfn + i] != 0
+        while j < n and (ft8[PG_NEED_SCRUB, mfn + j] != 0) == dirty:
+            ft8[PG_NEED_SCRUB, mfn + j] = 0
+            j += 1
+        addr = page_address(nodes, node, mfn + i)
+        if dirty:
+            fill_pages(addr, j - i, value)
+            scrubbed += j - i
+        elif debug and not pages_hold(addr, j - i, SCRUB_PATTERN):
+            corrupt = True
+        i = j
+    if scrubbed:
+        fetch_add(nodes, (node, N_DIRTY), -scrubbed)
+        fetch_add(nodes, (node, N_ALLOC_SCRUBBED), scrubbed)
+    return -1 if corrupt else scrubbed
+
+
+@njit(nogil=True, cache=True)
+def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub):
+    """Return a block to the free lists, merging with free buddies of either cleanliness.
+
+    Returns True if this free made a clean node dirty (its scrubber should wake up).
+    """
+    node = node_of(meta, mfn)
+    base = nodes[node, N_BASE]
+    npages = nodes[node, N_PAGES]
+    max_order = meta[M_MAX_ORDER]
+    spin_lock(nodes, node, N_LOCK)
+    for p in range(mfn, mfn + (1 << order)):
+        ft8[PG_STATE, p] = PGS_FREE
+        if need_scrub:
+            ft8[PG_NEED_SCRUB, p] = 1
+    first_dirty = 1 if need_scrub else INVALID_DIRTY_IDX
+    woke = False
+    if need_scrub:
+        woke = fetch_add(nodes, (node, N_DIRTY), 1 << order) == 0
+    fetch_add(nodes, (node, N_FREE), 1 << order)
+    fetch_add(nodes, (node, N_FREES), 1)
+    rel = mfn - base
+    while order < max_order:
+        half = 1 << order
+        buddy_rel = rel ^ half
+        if buddy_rel + half > npages:
+            break
+        buddy = base + buddy_rel
+        # Alignment makes any free page at buddy's position the head of a chunk.
+        if ft8[PG_STATE, buddy] != PGS_FREE or ft8[PG_ORDER, buddy] != order:
+            break
+        check_and_stop_scrub(ft8, nodes, node, buddy)
+        buddy_dirty = atomic_load(ft32, (PG_FIRST_DIRTY, buddy))
+        page_list_del(ft32, lists, node, order, buddy)
+        if buddy_rel < rel:  # buddy is the predecessor: its first_dirty comes first
+            if buddy_dirty != INVALID_DIRTY_IDX:
+                first_dirty = buddy_dirty
+            elif first_dirty != INVALID_DIRTY_IDX:
+                first_dirty += half
+            rel = buddy_rel
+        elif first_dirty == INVALID_DIRTY_IDX and buddy_dirty != INVALID_DIRTY_IDX:
+            first_dirty = buddy_dirty + half
+        order += 1
+    page_list_add_scrub(ft32, ft8, lists, node, order, base + rel, first_dirty)
+    spin_unlock(nodes, node, N_LOCK)
+    return woke
+
+
+@njit(nogil=True, cache=True)
+def init_heap(ft32, ft8, nodes, lists, meta):
+    """Link every node's pages into aligned chunks of the highest order that fits.
+
+    Fresh anonymous memory reads zero, so pages start clean (Xen must scrub at boot; we need
+    not); in debug mode they start dirty, so that scrubbing lays down the pattern.
+    """
+    max_order = meta[M_MAX_ORDER]
+    debug = meta[M_DEBUG] != 0
+    for node in range(meta[M_NR_NODES]):
+        base = nodes[node, N_BASE]
+        npages = nodes[node, N_PAGES]
+        rel = 0
+        while rel < npages:
+            order = max_order
+            while (rel & ((1 << order) - 1)) != 0 or rel + (1 << order) > npages:
+                order -= 1
+            page_list_add_scrub(ft32, ft8, lists, node, order, base + rel,
+                                1 if debug else INVALID_DIRTY_IDX)
+            rel += 1 << order
+        if debug:
+            ft8[PG_NEED_SCRUB, base:base + npages] = 1
+            atomic_store(nodes, (node, N_DIRTY), npages)
+        atomic_store(nodes, (node, N_FREE), npages)

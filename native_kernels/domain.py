@@ -1,0 +1,277 @@
+"""Domains: who owns which block. The kernels the Python API calls.
+
+A domain's blocks form a list through the same frame-table links the free lists use (a block
+is on exactly one of the two), guarded by the domain's own lock (Xen's page_alloc_lock).
+The node lock and a domain lock are never held together: allocation takes the node lock,
+drops it, zeroes, then links under the domain lock; free and destroy do the reverse.
+"""
+
+from numba import njit
+
+from native_kernels.atomics import atomic_load, atomic_max, atomic_store, fetch_add
+from native_kernels.buddy import (
+    alloc_heap_pages,
+    free_heap_pages,
+    node_of,
+    page_address,
+    scrub_taken_block,
+)
+from native_kernels.layout import (
+    D_ALLOCS,
+    D_BLOCKS,
+    D_FREES,
+    D_HEAD,
+    D_ID,
+    D_LOCK,
+    D_MAX_PAGES,
+    D_PAGES,
+    D_PEAK,
+    D_STATE,
+    D_TAIL,
+    DOM_ALIVE,
+    DOM_DEAD,
+    DOM_DYING,
+    E_BAD_FREE,
+    E_CORRUPT,
+    E_DEAD,
+    E_NOMEM,
+    E_QUOTA,
+    L_COUNT,
+    M_DEBUG,
+    M_MAX_ORDER,
+    M_MODE,
+    M_NR_NODES,
+    M_NR_PAGES,
+    MODE_SYNC,
+    N_ALLOCS,
+    N_SYNC_SCRUBBED,
+    NIL,
+    PG_NEXT,
+    PG_ORDER,
+    PG_OWNER,
+    PG_PREV,
+    PG_TAG,
+    POISON_PATTERN,
+    SCRUB_PATTERN,
+)
+from native_kernels.locks import spin_lock, spin_unlock
+from native_kernels.pages import fill_pages
+
+MFN_MASK = 0xFFFFFFFF
+
+
+@njit(nogil=True, cache=True)
+def _alive(doms, slot, dom_id):
+    return doms[slot, D_ID] == dom_id and atomic_load(doms, (slot, D_STATE)) == DOM_ALIVE
+
+
+@njit(nogil=True, cache=True)
+def _over_quota(doms, slot, extra_pages):
+    quota = doms[slot, D_MAX_PAGES]
+    return quota > 0 and atomic_load(doms, (slot, D_PAGES)) + extra_pages > quota
+
+
+@njit(nogil=True, cache=True)
+def _link_chain(ft32, doms, slot, dom_id, first, last, nblocks, npages):
+    """Splice a chain of blocks (linked first..last) onto the domain's list.
+
+    Returns 0, E_DEAD if the domain died meanwhile or E_QUOTA if the chain no longer fits.
+    """
+    spin_lock(doms, slot, D_LOCK)
+    if not _alive(doms, slot, dom_id):
+        spin_unlock(doms, slot, D_LOCK)
+        return E_DEAD
+    if _over_quota(doms, slot, npages):
+        spin_unlock(doms, slot, D_LOCK)
+        return E_QUOTA
+    head = doms[slot, D_HEAD]
+    ft32[PG_NEXT, last] = head
+    if head == NIL:
+        doms[slot, D_TAIL] = last + 1
+    else:
+        ft32[PG_PREV, head - 1] = last + 1
+    ft32[PG_PREV, first] = NIL
+    doms[slot, D_HEAD] = first + 1
+    pages = fetch_add(doms, (slot, D_PAGES), npages) + npages
+    atomic_max(doms, (slot, D_PEAK), pages)
+    fetch_add(doms, (slot, D_BLOCKS), nblocks)
+    fetch_add(doms, (slot, D_ALLOCS), nblocks)
+    spin_unlock(doms, slot, D_LOCK)
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact):
+    """Allocate and zero one block owned by ``slot``; returns (mfn, tag) or (error, 0)."""
+    packed = alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exact)
+    if packed < 0:
+        return packed, 0
+    mfn = packed & MFN_MASK
+    tag = packed >> 32
+    if scrub_taken_block(ft8, nodes, meta, mfn, order) < 0:
+        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True)
+        return E_CORRUPT, 0
+    fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), 1)
+    atomic_store(ft32, (PG_TAG, mfn), tag)
+    atomic_store(ft32, (PG_OWNER, mfn), slot + 1)
+    return mfn, tag
+
+
+@njit(nogil=True, cache=True)
+def _release_block(ft32, ft8, nodes, lists, meta, mfn, order):
+    """Free a block that no domain owns any more; returns True if a scrubber should wake.
+
+    "sync" mode zeroes it here, before returning (the behaviour the series replaced);
+    otherwise it goes back dirty, poisoned first in debug mode.
+    """
+    atomic_store(ft32, (PG_OWNER, mfn), 0)
+    atomic_store(ft32, (PG_TAG, mfn), 0)
+    node = node_of(meta, mfn)
+    addr = page_address(nodes, node, mfn)
+    debug = meta[M_DEBUG] != 0
+    if meta[M_MODE] == MODE_SYNC:
+        fill_pages(addr, 1 << order, SCRUB_PATTERN if debug else 0)
+        fetch_add(nodes, (node, N_SYNC_SCRUBBED), 1 << order)
+        return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, False)
+    if debug:
+        fill_pages(addr, 1 << order, POISON_PATTERN)
+    return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True)
+
+
+@njit(nogil=True, cache=True)
+def _release_chain(ft32, ft8, nodes, lists, meta, first):
+    """Release every block of a chain linked through PG_NEXT; returns the nodes to wake."""
+    wake = 0
+    link = first
+    while link != NIL:
+        mfn = link - 1
+        link = ft32[PG_NEXT, mfn]
+        if _release_block(ft32, ft8, nodes, lists, meta, mfn, ft8[PG_ORDER, mfn]):
+            wake |= 1 << node_of(meta, mfn)
+    return wake
+
+
+@njit(nogil=True, cache=True)
+def alloc_block(ft32, ft8, nodes, lists, doms, zone, meta, slot, dom_id, order, node_pref,
+                exact):
+    """Allocate a zeroed block of 2^order pages to domain ``slot``.
+
+    Returns ``tag << 32 | mfn``, or E_DEAD, E_QUOTA, E_NOMEM, E_CORRUPT.
+    """
+    if not _alive(doms, slot, dom_id):
+        return E_DEAD
+    if _over_quota(doms, slot, 1 << order):
+        return E_QUOTA
+    mfn, tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact)
+    if mfn < 0:
+        return mfn
+    status = _link_chain(ft32, doms, slot, dom_id, mfn, mfn, 1, 1 << order)
+    if status < 0:
+        _release_block(ft32, ft8, nodes, lists, meta, mfn, order)
+        return status
+    return (tag << 32) | mfn
+
+
+@njit(nogil=True, cache=True)
+def populate(ft32, ft8, nodes, lists, doms, zone, meta, slot, dom_id, count, order, node_pref,
+             exact):
+    """Allocate ``count`` blocks of 2^order pages in one call, all or nothing.
+
+    Checks the free lists' chunk counts first, so that a request that cannot fit fails
+    without touching the heap; if a concurrent allocation still wins the race, every block
+    taken so far goes back. Returns ``count`` or a negative error.
+    """
+    if not _alive(doms, slot, dom_id):
+        return E_DEAD
+    if _over_quota(doms, slot, count << order):
+        return E_QUOTA
+    capacity = 0
+    for k in range(1 if exact else meta[M_NR_NODES]):
+        node = node_pref if exact else zone[node_pref, k]
+        for j in range(order, meta[M_MAX_ORDER] + 1):
+            capacity += atomic_load(lists, (node, j, L_COUNT)) << (j - order)
+    if capacity < count:
+        return E_NOMEM
+    first = -1
+    last = -1
+    status = 0
+    for _ in range(count):
+        mfn, _tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref,
+                                exact)
+        if mfn < 0:
+            status = mfn
+            break
+        if first < 0:
+            ft32[PG_NEXT, mfn] = NIL
+            last = mfn
+        else:
+            ft32[PG_NEXT, mfn] = first + 1
+            ft32[PG_PREV, first] = mfn + 1
+        first = mfn
+    if status == 0 and count > 0:
+        status = _link_chain(ft32, doms, slot, dom_id, first, last, count, count << order)
+    if status < 0:
+        if first >= 0:
+            _release_chain(ft32, ft8, nodes, lists, meta, first + 1)
+        return status
+    return count
+
+
+@njit(nogil=True, cache=True)
+def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
+    """Free block (mfn, order, tag) of domain ``slot``.
+
+    Returns 1 if a scrubber should wake, 0 if not, E_DEAD if the domain is no longer alive,
+    E_BAD_FREE if the block is not a live block of this domain (double free, foreign, stale).
+    """
+    if mfn < 0 or mfn >= meta[M_NR_PAGES] or order < 0 or order > meta[M_MAX_ORDER]:
+        return E_BAD_FREE
+    spin_lock(doms, slot, D_LOCK)
+    if not _alive(doms, slot, dom_id):
+        spin_unlock(doms, slot, D_LOCK)
+        return E_DEAD
+    # PG_OWNER is only ever ours while we hold our lock, so once it matches the rest is stable.
+    if (atomic_load(ft32, (PG_OWNER, mfn)) != slot + 1 or ft8[PG_ORDER, mfn] != order
+            or atomic_load(ft32, (PG_TAG, mfn)) != tag):
+        spin_unlock(doms, slot, D_LOCK)
+        return E_BAD_FREE
+    nxt = ft32[PG_NEXT, mfn]
+    prv = ft32[PG_PREV, mfn]
+    if prv == NIL:
+        doms[slot, D_HEAD] = nxt
+    else:
+        ft32[PG_NEXT, prv - 1] = nxt
+    if nxt == NIL:
+        doms[slot, D_TAIL] = prv
+    else:
+        ft32[PG_PREV, nxt - 1] = prv
+    fetch_add(doms, (slot, D_PAGES), -(1 << order))
+    fetch_add(doms, (slot, D_BLOCKS), -1)
+    fetch_add(doms, (slot, D_FREES), 1)
+    # Clear ownership before dropping the lock: a racing free of the same handle must fail.
+    atomic_store(ft32, (PG_OWNER, mfn), 0)
+    spin_unlock(doms, slot, D_LOCK)
+    return 1 if _release_block(ft32, ft8, nodes, lists, meta, mfn, order) else 0
+
+
+@njit(nogil=True, cache=True)
+def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+    """Detach the domain's blocks, mark it dead and free them all (dirty, or zeroed in sync).
+
+    Returns a bit mask of the nodes whose scrubber should wake, or E_DEAD.
+    """
+    spin_lock(doms, slot, D_LOCK)
+    if not _alive(doms, slot, dom_id):
+        spin_unlock(doms, slot, D_LOCK)
+        return E_DEAD
+    atomic_store(doms, (slot, D_STATE), DOM_DYING)
+    first = doms[slot, D_HEAD]
+    doms[slot, D_HEAD] = NIL
+    doms[slot, D_TAIL] = NIL
+    fetch_add(doms, (slot, D_FREES), atomic_load(doms, (slot, D_BLOCKS)))
+    atomic_store(doms, (slot, D_PAGES), 0)
+    atomic_store(doms, (slot, D_BLOCKS), 0)
+    spin_unlock(doms, slot, D_LOCK)
+    wake = _release_chain(ft32, ft8, nodes, lists, meta, first)
+    atomic_store(doms, (slot, D_STATE), DOM_DEAD)
+    return wake

@@ -1,0 +1,120 @@
+"""The background scrubber's kernel: Xen's scrub_free_pages, one bounded step at a time.
+
+Under the node's lock take the dirty chunk at a list tail (highest order first) and mark it
+SCRUBBING; drop the lock; zero its dirty pages from first_dirty on, one granule at a time,
+checking for SCRUB_ABORT after each. The chunk stays on its free list all the while, so an
+allocator can still claim it: it sets SCRUB_ABORT under the lock and waits for NOT_SCRUBBING
+(check_and_stop_scrub). Pages already zeroed stay clean whatever happens: need_scrub and
+the node's dirty count drop granule by granule, and first_dirty records how far we got.
+"""
+
+from numba import njit
+
+from native_kernels.atomics import atomic_load, atomic_store, fetch_add, monotonic_ns
+from native_kernels.buddy import page_address
+from native_kernels.layout import (
+    INVALID_DIRTY_IDX,
+    L_TAIL,
+    M_DEBUG,
+    M_MAX_ORDER,
+    N_DIRTY,
+    N_LOCK,
+    N_SCRUB_NS,
+    N_SCRUB_PASSES,
+    N_SCRUBBED,
+    NIL,
+    NOT_SCRUBBING,
+    PAGE_SHIFT,
+    PG_FIRST_DIRTY,
+    PG_NEED_SCRUB,
+    PG_SCRUB_STATE,
+    SCRUB_ABORT,
+    SCRUB_PATTERN,
+    SCRUBBING,
+)
+from native_kernels.locks import spin_lock, spin_lock_cond, spin_unlock
+from native_kernels.page_list import page_list_add_scrub, page_list_del
+from native_kernels.pages import fill_pages
+
+NOTHING_DIRTY = -1
+
+
+@njit(nogil=True, cache=True)
+def _zero_dirty_runs(ft8, addr, head, lo, hi, value):
+    """Zero the dirty pages among chunk pages [lo, hi) in runs; returns how many."""
+    cleared = 0
+    p = lo
+    while p < hi:
+        if ft8[PG_NEED_SCRUB, head + p] == 0:
+            p += 1
+            continue
+        q = p
+        while q < hi and ft8[PG_NEED_SCRUB, head + q] != 0:
+            ft8[PG_NEED_SCRUB, head + q] = 0
+            q += 1
+        fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
+        cleared += q - p
+        p = q
+    return cleared
+
+
+@njit(nogil=True, cache=True)
+def _let_go(ft32, ft8, head, progress, size):
+    """Hand the chunk back without the lock, keeping the progress made (release order)."""
+    atomic_store(ft32, (PG_FIRST_DIRTY, head), progress + 1 if progress < size
+                 else INVALID_DIRTY_IDX)
+    atomic_store(ft8, (PG_SCRUB_STATE, head), NOT_SCRUBBING)
+
+
+@njit(nogil=True, cache=True)
+def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages):
+    """Scrub up to about ``budget_pages`` of one dirty chunk of ``node``.
+
+    Returns the pages zeroed (possibly 0), or NOTHING_DIRTY when no free list of the node
+    has a dirty chunk at its tail.
+    """
+    spin_lock(nodes, node, N_LOCK)
+    head = -1
+    order = 0
+    for j in range(meta[M_MAX_ORDER], -1, -1):
+        link = lists[node, j, L_TAIL]
+        if link != NIL and ft32[PG_FIRST_DIRTY, link - 1] != INVALID_DIRTY_IDX:
+            head = link - 1
+            order = j
+            break
+    if head < 0:
+        spin_unlock(nodes, node, N_LOCK)
+        return NOTHING_DIRTY
+    atomic_store(ft8, (PG_SCRUB_STATE, head), SCRUBBING)
+    start = ft32[PG_FIRST_DIRTY, head] - 1
+    spin_unlock(nodes, node, N_LOCK)
+
+    started_ns = monotonic_ns()
+    value = SCRUB_PATTERN if meta[M_DEBUG] != 0 else 0
+    size = 1 << order
+    addr = page_address(nodes, node, head)
+    zeroed = 0
+    i = start
+    while i < size:
+        end = min(i + granule_pages, size)
+        cleared = _zero_dirty_runs(ft8, addr, head, i, end, value)
+        if cleared:
+            fetch_add(nodes, (node, N_DIRTY), -cleared)
+            fetch_add(nodes, (node, N_SCRUBBED), cleared)
+            zeroed += cleared
+        i = end
+        if i < size and (atomic_load(ft8, (PG_SCRUB_STATE, head)) == SCRUB_ABORT
+                         or i - start >= budget_pages):
+            _let_go(ft32, ft8, head, i, size)
+            fetch_add(nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
+            return zeroed
+
+    fetch_add(nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
+    if spin_lock_cond(nodes, node, N_LOCK, ft8, (PG_SCRUB_STATE, head), SCRUB_ABORT):
+        page_list_del(ft32, lists, node, order, head)
+        page_list_add_scrub(ft32, ft8, lists, node, order, head, INVALID_DIRTY_IDX)
+        fetch_add(nodes, (node, N_SCRUB_PASSES), 1)
+        spin_unlock(nodes, node, N_LOCK)
+    else:
+        _let_go(ft32, ft8, head, size, size)
+    return zeroed

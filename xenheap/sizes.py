@@ -1,0 +1,83 @@
+"""Parsing and formatting of byte sizes ("1.5GiB", "512 KiB", 4096)."""
+
+from __future__ import annotations
+
+import numbers
+import re
+from fractions import Fraction
+
+from xenheap.errors import InvalidArgument
+
+__all__ = ["format_size", "parse_size"]
+
+# Plain SI spellings (KB, MB, ...) are decimal; single letters and the "iB" forms are binary.
+_UNITS: dict[str, int] = {"": 1, "b": 1}
+for _exp, _letter in enumerate("kmgt", start=1):
+    _UNITS[_letter] = 1024**_exp
+    _UNITS[_letter + "ib"] = 1024**_exp
+    _UNITS[_letter + "b"] = 1000**_exp
+
+# No signs, exponents or underscores: a size is digits, an optional fraction, a unit.
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+_FORMAT_UNITS = ("KiB", "MiB", "GiB", "TiB")
+
+
+def parse_size(value: int | str, *, what: str = "size") -> int:
+    """Return ``value`` as a whole number of bytes.
+
+    Accepts a non-negative integer, or a string such as ``"4096"``, ``"64K"``, ``"1.5 GiB"``
+    or ``"2MB"`` (``K``/``KiB`` = 1024, ``KB`` = 1000; units are case-insensitive).
+    Raises :class:`InvalidArgument`, naming ``what``, for anything else.
+    """
+    # bool is an Integral but "True bytes" is surely a mistake.
+    if isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be an integer or a size string, not bool {value!r}")
+    if isinstance(value, numbers.Integral):
+        nbytes = int(value)
+        if nbytes < 0:
+            raise InvalidArgument(f"{what} must not be negative, got {value!r}")
+        return nbytes
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            f"{what} must be an integer or a size string, not {type(value).__name__} {value!r}"
+        )
+    match = _SIZE_RE.fullmatch(value)
+    if match is None:
+        raise InvalidArgument(f"{what}: cannot parse {value!r} as a size (e.g. 4096, 64K, 1.5GiB)")
+    number, unit = match.groups()
+    multiplier = _UNITS.get(unit.lower())
+    if multiplier is None:
+        raise InvalidArgument(
+            f"{what}: unknown unit {unit!r} in {value!r} (use B, K/KiB, M/MiB, G/GiB, T/TiB, "
+            "or KB/MB/GB/TB for powers of 1000)"
+        )
+    try:
+        exact = Fraction(number) * multiplier
+    except ValueError as exc:  # e.g. more digits than int() accepts
+        raise InvalidArgument(f"{what}: cannot parse {value!r} as a size") from exc
+    if exact.denominator != 1:
+        raise InvalidArgument(f"{what}: {value!r} is not a whole number of bytes")
+    return int(exact)
+
+
+def format_size(nbytes: int) -> str:
+    """Format a byte count for people: ``"12 B"``, ``"512 KiB"``, ``"1.0 GiB"``.
+
+    Below 100 of a unit one decimal is shown, from 100 on none.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise InvalidArgument(f"format_size needs an integer, got {nbytes!r}")
+    nbytes = int(nbytes)
+    sign = "-" if nbytes < 0 else ""
+    magnitude = abs(nbytes)
+    if magnitude < 1024:
+        return f"{sign}{magnitude} B"
+    text = ""
+    for exp, unit in enumerate(_FORMAT_UNITS, start=1):
+        scaled = magnitude / 1024**exp
+        text = f"{scaled:.1f} {unit}" if scaled < 100 else f"{scaled:.0f} {unit}"
+        # Rounding may reach 1024 (e.g. "1024 KiB"): then the next unit reads better.
+        if round(scaled) < 1024 or exp == len(_FORMAT_UNITS):
+            break
+    return sign + text
