@@ -152,7 +152,7 @@ def _release_chain(ft32, ft8, nodes, lists, meta, first):
 
 
 @njit(nogil=True, cache=True)
-def alloc_block(ft32, ft8, nodes, lists, doms, zone, meta, slot, dom_id, order, node_pref,
+def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
                 exact):
     """Allocate a zeroed block of 2^order pages to domain ``slot``.
 
@@ -173,7 +173,7 @@ def alloc_block(ft32, ft8, nodes, lists, doms, zone, meta, slot, dom_id, order, 
 
 
 @njit(nogil=True, cache=True)
-def populate(ft32, ft8, nodes, lists, doms, zone, meta, slot, dom_id, count, order, node_pref,
+def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order, node_pref,
              exact):
     """Allocate ``count`` blocks of 2^order pages in one call, all or nothing.
 
@@ -275,3 +275,15 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     wake = _release_chain(ft32, ft8, nodes, lists, meta, first)
     atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     return wake
+
+
+@njit(nogil=True, cache=True)
+def open_domain(doms, slot, dom_id, max_pages):
+    """Start a new domain in a free (or dead) slot; alive only once every field is set."""
+    for field in (D_PAGES, D_BLOCKS, D_PEAK, D_ALLOCS, D_FREES):
+        atomic_store(doms, (slot, field), 0)
+    doms[slot, D_HEAD] = NIL
+    doms[slot, D_TAIL] = NIL
+    doms[slot, D_MAX_PAGES] = max_pages
+    doms[slot, D_ID] = dom_id
+    atomic_store(doms, (slot, D_STATE), DOM_ALIVE)

@@ -1,0 +1,239 @@
+"""Domains (tenants, sessions, guests) and the blocks they own: handles onto the heap's state."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from native_kernels import domain as kernels
+from native_kernels.layout import (
+    D_ALLOCS,
+    D_BLOCKS,
+    D_FREES,
+    D_MAX_PAGES,
+    D_PAGES,
+    D_PEAK,
+    E_BAD_FREE,
+    E_CORRUPT,
+    E_DEAD,
+    E_QUOTA,
+)
+from xenheap.errors import (
+    DomainDead,
+    HeapCorruption,
+    InvalidArgument,
+    InvalidFree,
+    OutOfMemory,
+)
+from xenheap.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from xenheap.heap import Heap
+
+_MFN_MASK = 0xFFFFFFFF
+
+
+class Block:
+    """2**order contiguous pages owned by a domain, zeroed when handed out."""
+
+    __slots__ = ("_freed", "_tag", "domain", "mfn", "order")
+
+    def __init__(self, domain: Domain, mfn: int, order: int, tag: int) -> None:
+        self.domain = domain
+        self.mfn = mfn
+        self.order = order
+        self._tag = tag
+        self._freed = False
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the block in bytes."""
+        return self.domain.heap.page_size << self.order
+
+    @property
+    def node(self) -> int:
+        """The node whose arena holds the block."""
+        return self.domain.heap._node_of(self.mfn)
+
+    def _check_usable(self) -> None:
+        if self._freed:
+            raise InvalidFree(f"{self!r} was freed")
+        if not self.domain.alive:
+            raise InvalidFree(f"{self!r} belongs to destroyed {self.domain!r}")
+
+    def view(self) -> memoryview:
+        """A writable memoryview of the block's ``nbytes`` bytes (zero-copy)."""
+        self._check_usable()
+        return self.domain.heap._view(self.mfn, self.nbytes)
+
+    def array(self, dtype: object = "uint8") -> np.ndarray:
+        """A writable numpy view of the block (zero-copy) with the given dtype."""
+        try:
+            dt = np.dtype(dtype)
+        except TypeError as exc:
+            raise InvalidArgument(f"bad dtype {dtype!r}: {exc}") from None
+        if dt.itemsize == 0 or self.nbytes % dt.itemsize or dt.hasobject:
+            raise InvalidArgument(f"dtype {dt} does not tile a block of {self.nbytes} bytes")
+        return np.frombuffer(self.view(), dtype=dt)
+
+    def free(self) -> None:
+        """Give the block back to the heap; its pages become dirty (zeroed first in "sync")."""
+        self.domain.free(self)
+
+    def __repr__(self) -> str:
+        return f"<Block mfn={self.mfn} order={self.order} of domain {self.domain.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Block) and (other.mfn, other._tag) == (self.mfn, self._tag)
+
+    def __hash__(self) -> int:
+        return hash((self.mfn, self._tag))
+
+
+class Domain:
+    """An owner of memory; destroying it gives all its memory back at once.
+
+    Also a context manager: destroyed on exit.
+    """
+
+    def __init__(self, heap: Heap, slot: int, dom_id: int, name: str | None,
+                 max_pages: int) -> None:
+        self.heap = heap
+        self.id = dom_id
+        self.name = name if name is not None else f"d{dom_id}"
+        self._slot = slot
+        self._max_pages = max_pages
+        self._final_stats: dict[str, int] | None = None
+
+    # --- state -------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """True until the domain is destroyed (or its heap closed)."""
+        return self._final_stats is None and not self.heap.closed
+
+    @property
+    def pages(self) -> int:
+        """Pages the domain holds now."""
+        return self.stats()["pages"]
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The domain's quota in bytes, or None."""
+        return self._max_pages * self.heap.page_size if self._max_pages else None
+
+    def stats(self) -> dict[str, int]:
+        """Pages held now and at the peak, blocks held, allocations and frees."""
+        if self._final_stats is not None:
+            return dict(self._final_stats)
+        row = self.heap._state["doms"][self._slot]
+        return {
+            "pages": int(row[D_PAGES]),
+            "peak_pages": int(row[D_PEAK]),
+            "blocks": int(row[D_BLOCKS]),
+            "allocations": int(row[D_ALLOCS]),
+            "frees": int(row[D_FREES]),
+            "max_pages": int(row[D_MAX_PAGES]),
+        }
+
+    # --- allocation ----------------------------------------------------------------------
+    def _raise_for(self, code: int, what: str) -> None:
+        if code == E_DEAD:
+            raise DomainDead(f"{self!r} was destroyed")
+        if code == E_QUOTA:
+            raise OutOfMemory(
+                f"{what} would exceed the quota of domain {self.name!r} "
+                f"({format_size(self._max_pages * self.heap.page_size)}, "
+                f"holding {format_size(self.pages * self.heap.page_size)})"
+            )
+        if code == E_CORRUPT:
+            raise HeapCorruption(
+                f"{what}: a clean page did not carry the scrub pattern "
+                "(written after free, or never scrubbed)"
+            )
+        raise OutOfMemory(f"{what}: no free memory large enough")
+
+    def alloc(self, order: int = 0, node: int | None = None) -> Block:
+        """A zeroed block of 2**order contiguous pages (from ``node`` only, if given)."""
+        heap = self.heap
+        heap._check_order(order)
+        pref, exact = heap._placement(node)
+        packed = heap._call(kernels.alloc_block, heap._zone, self._slot, self.id, order, pref,
+                            exact)
+        if packed < 0:
+            self._raise_for(packed, f"alloc(order={order})")
+        return Block(self, packed & _MFN_MASK, order, packed >> 32)
+
+    def order_for(self, nbytes: int) -> int:
+        """The smallest order whose block holds ``nbytes`` bytes."""
+        size = parse_size(nbytes, what="nbytes")
+        if size == 0:
+            raise InvalidArgument("nbytes must be positive")
+        order = max(0, math.ceil(math.log2(-(-size // self.heap.page_size))))
+        self.heap._check_order(order, what=f"nbytes={size}")
+        return order
+
+    def alloc_bytes(self, nbytes: int, node: int | None = None) -> Block:
+        """A zeroed block of the smallest order that holds ``nbytes`` bytes."""
+        return self.alloc(self.order_for(nbytes), node)
+
+    def populate(self, nbytes: int, order: int = 0, node: int | None = None) -> int:
+        """Allocate enough 2**order blocks to hold ``nbytes``, in one call, all or nothing.
+
+        Returns the number of blocks; they stay with the domain until it is destroyed.
+        """
+        heap = self.heap
+        heap._check_order(order)
+        size = parse_size(nbytes, what="nbytes")
+        block_bytes = heap.page_size << order
+        count = -(-size // block_bytes)
+        pref, exact = heap._placement(node)
+        got = heap._call(kernels.populate, heap._zone, self._slot, self.id, count, order, pref,
+                         exact)
+        if got < 0:
+            self._raise_for(got, f"populate({format_size(size)}, order={order})")
+        return got
+
+    def free(self, blk: Block) -> None:
+        """Give ``blk`` back to the heap; refused (nothing changed) if it is not ours to free."""
+        if not isinstance(blk, Block):
+            raise InvalidFree(f"not a Block: {blk!r}")
+        if blk.domain is not self:
+            raise InvalidFree(f"{blk!r} belongs to domain {blk.domain.id}, not {self.id}")
+        if blk._freed:
+            raise InvalidFree(f"double free of {blk!r}")
+        heap = self.heap
+        code = heap._call(kernels.free_block, self._slot, self.id, blk.mfn, blk.order, blk._tag)
+        if code == E_DEAD:
+            raise InvalidFree(f"{blk!r} belongs to destroyed {self!r}")
+        if code == E_BAD_FREE:
+            raise InvalidFree(f"{blk!r} is stale: it is no longer a block of {self!r}")
+        blk._freed = True
+        if code:
+            heap._wake(1 << heap._node_of(blk.mfn))
+
+    def destroy(self) -> None:
+        """Free all the domain's memory. Returns at once, leaving the pages dirty for the
+        scrubbers, except in "sync" mode, which zeroes every page before returning."""
+        heap = self.heap
+        before = self.stats()
+        wake = heap._call(kernels.destroy_domain, self._slot, self.id)
+        if wake < 0:
+            raise DomainDead(f"{self!r} was already destroyed")
+        before.update(pages=0, blocks=0, frees=before["frees"] + before["blocks"])
+        self._final_stats = before
+        heap._release_slot(self._slot)
+        if wake:
+            heap._wake(wake)
+
+    def __enter__(self) -> Domain:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.alive:
+            self.destroy()
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else "destroyed"
+        return f"<Domain {self.id} {self.name!r} {state}>"

@@ -1,0 +1,307 @@
+"""The Heap: per-node arenas, the frame table, domains, scrubbers; the public face of xenheap."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+
+from native_kernels import check as check_kernels
+from native_kernels import domain as domain_kernels
+from native_kernels.buddy import init_heap
+from native_kernels.counters import column_sum
+from native_kernels.layout import (
+    D_STATE,
+    DOM_DEAD,
+    DOM_FREE,
+    M_DEBUG,
+    M_MAX_DOMAINS,
+    M_MAX_ORDER,
+    M_MODE,
+    M_NR_NODES,
+    M_NR_PAGES,
+    M_PAGES_PER_NODE,
+    MAX_NODES,
+    MAX_ORDER_LIMIT,
+    MODE_ALLOC,
+    MODE_IDLE,
+    MODE_SYNC,
+    N_ADDR,
+    N_BASE,
+    N_DIRTY,
+    N_PAGES,
+    PAGE_SIZE,
+    new_state,
+)
+from xenheap import prim, stats
+from xenheap.arena import Arena
+from xenheap.domain import Domain
+from xenheap.errors import HeapClosed, HeapCorruption, InvalidArgument, OutOfMemory
+from xenheap.scrubber import Scrubber, plan_scrubbers, stop_all
+from xenheap.sizes import parse_size
+from xenheap.topology import resolve_topology
+
+log = logging.getLogger(__name__)
+
+SCRUB_MODES = {"idle": MODE_IDLE, "sync": MODE_SYNC, "alloc": MODE_ALLOC}
+DEFAULT_MAX_DOMAINS = 4096
+_open_heaps: weakref.WeakSet[Heap] = weakref.WeakSet()
+
+
+class Heap:
+    """A page allocator over one anonymous mmap arena per NUMA node (real or emulated).
+
+    ``size`` is split evenly over the nodes (rounded down to whole pages). ``nodes``: None for
+    the machine's nodes, an int to emulate that many over this machine's CPUs, or a list of
+    CPU lists (a list may be empty: a node without CPUs). ``scrub``: "idle" (background
+    scrubbers, the default), "sync" (zero on free and destroy) or "alloc" (zero on
+    allocation only). ``debug``: Xen's SCRUB_DEBUG (pattern 0xc2 instead of zeros, freed pages
+    poisoned, every allocation verified). Thread-safe; the heap work runs without the GIL.
+    """
+
+    def __init__(self, size: int | str = "1GiB", nodes: int | Sequence[Sequence[int]] | None
+                 = None, scrub: str = "idle", debug: bool = False,
+                 max_domains: int = DEFAULT_MAX_DOMAINS) -> None:
+        if scrub not in SCRUB_MODES:
+            raise InvalidArgument(f"scrub must be one of {sorted(SCRUB_MODES)}, got {scrub!r}")
+        if not isinstance(debug, bool):
+            raise InvalidArgument(f"debug must be a bool, got {debug!r}")
+        if isinstance(max_domains, bool) or not isinstance(max_domains, int) or max_domains < 1:
+            raise InvalidArgument(f"max_domains must be a positive int, got {max_domains!r}")
+        nbytes = parse_size(size)
+        self.topology = resolve_topology(nodes)
+        nr_nodes = len(self.topology.nodes)
+        if nr_nodes > MAX_NODES:
+            raise InvalidArgument(f"at most {MAX_NODES} nodes, got {nr_nodes}")
+        pages_per_node = nbytes // PAGE_SIZE // nr_nodes
+        if pages_per_node < 1:
+            raise InvalidArgument(f"size {nbytes} is less than one page per node "
+                                  f"({nr_nodes} nodes of {PAGE_SIZE} bytes)")
+        if pages_per_node * nr_nodes >= 0xFFFFFFFF:
+            raise InvalidArgument(f"size {nbytes} exceeds the 32-bit frame numbers")
+        self.page_size = PAGE_SIZE
+        self.max_order = min(MAX_ORDER_LIMIT, pages_per_node.bit_length() - 1)
+        self.scrub_mode = scrub
+        self.debug = debug
+        self._mode = SCRUB_MODES[scrub]
+        self._pages_per_node = pages_per_node
+        self.total_pages = pages_per_node * nr_nodes
+
+        self._arenas = [Arena(node, pages_per_node * PAGE_SIZE) for node in self.topology.nodes]
+        self._state = new_state(nr_nodes, pages_per_node, max_domains)
+        self._fill_state(max_domains)
+        s = self._state
+        init_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
+        # The arguments every domain kernel starts with (allocation adds the zone table).
+        self._arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["doms"], s["meta"])
+        self._zone = s["zone"]
+        self._cpu_node = self.topology.cpu_to_node()
+        self._all_nodes = np.arange(nr_nodes, dtype=np.int64)
+
+        self._lock = threading.Lock()  # domain slots and the in-flight count
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._closed = False
+        self._free_slots = list(range(max_domains - 1, -1, -1))
+        self._next_id = 1
+
+        self._scrubbers: list[Scrubber] = []
+        self._scrubber_of = [0] * nr_nodes
+        if self._mode == MODE_IDLE:
+            self._start_scrubbers()
+        _open_heaps.add(self)
+
+    def _fill_state(self, max_domains: int) -> None:
+        s = self._state
+        meta, nodes, zone = s["meta"], s["nodes"], s["zone"]
+        meta[M_NR_PAGES] = self.total_pages
+        meta[M_NR_NODES] = len(self._arenas)
+        meta[M_PAGES_PER_NODE] = self._pages_per_node
+        meta[M_MAX_ORDER] = self.max_order
+        meta[M_MODE] = self._mode
+        meta[M_DEBUG] = int(self.debug)
+        meta[M_MAX_DOMAINS] = max_domains
+        for i, arena in enumerate(self._arenas):
+            nodes[i, N_BASE] = i * self._pages_per_node
+            nodes[i, N_PAGES] = self._pages_per_node
+            nodes[i, N_ADDR] = arena.address
+            zone[i, :] = self.topology.zone_order(i)
+
+    def _start_scrubbers(self) -> None:
+        for node_ids, cpus in plan_scrubbers(self.topology):
+            scrubber = Scrubber(self._state, node_ids, cpus, self._dirty_pages)
+            for node in node_ids:
+                self._scrubber_of[node] = len(self._scrubbers)
+            self._scrubbers.append(scrubber)
+            scrubber.start()
+
+    # --- properties ----------------------------------------------------------------------
+    @property
+    def nodes(self) -> int:
+        """Number of nodes (real or emulated)."""
+        return len(self._arenas)
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has begun."""
+        return self._closed
+
+    @property
+    def scrubbers(self) -> list[Scrubber]:
+        """The background scrubber threads (none unless scrub="idle")."""
+        return list(self._scrubbers)
+
+    # --- helpers for Domain and Block ----------------------------------------------------
+    def _node_of(self, mfn: int) -> int:
+        return mfn // self._pages_per_node
+
+    def _view(self, mfn: int, nbytes: int) -> memoryview:
+        node = self._node_of(mfn)
+        offset = (mfn - node * self._pages_per_node) * PAGE_SIZE
+        return self._arenas[node].view(offset, nbytes)
+
+    def _check_order(self, order: object, what: str = "order") -> None:
+        if isinstance(order, bool) or not isinstance(order, int):
+            raise InvalidArgument(f"order must be an int, got {order!r}")
+        if not 0 <= order <= self.max_order:
+            raise InvalidArgument(f"{what}: order {order} is outside 0..{self.max_order} "
+                                  "(the largest chunk of this heap)")
+
+    def _placement(self, node: int | None) -> tuple[int, bool]:
+        """(preferred node, exact): the calling CPU's node first, or exactly ``node``."""
+        if node is None:
+            return self._cpu_node.get(prim.current_cpu(), 0), False
+        if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < self.nodes:
+            raise InvalidArgument(f"node must be None or 0..{self.nodes - 1}, got {node!r}")
+        return node, True
+
+    def _call(self, kernel, *args) -> int:
+        """Run a domain kernel over the state; close() waits for calls in flight."""
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("the heap is closed")
+            self._in_flight += 1
+        try:
+            return kernel(*self._arrays, *args)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
+
+    def _wake(self, node_mask: int) -> None:
+        """Wake the scrubbers of the nodes in ``node_mask`` (a free made them dirty)."""
+        if not self._scrubbers:
+            return
+        for node in range(self.nodes):
+            if node_mask >> node & 1:
+                self._scrubbers[self._scrubber_of[node]].wakeup.set()
+
+    def _dirty_pages(self, nodes: np.ndarray | None = None) -> int:
+        """Dirty pages on ``nodes`` (all by default), read atomically."""
+        selected = self._all_nodes if nodes is None else nodes
+        return int(column_sum(self._state["nodes"], N_DIRTY, selected))
+
+    def _release_slot(self, slot: int) -> None:
+        with self._lock:
+            self._free_slots.append(slot)
+
+    # --- public API ----------------------------------------------------------------------
+    def create_domain(self, name: str | None = None, max_bytes: int | str | None = None
+                      ) -> Domain:
+        """A new, empty domain; ``max_bytes`` caps what it may hold (rounded up to pages)."""
+        max_pages = 0
+        if max_bytes is not None:
+            quota = parse_size(max_bytes, what="max_bytes")
+            if quota == 0:
+                raise InvalidArgument("max_bytes must be positive (or None for no quota)")
+            max_pages = -(-quota // PAGE_SIZE)
+        if name is not None and not isinstance(name, str):
+            raise InvalidArgument(f"name must be a str, got {name!r}")
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("the heap is closed")
+            if not self._free_slots:
+                raise OutOfMemory(f"all {len(self._state['doms'])} domain slots are in use")
+            slot = self._free_slots.pop()
+            dom_id = self._next_id
+            self._next_id += 1
+        state = self._state["doms"][slot, D_STATE]
+        if state not in (DOM_FREE, DOM_DEAD):
+            raise HeapCorruption(f"domain slot {slot} was handed out while in state {state}")
+        domain_kernels.open_domain(self._state["doms"], slot, dom_id, max_pages)
+        return Domain(self, slot, dom_id, name, max_pages)
+
+    def stats(self) -> dict:
+        """Counters of the heap and of each node (see xenheap.stats for every field)."""
+        return stats.heap_stats(self)
+
+    def dump(self) -> str:
+        """Text like Xen's 'H' debug key: free pages per node and order, unscrubbed pages."""
+        return stats.dump(self)
+
+    def check(self) -> None:
+        """Raise HeapCorruption naming the first broken invariant.
+
+        Exact when no allocation or free is in flight; running scrubbers are stopped for it.
+        """
+        s = self._state
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("the heap is closed")
+        code, mfn = check_kernels.check_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"],
+                                             s["doms"], s["meta"])
+        if code != check_kernels.OK:
+            raise HeapCorruption(f"{stats.INVARIANTS[code]} (at mfn {mfn})")
+
+    def wait_clean(self, timeout: float | None = None) -> bool:
+        """True once no page is dirty; False if ``timeout`` passes first.
+
+        Without running scrubbers (scrub="alloc", or all stopped) nothing will clean the
+        heap in the background, so it answers at once.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._dirty_pages() != 0:
+            if not any(s.is_alive() for s in self._scrubbers):
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def close(self) -> None:
+        """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        stop_all(self._scrubbers)
+        with self._lock:
+            while self._in_flight:
+                self._idle.wait()
+        for arena in self._arenas:
+            arena.close()
+        _open_heaps.discard(self)
+
+    def __enter__(self) -> Heap:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<Heap {self.total_pages} pages on {self.nodes} node(s), "
+                f"scrub={self.scrub_mode!r}{' debug' if self.debug else ''}"
+                f"{' closed' if self._closed else ''}>")
+
+
+@atexit.register
+def _close_open_heaps() -> None:
+    """Stop every scrubber before the interpreter tears down, so exit never hangs."""
+    for heap in list(_open_heaps):
+        heap.close()
