@@ -55,7 +55,7 @@ from native_kernels.layout import (
     SCRUB_PATTERN,
 )
 from native_kernels.locks import spin_lock, spin_unlock
-from native_kernels.pages import fill_pages
+from native_kernels.pages import stream_fill_pages
 
 MFN_MASK = 0xFFFFFFFF
 
@@ -130,11 +130,11 @@ def _release_block(ft32, ft8, nodes, lists, meta, mfn, order):
     addr = page_address(nodes, node, mfn)
     debug = meta[M_DEBUG] != 0
     if meta[M_MODE] == MODE_SYNC:
-        fill_pages(addr, 1 << order, SCRUB_PATTERN if debug else 0)
+        stream_fill_pages(addr, 1 << order, SCRUB_PATTERN if debug else 0)
         fetch_add(nodes, (node, N_SYNC_SCRUBBED), 1 << order)
         return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, False)
     if debug:
-        fill_pages(addr, 1 << order, POISON_PATTERN)
+        stream_fill_pages(addr, 1 << order, POISON_PATTERN)
     return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True)
 
 

@@ -34,7 +34,7 @@ from native_kernels.layout import (
 )
 from native_kernels.locks import spin_lock, spin_lock_cond, spin_unlock
 from native_kernels.page_list import page_list_add_scrub, page_list_del
-from native_kernels.pages import fill_pages
+from native_kernels.pages import stream_fill_pages
 
 NOTHING_DIRTY = -1
 
@@ -52,7 +52,7 @@ def _zero_dirty_runs(ft8, addr, head, lo, hi, value):
         while q < hi and ft8[PG_NEED_SCRUB, head + q] != 0:
             ft8[PG_NEED_SCRUB, head + q] = 0
             q += 1
-        fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
+        stream_fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
         cleared += q - p
         p = q
     return cleared

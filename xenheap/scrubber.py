@@ -20,10 +20,13 @@ from xenheap import prim
 
 log = logging.getLogger(__name__)
 
-# Pages zeroed between abort checks: 16 pages (64 KiB) is the smallest run at which memset
-# reaches its large-run bandwidth here (bench/test_scrub_granule.py), and at ~10 GB/s it
-# keeps an aborting allocator's wait near 6 us.
-GRANULE_PAGES = 16
+# Pages zeroed between abort checks. bench/test_scrub_granule.py on the 2-core development
+# machine, zeroing 256 MiB (medians of two runs): one libc memset 2.95-2.96 ms; the
+# streaming kernel in granules of 64 pages 3.07-3.15 ms (0.94-0.96 of memset), of 16 pages
+# 3.49-3.50 ms (0.85), of 4 pages 4.7-4.8 ms. 64 pages (256 KiB) is the smallest granule
+# near memset's speed and zeroes in about 3 us: that bounds how long an aborting allocator
+# waits for a running scrubber.
+GRANULE_PAGES = 64
 # Pages one kernel call may scan before returning, so stop requests are seen within ~2 ms.
 BUDGET_PAGES = 4096
 IDLE_WAIT_S = 0.5  # a safety net: a wake-up is normally an event, not this timeout
