@@ -35,7 +35,6 @@ from native_kernels.layout import (
     N_BASE,
     N_DIRTY,
     N_FREE,
-    N_FREES,
     N_LOCK,
     N_PAGES,
     N_TAG,
@@ -227,7 +226,6 @@ def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub):
     if need_scrub:
         woke = fetch_add(nodes, (node, N_DIRTY), 1 << order) == 0
     fetch_add(nodes, (node, N_FREE), 1 << order)
-    fetch_add(nodes, (node, N_FREES), 1)
     rel = mfn - base
     while order < max_order:
         half = 1 << order

@@ -34,16 +34,21 @@ from native_kernels.layout import (
     E_BAD_FREE,
     E_CORRUPT,
     E_DEAD,
+    E_FAULT,
     E_NOMEM,
     E_QUOTA,
+    FAULT_POPULATE_FAIL,
     L_COUNT,
     M_DEBUG,
+    M_FAULT,
+    M_FAULT_ARG,
     M_MAX_ORDER,
     M_MODE,
     M_NR_NODES,
     M_NR_PAGES,
     MODE_SYNC,
     N_ALLOCS,
+    N_FREES,
     N_SYNC_SCRUBBED,
     NIL,
     PG_NEXT,
@@ -127,6 +132,7 @@ def _release_block(ft32, ft8, nodes, lists, meta, mfn, order):
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     atomic_store(ft32, (PG_TAG, mfn), 0)
     node = node_of(meta, mfn)
+    fetch_add(nodes, (node, N_FREES), 1)
     addr = page_address(nodes, node, mfn)
     debug = meta[M_DEBUG] != 0
     if meta[M_MODE] == MODE_SYNC:
@@ -195,7 +201,12 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
     first = -1
     last = -1
     status = 0
-    for _ in range(count):
+    fail_after = atomic_load(meta, M_FAULT_ARG) if atomic_load(meta, M_FAULT) \
+        == FAULT_POPULATE_FAIL else count
+    for taken in range(count):
+        if taken == fail_after:
+            status = E_FAULT
+            break
         mfn, _tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref,
                                 exact)
         if mfn < 0:

@@ -68,6 +68,7 @@ N_ABORT_WAIT_MAX_NS = 14  # longest such wait. Atomic.
 N_ALLOCS = 15  # blocks allocated from this node. Atomic.
 N_FREES = 16  # blocks freed to this node. Atomic.
 N_SCRUB_PASSES = 17  # chunks the scrubber finished and moved to the head as clean. Atomic.
+N_RELEASED = 18  # pages given back to the OS by release_unused (cumulative). Atomic.
 N_ABORT_HIST = 24  # 32 buckets: abort waits by floor(log2(ns)). Atomic.
 ABORT_HIST_BUCKETS = 32
 NODE_FIELDS = N_ABORT_HIST + ABORT_HIST_BUCKETS
@@ -105,7 +106,14 @@ M_MAX_ORDER = 3
 M_MODE = 4  # MODE_* below
 M_DEBUG = 5  # 1: SCRUB_DEBUG pattern fill/check and poisoning
 M_MAX_DOMAINS = 6
-META_FIELDS = 8
+M_FAULT = 7  # fault injection for tests: FAULT_* below; 0 = off. Atomic (set at run time).
+M_FAULT_ARG = 8  # its argument (pages, microseconds or blocks). Atomic.
+META_FIELDS = 10
+
+FAULT_NONE = 0
+FAULT_SCRUB_FAIL = 1  # the scrubber gives up after M_FAULT_ARG pages of a chunk and fails
+FAULT_SCRUB_STALL = 2  # the scrubber stalls M_FAULT_ARG us holding a chunk, deaf to aborts
+FAULT_POPULATE_FAIL = 3  # populate runs dry after M_FAULT_ARG blocks
 
 MODE_IDLE = 0
 MODE_SYNC = 1
@@ -120,6 +128,7 @@ E_DEAD = -2  # domain destroyed or not this domain
 E_BAD_FREE = -3  # not a block of this domain (double free, foreign, stale)
 E_CORRUPT = -4  # a debug-mode allocation found a page without the scrub pattern
 E_QUOTA = -5  # the domain's quota would be exceeded
+E_FAULT = -6  # an injected fault fired
 
 
 def new_state(nr_nodes: int, pages_per_node: int, max_domains: int) -> dict[str, np.ndarray]:

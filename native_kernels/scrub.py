@@ -10,12 +10,17 @@ the node's dirty count drop granule by granule, and first_dirty records how far 
 
 from numba import njit
 
-from native_kernels.atomics import atomic_load, atomic_store, fetch_add, monotonic_ns
+from native_kernels.atomics import atomic_load, atomic_store, fetch_add, monotonic_ns, usleep
 from native_kernels.buddy import page_address
 from native_kernels.layout import (
+    E_FAULT,
+    FAULT_SCRUB_FAIL,
+    FAULT_SCRUB_STALL,
     INVALID_DIRTY_IDX,
     L_TAIL,
     M_DEBUG,
+    M_FAULT,
+    M_FAULT_ARG,
     M_MAX_ORDER,
     N_DIRTY,
     N_LOCK,
@@ -70,8 +75,8 @@ def _let_go(ft32, ft8, head, progress, size):
 def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages):
     """Scrub up to about ``budget_pages`` of one dirty chunk of ``node``.
 
-    Returns the pages zeroed (possibly 0), or NOTHING_DIRTY when no free list of the node
-    has a dirty chunk at its tail.
+    Returns the pages zeroed (possibly 0), NOTHING_DIRTY when no free list of the node
+    has a dirty chunk at its tail, or E_FAULT when an injected fault fired.
     """
     spin_lock(nodes, node, N_LOCK)
     head = -1
@@ -89,6 +94,8 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     start = ft32[PG_FIRST_DIRTY, head] - 1
     spin_unlock(nodes, node, N_LOCK)
 
+    fault = atomic_load(meta, M_FAULT)
+    fault_arg = atomic_load(meta, M_FAULT_ARG)
     started_ns = monotonic_ns()
     value = SCRUB_PATTERN if meta[M_DEBUG] != 0 else 0
     size = 1 << order
@@ -103,6 +110,12 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
             fetch_add(nodes, (node, N_SCRUBBED), cleared)
             zeroed += cleared
         i = end
+        if fault == FAULT_SCRUB_STALL:
+            usleep(fault_arg)  # a scrubber preempted while it holds the chunk
+            fault = 0
+        if fault == FAULT_SCRUB_FAIL and i - start >= fault_arg:
+            _let_go(ft32, ft8, head, i, size)
+            return E_FAULT
         if i < size and (atomic_load(ft8, (PG_SCRUB_STATE, head)) == SCRUB_ABORT
                          or i - start >= budget_pages):
             _let_go(ft32, ft8, head, i, size)

@@ -18,6 +18,7 @@ from native_kernels.layout import (
     E_BAD_FREE,
     E_CORRUPT,
     E_DEAD,
+    E_FAULT,
     E_QUOTA,
 )
 from xenheap.errors import (
@@ -147,6 +148,8 @@ class Domain:
                 f"({format_size(self._max_pages * self.heap.page_size)}, "
                 f"holding {format_size(self.pages * self.heap.page_size)})"
             )
+        if code == E_FAULT:
+            raise OutOfMemory(f"{what}: ran dry (injected fault)")
         if code == E_CORRUPT:
             raise HeapCorruption(
                 f"{what}: a clean page did not carry the scrub pattern "

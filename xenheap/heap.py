@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 import weakref
@@ -15,10 +16,15 @@ from native_kernels import check as check_kernels
 from native_kernels import domain as domain_kernels
 from native_kernels.buddy import init_heap
 from native_kernels.counters import column_sum
+from native_kernels.faults import set_fault
 from native_kernels.layout import (
     D_STATE,
     DOM_DEAD,
     DOM_FREE,
+    FAULT_NONE,
+    FAULT_POPULATE_FAIL,
+    FAULT_SCRUB_FAIL,
+    FAULT_SCRUB_STALL,
     M_DEBUG,
     M_MAX_DOMAINS,
     M_MAX_ORDER,
@@ -38,6 +44,7 @@ from native_kernels.layout import (
     PAGE_SIZE,
     new_state,
 )
+from native_kernels.release import claim_clean_chunks, return_released_chunks
 from xenheap import prim, stats
 from xenheap.arena import Arena
 from xenheap.domain import Domain
@@ -49,6 +56,9 @@ from xenheap.topology import resolve_topology
 log = logging.getLogger(__name__)
 
 SCRUB_MODES = {"idle": MODE_IDLE, "sync": MODE_SYNC, "alloc": MODE_ALLOC}
+FAULTS = {None: FAULT_NONE, "scrub_fail": FAULT_SCRUB_FAIL, "scrub_stall": FAULT_SCRUB_STALL,
+          "populate_fail": FAULT_POPULATE_FAIL}
+RELEASE_BATCH = 4096  # chunks claimed per release_unused step
 DEFAULT_MAX_DOMAINS = 4096
 _open_heaps: weakref.WeakSet[Heap] = weakref.WeakSet()
 
@@ -99,6 +109,7 @@ class Heap:
         init_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
         # The arguments every domain kernel starts with (allocation adds the zone table).
         self._arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["doms"], s["meta"])
+        self._node_arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
         self._zone = s["zone"]
         self._cpu_node = self.topology.cpu_to_node()
         self._all_nodes = np.arange(nr_nodes, dtype=np.int64)
@@ -107,6 +118,8 @@ class Heap:
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
         self._closed = False
+        self._closed_reason = "the heap is closed"
+        self._release_lock = threading.Lock()  # one release_unused at a time
         self._free_slots = list(range(max_domains - 1, -1, -1))
         self._next_id = 1
 
@@ -180,19 +193,33 @@ class Heap:
             raise InvalidArgument(f"node must be None or 0..{self.nodes - 1}, got {node!r}")
         return node, True
 
-    def _call(self, kernel, *args) -> int:
-        """Run a domain kernel over the state; close() waits for calls in flight."""
+    def _enter(self) -> None:
         with self._lock:
             if self._closed:
-                raise HeapClosed("the heap is closed")
+                raise HeapClosed(self._closed_reason)
             self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def _call(self, kernel, *args) -> int:
+        """Run a domain kernel over the state; close() waits for calls in flight."""
+        self._enter()
         try:
             return kernel(*self._arrays, *args)
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.notify_all()
+            self._leave()
+
+    def _call_node(self, kernel, *args) -> int:
+        """Run a node-level kernel (ft32, ft8, nodes, lists, meta, ...) like _call."""
+        self._enter()
+        try:
+            return kernel(*self._node_arrays, *args)
+        finally:
+            self._leave()
 
     def _wake(self, node_mask: int) -> None:
         """Wake the scrubbers of the nodes in ``node_mask`` (a free made them dirty)."""
@@ -274,6 +301,45 @@ class Heap:
             time.sleep(0.001)
         return True
 
+    def release_unused(self, nbytes: int | str | None = None) -> int:
+        """Give up to ``nbytes`` (all, if None) of clean free memory back to the OS.
+
+        Uses MADV_DONTNEED: the pages stay free and clean (they read zero when touched
+        again) but stop counting towards the process's resident memory. Highest orders go
+        first. While a batch is being released it is off the free lists, so allocations
+        made meanwhile may find less memory. Returns the bytes released.
+        """
+        limit = self.total_pages if nbytes is None else \
+            -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE)
+        chunks = np.zeros((RELEASE_BATCH, 2), dtype=np.int64)
+        released = 0
+        with self._release_lock:
+            for node, arena in enumerate(self._arenas):
+                while released < limit:
+                    count = self._call_node(claim_clean_chunks, node, limit - released, chunks)
+                    try:
+                        for mfn, order in chunks[:count]:
+                            offset = (int(mfn) - node * self._pages_per_node) * PAGE_SIZE
+                            prim.release_pages(arena.address + offset, PAGE_SIZE << int(order))
+                    finally:
+                        released += self._call_node(return_released_chunks, node, chunks, count)
+                    if count < RELEASE_BATCH:
+                        break
+        if self.debug:
+            self._wake((1 << self.nodes) - 1)  # released pages came back dirty
+        log.debug("released %d pages to the OS", released)
+        return released * PAGE_SIZE
+
+    def inject_fault(self, kind: str | None, arg: int = 0) -> None:
+        """Test hook, off by default: "scrub_fail" (a scrubber fails after ``arg`` pages of a
+        chunk), "scrub_stall" (a scrubber stalls ``arg`` microseconds holding a chunk),
+        "populate_fail" (populate runs dry after ``arg`` blocks); None turns it off."""
+        if kind not in FAULTS:
+            raise InvalidArgument(f"fault must be one of {list(FAULTS)}, got {kind!r}")
+        if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
+            raise InvalidArgument(f"fault argument must be a non-negative int, got {arg!r}")
+        set_fault(self._state["meta"], FAULTS[kind], arg)
+
     def close(self) -> None:
         """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent."""
         with self._lock:
@@ -298,6 +364,29 @@ class Heap:
         return (f"<Heap {self.total_pages} pages on {self.nodes} node(s), "
                 f"scrub={self.scrub_mode!r}{' debug' if self.debug else ''}"
                 f"{' closed' if self._closed else ''}>")
+
+
+def _disown_heaps_after_fork() -> None:
+    """In a forked child: every inherited heap refuses use with a clear error.
+
+    The child has a copy of the memory but not the scrubber threads, and a lock word or a
+    threading lock may have been held by a parent thread at the fork; a working heap cannot
+    be rebuilt from that safely, so the child creates its own heaps instead.
+    """
+    for heap in list(_open_heaps):
+        heap._lock = threading.Lock()
+        heap._idle = threading.Condition(heap._lock)
+        heap._release_lock = threading.Lock()
+        heap._in_flight = 0
+        heap._closed = True
+        heap._closed_reason = ("this heap belongs to the parent process (inherited across "
+                               "fork); create a new Heap in the child")
+        heap._scrubbers = []
+    _open_heaps.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_heaps_after_fork)
 
 
 @atexit.register

@@ -15,8 +15,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from native_kernels.layout import E_FAULT
 from native_kernels.scrub import NOTHING_DIRTY, scrub_free_pages
 from xenheap import prim
+from xenheap.errors import XenHeapError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class Scrubber(threading.Thread):
             if self._stop_requested.is_set():
                 return False
             got = scrub_free_pages(*self._arrays, node, BUDGET_PAGES, GRANULE_PAGES)
+            if got == E_FAULT:
+                raise XenHeapError(f"injected scrubber fault on node {node}")
             busy |= got != NOTHING_DIRTY
         return busy
 

@@ -10,6 +10,8 @@ allocated_pages            total_pages - free_pages
 page_size, max_order       the page size in bytes and the largest chunk order
 scrub_mode, debug          as given to Heap()
 domains                    live domains
+released_bytes             bytes given back to the OS by release_unused (cumulative)
+resident_bytes             the process's resident set size (RSS), all memory included
 frame_table_bytes          bytes of per-page metadata (the frame table)
 =========================  ===========================================================
 
@@ -24,6 +26,7 @@ allocations, frees         blocks allocated from / freed to the node
 scrubbed_pages             pages zeroed by the background scrubber
 alloc_scrubbed_pages       pages zeroed by allocators (scrub-on-allocate)
 sync_scrubbed_pages        pages zeroed on the free path in "sync" mode
+released_pages             pages given back to the OS by release_unused (cumulative)
 scrub_passes               chunks the scrubber finished and moved to the clean head
 aborts                     scrubs stopped because an allocator claimed the chunk
 abort_wait_ns_total        time allocators spent in the abort handshake
@@ -41,6 +44,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import psutil
 
 from native_kernels import check
 from native_kernels.counters import snapshot
@@ -60,6 +64,7 @@ from native_kernels.layout import (
     N_FREE,
     N_FREES,
     N_PAGES,
+    N_RELEASED,
     N_SCRUB_NS,
     N_SCRUB_PASSES,
     N_SCRUBBED,
@@ -124,6 +129,7 @@ def node_stats(heap: Heap, rows: np.ndarray, counts: np.ndarray) -> list[dict]:
             "scrubbed_pages": int(row[N_SCRUBBED]),
             "alloc_scrubbed_pages": int(row[N_ALLOC_SCRUBBED]),
             "sync_scrubbed_pages": int(row[N_SYNC_SCRUBBED]),
+            "released_pages": int(row[N_RELEASED]),
             "scrub_passes": int(row[N_SCRUB_PASSES]),
             "aborts": int(row[N_ABORTS]),
             "abort_wait_ns_total": int(row[N_ABORT_WAIT_NS]),
@@ -162,6 +168,8 @@ def heap_stats(heap: Heap) -> dict:
         "debug": heap.debug,
         "domains": int(np.count_nonzero(doms[:, D_STATE] == DOM_ALIVE)),
         "frame_table_bytes": heap.total_pages * FRAME_TABLE_BYTES_PER_PAGE,
+        "released_bytes": sum(n["released_pages"] for n in nodes) * heap.page_size,
+        "resident_bytes": psutil.Process().memory_info().rss,
         "nodes": nodes,
     }
 

@@ -1,0 +1,68 @@
+"""Giving clean free memory back to the OS (MADV_DONTNEED), kept apart from scrubbing.
+
+The OS call happens in Python (xenheap.prim) without any lock, so the chunks are first
+claimed off the free lists, then released, then freed back. Memory dropped with
+MADV_DONTNEED reads zero when touched again, so the chunks come back clean (dirty in debug
+mode, where clean means "holds the scrub pattern").
+"""
+
+from numba import njit
+
+from native_kernels.atomics import fetch_add
+from native_kernels.buddy import free_heap_pages
+from native_kernels.layout import (
+    INVALID_DIRTY_IDX,
+    L_HEAD,
+    M_DEBUG,
+    M_MAX_ORDER,
+    N_FREE,
+    N_LOCK,
+    N_RELEASED,
+    NIL,
+    PG_FIRST_DIRTY,
+    PG_STATE,
+    PGS_INUSE,
+)
+from native_kernels.locks import spin_lock, spin_unlock
+from native_kernels.page_list import page_list_del
+
+
+@njit(nogil=True, cache=True)
+def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
+    """Take clean free chunks of ``node`` off its lists, highest order first.
+
+    Stops at ``max_pages`` pages or ``out.shape[0]`` chunks; writes (mfn, order) rows to
+    ``out`` and returns how many. A claimed chunk's head is marked in use, so a buddy being
+    freed meanwhile does not try to merge with it.
+    """
+    taken = 0
+    pages = 0
+    spin_lock(nodes, node, N_LOCK)
+    for order in range(meta[M_MAX_ORDER], -1, -1):
+        size = 1 << order
+        while taken < out.shape[0] and pages + size <= max_pages:
+            link = lists[node, order, L_HEAD]
+            if link == NIL or ft32[PG_FIRST_DIRTY, link - 1] != INVALID_DIRTY_IDX:
+                break
+            mfn = link - 1
+            page_list_del(ft32, lists, node, order, mfn)
+            ft8[PG_STATE, mfn] = PGS_INUSE
+            fetch_add(nodes, (node, N_FREE), -size)
+            out[taken, 0] = mfn
+            out[taken, 1] = order
+            taken += 1
+            pages += size
+    spin_unlock(nodes, node, N_LOCK)
+    return taken
+
+
+@njit(nogil=True, cache=True)
+def return_released_chunks(ft32, ft8, nodes, lists, meta, node, chunks, count):
+    """Free back the first ``count`` claimed chunks, now released; returns the pages."""
+    pages = 0
+    debug = meta[M_DEBUG] != 0
+    for i in range(count):
+        free_heap_pages(ft32, ft8, nodes, lists, meta, chunks[i, 0], chunks[i, 1], debug)
+        pages += 1 << chunks[i, 1]
+    fetch_add(nodes, (node, N_RELEASED), pages)
+    return pages
