@@ -145,6 +145,20 @@ def _release_block(ft32, ft8, nodes, lists, meta, mfn, order):
 
 
 @njit(nogil=True, cache=True)
+def _undo_take(ft32, ft8, nodes, lists, meta, first):
+    """Give back a chain of blocks taken but never handed out: they are zeroed, so they go
+    back clean, and the allocation counters are rolled back too."""
+    link = first
+    while link != NIL:
+        mfn = link - 1
+        link = ft32[PG_NEXT, mfn]
+        atomic_store(ft32, (PG_OWNER, mfn), 0)
+        atomic_store(ft32, (PG_TAG, mfn), 0)
+        fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), -1)
+        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, ft8[PG_ORDER, mfn], False)
+
+
+@njit(nogil=True, cache=True)
 def _release_chain(ft32, ft8, nodes, lists, meta, first):
     """Release every block of a chain linked through PG_NEXT; returns the nodes to wake."""
     wake = 0
@@ -173,7 +187,8 @@ def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, 
         return mfn
     status = _link_chain(ft32, doms, slot, dom_id, mfn, mfn, 1, 1 << order)
     if status < 0:
-        _release_block(ft32, ft8, nodes, lists, meta, mfn, order)
+        ft32[PG_NEXT, mfn] = NIL
+        _undo_take(ft32, ft8, nodes, lists, meta, mfn + 1)
         return status
     return (tag << 32) | mfn
 
@@ -223,7 +238,7 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
         status = _link_chain(ft32, doms, slot, dom_id, first, last, count, count << order)
     if status < 0:
         if first >= 0:
-            _release_chain(ft32, ft8, nodes, lists, meta, first + 1)
+            _undo_take(ft32, ft8, nodes, lists, meta, first + 1)
         return status
     return count
 

@@ -252,7 +252,7 @@ class Heap:
             raise InvalidArgument(f"name must be a str, got {name!r}")
         with self._lock:
             if self._closed:
-                raise HeapClosed("the heap is closed")
+                raise HeapClosed(self._closed_reason)
             if not self._free_slots:
                 raise OutOfMemory(f"all {len(self._state['doms'])} domain slots are in use")
             slot = self._free_slots.pop()
@@ -280,7 +280,7 @@ class Heap:
         s = self._state
         with self._lock:
             if self._closed:
-                raise HeapClosed("the heap is closed")
+                raise HeapClosed(self._closed_reason)
         code, mfn = check_kernels.check_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"],
                                              s["doms"], s["meta"])
         if code != check_kernels.OK:
@@ -305,9 +305,11 @@ class Heap:
         """Give up to ``nbytes`` (all, if None) of clean free memory back to the OS.
 
         Uses MADV_DONTNEED: the pages stay free and clean (they read zero when touched
-        again) but stop counting towards the process's resident memory. Highest orders go
-        first. While a batch is being released it is off the free lists, so allocations
-        made meanwhile may find less memory. Returns the bytes released.
+        again) but stop counting towards the process's resident memory. It works in whole
+        free chunks, highest orders first, and never splits one, so it may release less
+        than ``nbytes``; dirty memory is left to the scrubbers. While a batch is being
+        released it is off the free lists, so allocations made meanwhile may find less
+        memory. Returns the bytes released.
         """
         limit = self.total_pages if nbytes is None else \
             -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE)

@@ -1,0 +1,247 @@
+"""Embedding in a service: quotas, returning memory to the OS, fork safety, injected faults."""
+
+import os
+import threading
+import time
+import traceback
+
+import psutil
+import pytest
+
+import xenheap
+from native_kernels.layout import PAGE_SIZE
+
+WAIT_S = 30
+
+
+def _snapshot(heap):
+    stats = heap.stats()
+    stats.pop("resident_bytes")  # the process's RSS moves with everything else
+    return stats
+
+
+def _read_all_free_memory(heap, value=0):
+    dom = heap.create_domain("reader")
+    clean = True
+    for order in range(heap.max_order, -1, -1):
+        while True:
+            try:
+                blk = dom.alloc(order)
+            except xenheap.OutOfMemory:
+                break
+            clean &= bool((blk.array() == value).all())
+    held = dom.pages
+    dom.destroy()
+    return clean, held
+
+
+# --- quotas ------------------------------------------------------------------------------
+def test_quota_refuses_past_the_limit_naming_the_domain_and_changes_nothing():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain("tenant-a", max_bytes="64KiB")
+        assert dom.max_bytes == 64 * 1024
+        blocks = [dom.alloc(2) for _ in range(4)]  # 4 x 16 KiB: exactly the quota
+        before = _snapshot(heap)
+        before_dom = dom.stats()
+        with pytest.raises(xenheap.OutOfMemory, match="tenant-a") as info:
+            dom.alloc(0)
+        assert "64.0 KiB" in str(info.value)
+        with pytest.raises(xenheap.OutOfMemory, match="tenant-a"):
+            dom.populate("4KiB")
+        assert _snapshot(heap) == before
+        assert dom.stats() == before_dom
+        heap.check()
+        blocks.pop().free()
+        dom.alloc(2)  # room again after a free
+        heap.check()
+
+
+def test_domain_stats_track_pages_peak_allocations_frees():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        a, b = dom.alloc(3), dom.alloc(1)
+        a.free()
+        dom.populate(3 * PAGE_SIZE)
+        stats = dom.stats()
+        assert stats["pages"] == 2 + 3 == dom.pages
+        assert stats["peak_pages"] == 8 + 2
+        assert stats["allocations"] == 2 + 3
+        assert stats["frees"] == 1
+        assert stats["blocks"] == 4
+        dom.destroy()
+        after = dom.stats()
+        assert after["pages"] == 0 and after["frees"] == 5 and after["peak_pages"] == 10
+        del b
+
+
+def test_quota_holds_under_concurrent_allocation():
+    with xenheap.Heap("32MiB", scrub="alloc") as heap:
+        dom = heap.create_domain("shared", max_bytes=64 * PAGE_SIZE)
+        refused = []
+
+        def grab():
+            for _ in range(64):
+                try:
+                    dom.alloc(0)
+                except xenheap.OutOfMemory:
+                    refused.append(1)
+
+        threads = [threading.Thread(target=grab) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S)
+        assert dom.pages == 64
+        assert len(refused) == 4 * 64 - 64
+        heap.check()
+
+
+# --- returning memory to the OS ----------------------------------------------------------
+def test_release_unused_drops_rss_and_memory_stays_clean():
+    with xenheap.Heap("256MiB") as heap:
+        dom = heap.create_domain()
+        for blk in [dom.alloc(9) for _ in range(112)]:  # 224 MiB, written
+            blk.array()[:] = 0x77
+        dom.destroy()
+        assert heap.wait_clean(WAIT_S)
+        rss_before = psutil.Process().memory_info().rss
+        released = heap.release_unused()
+        rss_after = psutil.Process().memory_info().rss
+        assert released == heap.total_pages * PAGE_SIZE
+        assert rss_before - rss_after > 200 * 2**20
+        stats = heap.stats()
+        assert stats["released_bytes"] == released
+        assert stats["dirty_pages"] == 0
+        assert stats["free_pages"] == stats["total_pages"]
+        heap.check()
+        clean, held = _read_all_free_memory(heap)
+        assert clean and held == heap.total_pages
+
+
+def test_release_unused_leaves_dirty_and_allocated_memory_alone():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        kept = dom.alloc(8)
+        kept.array()[:] = 9
+        dirty = heap.create_domain()
+        dirty.populate("4MiB")
+        dirty.destroy()
+        dirty_pages = heap.stats()["dirty_pages"]
+        assert heap.release_unused("1MiB") == 0  # the only clean chunk is 8 MiB: never split
+        released = heap.release_unused("8MiB")
+        assert released == 8 * 2**20
+        assert heap.stats()["dirty_pages"] == dirty_pages
+        assert (kept.array() == 9).all()
+        heap.check()
+
+
+def test_release_unused_rejects_bad_sizes():
+    with xenheap.Heap("4MiB", scrub="alloc") as heap:
+        before = _snapshot(heap)
+        for bad in (-1, "lots", 1.5):
+            with pytest.raises(xenheap.InvalidArgument):
+                heap.release_unused(bad)
+        assert _snapshot(heap) == before
+
+
+# --- fork -------------------------------------------------------------------------------
+def _in_child(fn):
+    """Run ``fn`` in a forked child; returns its exit status (0 = all asserts held)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads running
+def test_fork_child_gets_a_clear_error_and_the_parent_is_unaffected():
+    with xenheap.Heap("16MiB") as heap:
+        dom = heap.create_domain()
+        blk = dom.alloc(2)
+        blk.array()[:] = 3
+
+        def child():
+            for call in (dom.alloc, heap.create_domain, heap.release_unused):
+                try:
+                    call()
+                except xenheap.XenHeapError as exc:
+                    assert "parent process" in str(exc)
+                else:
+                    raise AssertionError(f"{call} worked in the child")
+            with xenheap.Heap("4MiB") as own:  # a fresh heap works, scrubbers and all
+                own.create_domain().populate("1MiB")
+                own.check()
+
+        assert _in_child(child) == 0
+        assert (blk.array() == 3).all()
+        dom.alloc(0).free()
+        dom.destroy()
+        assert heap.wait_clean(WAIT_S)
+        heap.check()
+
+
+# --- injected faults ---------------------------------------------------------------------
+def test_scrubber_failing_part_way_through_a_chunk_loses_nothing():
+    with xenheap.Heap("64MiB") as heap:
+        heap.inject_fault("scrub_fail", 100)
+        dom = heap.create_domain()
+        dom.populate(heap.total_pages * PAGE_SIZE, order=4)
+        dom.destroy()
+        deadline = time.monotonic() + WAIT_S
+        while heap.stats()["nodes"][0]["scrubber_errors"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        heap.check()  # progress recorded, chunk handed back
+        clean, held = _read_all_free_memory(heap)
+        assert clean and held == heap.total_pages
+        heap.inject_fault(None)
+        heap.check()
+
+
+def test_scrubber_stalling_while_holding_a_chunk_only_delays_the_allocator():
+    with xenheap.Heap("64MiB") as heap:
+        heap.inject_fault("scrub_stall", 200_000)  # 0.2 s, deaf to aborts
+        dom = heap.create_domain()
+        for blk in [dom.alloc(heap.max_order - 2) for _ in range(4)]:
+            blk.array()[:] = 0xEE
+        dom.destroy()
+        time.sleep(0.02)  # let the scrubber take a chunk and stall on it
+        clean, held = _read_all_free_memory(heap)
+        assert clean and held == heap.total_pages
+        assert heap.stats()["nodes"][0]["abort_wait_ns_max"] > 0
+        heap.inject_fault(None)
+        assert heap.wait_clean(WAIT_S)
+        heap.check()
+
+
+def test_populate_failing_in_the_middle_gives_everything_back():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        dom.populate("1MiB")
+        before = _snapshot(heap)
+        heap.inject_fault("populate_fail", 50)
+        with pytest.raises(MemoryError):
+            dom.populate("2MiB")
+        heap.inject_fault(None)
+        after = _snapshot(heap)
+        assert dom.pages == 256
+        assert after["free_pages"] == before["free_pages"]
+        assert after["dirty_pages"] == before["dirty_pages"]
+        assert after["nodes"][0]["allocations"] == before["nodes"][0]["allocations"]
+        heap.check()
+        assert dom.populate("2MiB") == 512
+
+
+def test_inject_fault_rejects_unknown_kinds():
+    with xenheap.Heap("4MiB", scrub="alloc") as heap:
+        with pytest.raises(xenheap.InvalidArgument):
+            heap.inject_fault("meteor")
+        with pytest.raises(xenheap.InvalidArgument):
+            heap.inject_fault("scrub_fail", -1)
