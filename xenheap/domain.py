@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -173,7 +172,7 @@ class Domain:
         size = parse_size(nbytes, what="nbytes")
         if size == 0:
             raise InvalidArgument("nbytes must be positive")
-        order = max(0, math.ceil(math.log2(-(-size // self.heap.page_size))))
+        order = (-(-size // self.heap.page_size) - 1).bit_length()
         self.heap._check_order(order, what=f"nbytes={size}")
         return order
 
@@ -189,8 +188,13 @@ class Domain:
         heap = self.heap
         heap._check_order(order)
         size = parse_size(nbytes, what="nbytes")
+        if size == 0:
+            raise InvalidArgument("nbytes must be positive")
         block_bytes = heap.page_size << order
         count = -(-size // block_bytes)
+        if count << order > heap.total_pages:
+            raise OutOfMemory(f"populate({format_size(size)}) exceeds the whole heap "
+                              f"({format_size(heap.total_pages * heap.page_size)})")
         pref, exact = heap._placement(node)
         got = heap._call(kernels.populate, heap._zone, self._slot, self.id, count, order, pref,
                          exact)

@@ -247,7 +247,8 @@ class Heap:
             quota = parse_size(max_bytes, what="max_bytes")
             if quota == 0:
                 raise InvalidArgument("max_bytes must be positive (or None for no quota)")
-            max_pages = -(-quota // PAGE_SIZE)
+            # A quota beyond the heap cannot bind; capping it keeps it within int64.
+            max_pages = min(-(-quota // PAGE_SIZE), self.total_pages + 1)
         if name is not None and not isinstance(name, str):
             raise InvalidArgument(f"name must be a str, got {name!r}")
         with self._lock:
@@ -312,7 +313,7 @@ class Heap:
         memory. Returns the bytes released.
         """
         limit = self.total_pages if nbytes is None else \
-            -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE)
+            min(self.total_pages, -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE))
         chunks = np.zeros((RELEASE_BATCH, 2), dtype=np.int64)
         released = 0
         with self._release_lock:
