@@ -14,6 +14,7 @@ from native_kernels.buddy import check_and_stop_scrub
 from native_kernels.layout import (
     D_BLOCKS,
     D_HEAD,
+    D_NUMPY_PAGES,
     D_PAGES,
     D_STATE,
     D_TAIL,
@@ -33,6 +34,7 @@ from native_kernels.layout import (
     N_LOCK,
     N_PAGES,
     NIL,
+    OWNER_PINNED,
     PG_FIRST_DIRTY,
     PG_NEED_SCRUB,
     PG_NEXT,
@@ -61,7 +63,7 @@ BAD_STATE = 12  # a page's state disagrees with where it is
 DIRTY_IN_USE = 13  # an allocated page has need_scrub set
 BAD_OWNER = 14  # a block's owner is not the domain whose list holds it
 DOMAIN_COUNT = 15  # a domain's page or block counter differs from its list
-DYING_DOMAIN = 16  # a domain was left half-destroyed
+DYING_DOMAIN = 16  # a destroyed domain holds a block no numpy array pins, or none at all
 
 
 @njit(nogil=True, cache=True)
@@ -151,11 +153,10 @@ def _check_domains(ft32, ft8, doms, meta, seen):
     nr_pages = meta[M_NR_PAGES]
     for slot in range(meta[M_MAX_DOMAINS]):
         state = atomic_load(doms, (slot, D_STATE))
-        if state == DOM_DYING:
-            return DYING_DOMAIN, -1
-        if state != DOM_ALIVE:
+        if state not in (DOM_ALIVE, DOM_DYING):
             continue
         pages = 0
+        pinned_pages = 0
         blocks = 0
         prev = NIL
         link = doms[slot, D_HEAD]
@@ -164,9 +165,14 @@ def _check_domains(ft32, ft8, doms, meta, seen):
             blocks += 1
             if blocks > nr_pages or ft32[PG_PREV, mfn] != prev:
                 return BAD_LINK, mfn
-            if atomic_load(ft32, (PG_OWNER, mfn)) != slot + 1:
+            owner = atomic_load(ft32, (PG_OWNER, mfn))
+            if owner & ~OWNER_PINNED != slot + 1:
                 return BAD_OWNER, mfn
             size = 1 << ft8[PG_ORDER, mfn]
+            if owner & OWNER_PINNED:
+                pinned_pages += size
+            elif state == DOM_DYING:
+                return DYING_DOMAIN, mfn
             overlap = _mark(seen, mfn, size)
             if overlap >= 0:
                 return OVERLAP, overlap
@@ -181,8 +187,11 @@ def _check_domains(ft32, ft8, doms, meta, seen):
         if doms[slot, D_TAIL] != prev:
             return BAD_LINK, prev - 1
         if (atomic_load(doms, (slot, D_PAGES)) != pages
-                or atomic_load(doms, (slot, D_BLOCKS)) != blocks):
+                or atomic_load(doms, (slot, D_BLOCKS)) != blocks
+                or atomic_load(doms, (slot, D_NUMPY_PAGES)) != pinned_pages):
             return DOMAIN_COUNT, -1
+        if state == DOM_DYING and blocks == 0:
+            return DYING_DOMAIN, -1
     return OK, -1
 
 

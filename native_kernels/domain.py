@@ -6,6 +6,7 @@ The node lock and a domain lock are never held together: allocation takes the no
 drops it, zeroes, then links under the domain lock; free and destroy do the reverse.
 """
 
+import numpy as np
 from numba import njit
 
 from native_kernels.atomics import atomic_load, atomic_max, atomic_store, fetch_add
@@ -24,8 +25,10 @@ from native_kernels.layout import (
     D_ID,
     D_LOCK,
     D_MAX_PAGES,
+    D_NUMPY_PAGES,
     D_PAGES,
     D_PEAK,
+    D_SLABS,
     D_STATE,
     D_TAIL,
     DOM_ALIVE,
@@ -51,6 +54,7 @@ from native_kernels.layout import (
     N_FREES,
     N_SYNC_SCRUBBED,
     NIL,
+    OWNER_PINNED,
     PG_NEXT,
     PG_ORDER,
     PG_OWNER,
@@ -58,6 +62,7 @@ from native_kernels.layout import (
     PG_TAG,
     POISON_PATTERN,
     SCRUB_PATTERN,
+    SLAB_CLASSES,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.pages import stream_fill_pages
@@ -66,8 +71,15 @@ MFN_MASK = 0xFFFFFFFF
 
 
 @njit(nogil=True, cache=True)
-def _alive(doms, slot, dom_id):
+def is_alive(doms, slot, dom_id):
     return doms[slot, D_ID] == dom_id and atomic_load(doms, (slot, D_STATE)) == DOM_ALIVE
+
+
+@njit(nogil=True, cache=True)
+def holds_blocks(doms, slot, dom_id):
+    """Alive, or destroyed with blocks still pinned by numpy arrays."""
+    state = atomic_load(doms, (slot, D_STATE))
+    return doms[slot, D_ID] == dom_id and state in (DOM_ALIVE, DOM_DYING)
 
 
 @njit(nogil=True, cache=True)
@@ -77,13 +89,13 @@ def _over_quota(doms, slot, extra_pages):
 
 
 @njit(nogil=True, cache=True)
-def _link_chain(ft32, doms, slot, dom_id, first, last, nblocks, npages):
+def _link_chain(ft32, doms, slot, dom_id, first, last, nblocks, npages, pinned):
     """Splice a chain of blocks (linked first..last) onto the domain's list.
 
     Returns 0, E_DEAD if the domain died meanwhile or E_QUOTA if the chain no longer fits.
     """
     spin_lock(doms, slot, D_LOCK)
-    if not _alive(doms, slot, dom_id):
+    if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
         return E_DEAD
     if _over_quota(doms, slot, npages):
@@ -101,12 +113,32 @@ def _link_chain(ft32, doms, slot, dom_id, first, last, nblocks, npages):
     atomic_max(doms, (slot, D_PEAK), pages)
     fetch_add(doms, (slot, D_BLOCKS), nblocks)
     fetch_add(doms, (slot, D_ALLOCS), nblocks)
+    if pinned:
+        fetch_add(doms, (slot, D_NUMPY_PAGES), npages)
     spin_unlock(doms, slot, D_LOCK)
     return 0
 
 
 @njit(nogil=True, cache=True)
-def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact):
+def _unlink(ft32, doms, slot, mfn, order):
+    """Take block ``mfn`` off its domain's list and counters; caller holds the domain lock."""
+    nxt = ft32[PG_NEXT, mfn]
+    prv = ft32[PG_PREV, mfn]
+    if prv == NIL:
+        doms[slot, D_HEAD] = nxt
+    else:
+        ft32[PG_NEXT, prv - 1] = nxt
+    if nxt == NIL:
+        doms[slot, D_TAIL] = prv
+    else:
+        ft32[PG_PREV, nxt - 1] = prv
+    fetch_add(doms, (slot, D_PAGES), -(1 << order))
+    fetch_add(doms, (slot, D_BLOCKS), -1)
+    fetch_add(doms, (slot, D_FREES), 1)
+
+
+@njit(nogil=True, cache=True)
+def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact, pinned):
     """Allocate and zero one block owned by ``slot``; returns (mfn, tag) or (error, 0)."""
     packed = alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exact)
     if packed < 0:
@@ -118,7 +150,7 @@ def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exa
         return E_CORRUPT, 0
     fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), 1)
     atomic_store(ft32, (PG_TAG, mfn), tag)
-    atomic_store(ft32, (PG_OWNER, mfn), slot + 1)
+    atomic_store(ft32, (PG_OWNER, mfn), (slot + 1) | (OWNER_PINNED if pinned else 0))
     return mfn, tag
 
 
@@ -173,19 +205,20 @@ def _release_chain(ft32, ft8, nodes, lists, meta, first):
 
 @njit(nogil=True, cache=True)
 def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
-                exact):
-    """Allocate a zeroed block of 2^order pages to domain ``slot``.
+                exact, pinned):
+    """Allocate a zeroed block of 2^order pages to domain ``slot``; ``pinned`` for numpy.
 
     Returns ``tag << 32 | mfn``, or E_DEAD, E_QUOTA, E_NOMEM, E_CORRUPT.
     """
-    if not _alive(doms, slot, dom_id):
+    if not is_alive(doms, slot, dom_id):
         return E_DEAD
     if _over_quota(doms, slot, 1 << order):
         return E_QUOTA
-    mfn, tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact)
+    mfn, tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact,
+                           pinned)
     if mfn < 0:
         return mfn
-    status = _link_chain(ft32, doms, slot, dom_id, mfn, mfn, 1, 1 << order)
+    status = _link_chain(ft32, doms, slot, dom_id, mfn, mfn, 1, 1 << order, pinned)
     if status < 0:
         ft32[PG_NEXT, mfn] = NIL
         _undo_take(ft32, ft8, nodes, lists, meta, mfn + 1)
@@ -202,7 +235,7 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
     without touching the heap; if a concurrent allocation still wins the race, every block
     taken so far goes back. Returns ``count`` or a negative error.
     """
-    if not _alive(doms, slot, dom_id):
+    if not is_alive(doms, slot, dom_id):
         return E_DEAD
     if _over_quota(doms, slot, count << order):
         return E_QUOTA
@@ -223,7 +256,7 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
             status = E_FAULT
             break
         mfn, _tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref,
-                                exact)
+                                exact, False)
         if mfn < 0:
             status = mfn
             break
@@ -235,7 +268,8 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
             ft32[PG_PREV, first] = mfn + 1
         first = mfn
     if status == 0 and count > 0:
-        status = _link_chain(ft32, doms, slot, dom_id, first, last, count, count << order)
+        status = _link_chain(ft32, doms, slot, dom_id, first, last, count, count << order,
+                             False)
     if status < 0:
         if first >= 0:
             _undo_take(ft32, ft8, nodes, lists, meta, first + 1)
@@ -253,7 +287,7 @@ def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, ta
     if mfn < 0 or mfn >= meta[M_NR_PAGES] or order < 0 or order > meta[M_MAX_ORDER]:
         return E_BAD_FREE
     spin_lock(doms, slot, D_LOCK)
-    if not _alive(doms, slot, dom_id):
+    if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
         return E_DEAD
     # PG_OWNER is only ever ours while we hold our lock, so once it matches the rest is stable.
@@ -261,19 +295,7 @@ def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, ta
             or atomic_load(ft32, (PG_TAG, mfn)) != tag):
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
-    nxt = ft32[PG_NEXT, mfn]
-    prv = ft32[PG_PREV, mfn]
-    if prv == NIL:
-        doms[slot, D_HEAD] = nxt
-    else:
-        ft32[PG_NEXT, prv - 1] = nxt
-    if nxt == NIL:
-        doms[slot, D_TAIL] = prv
-    else:
-        ft32[PG_PREV, nxt - 1] = prv
-    fetch_add(doms, (slot, D_PAGES), -(1 << order))
-    fetch_add(doms, (slot, D_BLOCKS), -1)
-    fetch_add(doms, (slot, D_FREES), 1)
+    _unlink(ft32, doms, slot, mfn, order)
     # Clear ownership before dropping the lock: a racing free of the same handle must fail.
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     spin_unlock(doms, slot, D_LOCK)
@@ -281,35 +303,78 @@ def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, ta
 
 
 @njit(nogil=True, cache=True)
-def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
-    """Detach the domain's blocks, mark it dead and free them all (dirty, or zeroed in sync).
+def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
+    """Free a block numpy no longer uses, also after its domain was destroyed.
 
-    Returns a bit mask of the nodes whose scrubber should wake, or E_DEAD.
+    Returns 1 if a scrubber should wake, 0 if not, E_BAD_FREE if it is not such a block.
+    The last pinned block of a destroyed domain lays the domain to rest (DOM_DEAD).
     """
     spin_lock(doms, slot, D_LOCK)
-    if not _alive(doms, slot, dom_id):
+    if (not holds_blocks(doms, slot, dom_id)
+            or atomic_load(ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)):
+        spin_unlock(doms, slot, D_LOCK)
+        return E_BAD_FREE
+    order = ft8[PG_ORDER, mfn]
+    _unlink(ft32, doms, slot, mfn, order)
+    fetch_add(doms, (slot, D_NUMPY_PAGES), -(1 << order))
+    atomic_store(ft32, (PG_OWNER, mfn), 0)
+    if (atomic_load(doms, (slot, D_STATE)) == DOM_DYING
+            and atomic_load(doms, (slot, D_BLOCKS)) == 0):
+        atomic_store(doms, (slot, D_STATE), DOM_DEAD)
+    spin_unlock(doms, slot, D_LOCK)
+    return 1 if _release_block(ft32, ft8, nodes, lists, meta, mfn, order) else 0
+
+
+@njit(nogil=True, cache=True)
+def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+    """Mark the domain destroyed and free its blocks (dirty, or zeroed in "sync" mode).
+
+    Blocks pinned by live numpy arrays stay on its list until numpy frees them (the domain
+    is DOM_DYING meanwhile, as Xen keeps a dying domain's referenced pages); the others are
+    detached under the domain lock and freed without it. Returns a bit mask of the nodes
+    whose scrubber should wake, or E_DEAD.
+    """
+    spin_lock(doms, slot, D_LOCK)
+    if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
         return E_DEAD
     atomic_store(doms, (slot, D_STATE), DOM_DYING)
-    first = doms[slot, D_HEAD]
-    doms[slot, D_HEAD] = NIL
-    doms[slot, D_TAIL] = NIL
-    fetch_add(doms, (slot, D_FREES), atomic_load(doms, (slot, D_BLOCKS)))
-    atomic_store(doms, (slot, D_PAGES), 0)
-    atomic_store(doms, (slot, D_BLOCKS), 0)
+    detached = NIL
+    link = doms[slot, D_HEAD]
+    while link != NIL:
+        mfn = link - 1
+        link = ft32[PG_NEXT, mfn]
+        if atomic_load(ft32, (PG_OWNER, mfn)) & OWNER_PINNED:
+            continue
+        _unlink(ft32, doms, slot, mfn, ft8[PG_ORDER, mfn])
+        ft32[PG_NEXT, mfn] = detached
+        detached = mfn + 1
+    pinned = atomic_load(doms, (slot, D_BLOCKS)) != 0
     spin_unlock(doms, slot, D_LOCK)
-    wake = _release_chain(ft32, ft8, nodes, lists, meta, first)
-    atomic_store(doms, (slot, D_STATE), DOM_DEAD)
+    wake = _release_chain(ft32, ft8, nodes, lists, meta, detached)
+    if not pinned:
+        atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     return wake
 
 
 @njit(nogil=True, cache=True)
 def open_domain(doms, slot, dom_id, max_pages):
     """Start a new domain in a free (or dead) slot; alive only once every field is set."""
-    for field in (D_PAGES, D_BLOCKS, D_PEAK, D_ALLOCS, D_FREES):
+    for field in (D_PAGES, D_BLOCKS, D_PEAK, D_ALLOCS, D_FREES, D_NUMPY_PAGES):
         atomic_store(doms, (slot, field), 0)
+    for cls in range(SLAB_CLASSES):
+        doms[slot, D_SLABS + cls] = NIL
     doms[slot, D_HEAD] = NIL
     doms[slot, D_TAIL] = NIL
     doms[slot, D_MAX_PAGES] = max_pages
     doms[slot, D_ID] = dom_id
     atomic_store(doms, (slot, D_STATE), DOM_ALIVE)
+
+
+@njit(nogil=True, cache=True)
+def domain_row(doms, slot):
+    """A copy of a domain's row, each field read atomically (for statistics)."""
+    out = np.empty(doms.shape[1], dtype=np.int64)
+    for field in range(doms.shape[1]):
+        out[field] = atomic_load(doms, (slot, field))
+    return out

@@ -28,7 +28,8 @@ PG_NEXT = 0  # link to the next chunk/block on whichever list holds it (free lis
 PG_PREV = 1  # link to the previous one
 PG_FIRST_DIRTY = 2  # free chunk head: first possibly-dirty page; a lower bound. Atomic while
 #                     the chunk is SCRUBBING (the scrubber records its progress here).
-PG_OWNER = 3  # allocated block head: owning domain slot + 1; 0 everywhere else. Atomic.
+PG_OWNER = 3  # allocated block head: owning domain slot + 1, with OWNER_PINNED set while
+#               numpy arrays use the block (it then outlives a destroy); 0 elsewhere. Atomic.
 PG_TAG = 4  # allocated block head: allocation tag, so a stale handle is told from a new block.
 FT32_FIELDS = 5
 
@@ -47,6 +48,8 @@ PGS_INUSE = 1
 NOT_SCRUBBING = 0  # Xen's BUDDY_NOT_SCRUBBING
 SCRUBBING = 1  # a scrubber zeroes this chunk without the lock
 SCRUB_ABORT = 2  # an allocator holding the lock wants it; the scrubber must let go
+
+OWNER_PINNED = 1 << 31
 
 FRAME_TABLE_BYTES_PER_PAGE = FT32_FIELDS * 4 + FT8_FIELDS
 
@@ -91,11 +94,13 @@ D_MAX_PAGES = 8  # quota in pages; 0 = none
 D_PEAK = 9  # most pages ever held at once. Atomic.
 D_ALLOCS = 10  # blocks allocated. Atomic.
 D_FREES = 11  # blocks freed (by free or destroy). Atomic.
-DOM_FIELDS = 16
+D_NUMPY_PAGES = 12  # pages in blocks pinned by numpy arrays (slabs included). Atomic.
+D_SLABS = 16  # SLAB_CLASSES heads of the lists of slabs with a free object (under the lock)
+DOM_FIELDS = 24
 
 DOM_FREE = 0
 DOM_ALIVE = 1
-DOM_DYING = 2  # destroy has detached the block list and is freeing it
+DOM_DYING = 2  # destroyed, but numpy arrays still use some of its blocks
 DOM_DEAD = 3
 
 # --- meta: int64[META_FIELDS], read-only after creation ------------------------------------
@@ -108,6 +113,7 @@ M_DEBUG = 5  # 1: SCRUB_DEBUG pattern fill/check and poisoning
 M_MAX_DOMAINS = 6
 M_FAULT = 7  # fault injection for tests: FAULT_* below; 0 = off. Atomic (set at run time).
 M_FAULT_ARG = 8  # its argument (pages, microseconds or blocks). Atomic.
+M_CLOSED = 9  # 1 once Heap.close() began: numpy callbacks refuse to allocate. Atomic.
 META_FIELDS = 10
 
 FAULT_NONE = 0
@@ -118,6 +124,20 @@ FAULT_POPULATE_FAIL = 3  # populate runs dry after M_FAULT_ARG blocks
 MODE_IDLE = 0
 MODE_SYNC = 1
 MODE_ALLOC = 2
+
+# --- small objects (numpy arrays under a page): slabs of one size class ---------------------
+# Class c holds objects of SLAB_MIN_OBJECT << c bytes in a slab block of order
+# max(0, c - 4), so that every class fits at least 15 objects. A slab starts with a
+# header of SLAB_HEADER_BYTES: uint64 words SH_* below.
+SLAB_CLASSES = 8
+SLAB_MIN_OBJECT = 16
+SLAB_MAX_OBJECT = SLAB_MIN_OBJECT << (SLAB_CLASSES - 1)  # 2048
+SLAB_HEADER_BYTES = 64
+SH_CLASS = 0  # size class + 1
+SH_USED = 1  # objects handed out
+SH_NEXT = 2  # next slab with a free object, mfn + 1
+SH_PREV = 3
+SH_BITMAP = 4  # 4 words: bit i set = object i in use (at most 252 objects a slab)
 
 SCRUB_PATTERN = 0xC2  # Xen's SCRUB_PATTERN byte
 POISON_PATTERN = 0x3D  # ~SCRUB_PATTERN: what a freed page holds in debug mode

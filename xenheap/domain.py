@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,7 +12,9 @@ from native_kernels.layout import (
     D_ALLOCS,
     D_BLOCKS,
     D_FREES,
+    D_ID,
     D_MAX_PAGES,
+    D_NUMPY_PAGES,
     D_PAGES,
     D_PEAK,
     E_BAD_FREE,
@@ -105,13 +108,15 @@ class Domain:
         self.name = name if name is not None else f"d{dom_id}"
         self._slot = slot
         self._max_pages = max_pages
+        self._destroyed = False
+        self._capsule: object | None = None
         self._final_stats: dict[str, int] | None = None
 
     # --- state -------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
         """True until the domain is destroyed (or its heap closed)."""
-        return self._final_stats is None and not self.heap.closed
+        return not self._destroyed and not self.heap.closed
 
     @property
     def pages(self) -> int:
@@ -124,10 +129,12 @@ class Domain:
         return self._max_pages * self.heap.page_size if self._max_pages else None
 
     def stats(self) -> dict[str, int]:
-        """Pages held now and at the peak, blocks held, allocations and frees."""
-        if self._final_stats is not None:
-            return dict(self._final_stats)
-        row = self.heap._state["doms"][self._slot]
+        """Pages held now and at the peak, blocks, allocations, frees, the quota in pages,
+        and pages held by live numpy arrays (which outlive a destroy until numpy frees
+        them)."""
+        row = kernels.domain_row(self.heap._state["doms"], self._slot)
+        if row[D_ID] != self.id:  # the slot went to another domain after this one died
+            return dict(self._final_stats or {})
         return {
             "pages": int(row[D_PAGES]),
             "peak_pages": int(row[D_PEAK]),
@@ -135,6 +142,7 @@ class Domain:
             "allocations": int(row[D_ALLOCS]),
             "frees": int(row[D_FREES]),
             "max_pages": int(row[D_MAX_PAGES]),
+            "numpy_pages": int(row[D_NUMPY_PAGES]),
         }
 
     # --- allocation ----------------------------------------------------------------------
@@ -162,7 +170,7 @@ class Domain:
         heap._check_order(order)
         pref, exact = heap._placement(node)
         packed = heap._call(kernels.alloc_block, heap._zone, self._slot, self.id, order, pref,
-                            exact)
+                            exact, False)
         if packed < 0:
             self._raise_for(packed, f"alloc(order={order})")
         return Block(self, packed & _MFN_MASK, order, packed >> 32)
@@ -224,15 +232,34 @@ class Domain:
         """Free all the domain's memory. Returns at once, leaving the pages dirty for the
         scrubbers, except in "sync" mode, which zeroes every page before returning."""
         heap = self.heap
-        before = self.stats()
         wake = heap._call(kernels.destroy_domain, self._slot, self.id)
         if wake < 0:
             raise DomainDead(f"{self!r} was already destroyed")
-        before.update(pages=0, blocks=0, frees=before["frees"] + before["blocks"])
-        self._final_stats = before
-        heap._release_slot(self._slot)
+        self._destroyed = True
+        self._final_stats = self.stats()
+        heap._retire_slot(self._slot)
         if wake:
             heap._wake(wake)
+
+    def numpy_allocator(self) -> contextlib.AbstractContextManager[None]:
+        """``with dom.numpy_allocator():`` numpy arrays created in this thread or asyncio
+        task take their data from this domain (numpy's NEP 49 handler, a context variable).
+
+        Arrays may outlive the block and the domain: a destroyed domain's blocks that live
+        arrays use are freed (dirty) when numpy frees those arrays. Allocation failures,
+        the quota included, surface as numpy's usual MemoryError.
+        """
+        from xenheap.numpy_alloc import numpy_allocator  # compiles the callbacks on first use
+
+        return numpy_allocator(self)
+
+    def _numpy_handler(self) -> object:
+        """This domain's "mem_handler" capsule, made once."""
+        if self._capsule is None:
+            from xenheap.numpy_alloc import make_handler
+
+            self._capsule = make_handler(self)
+        return self._capsule
 
     def __enter__(self) -> Domain:
         return self

@@ -16,7 +16,6 @@ from native_kernels import check as check_kernels
 from native_kernels import domain as domain_kernels
 from native_kernels.buddy import init_heap
 from native_kernels.counters import column_sum
-from native_kernels.faults import set_fault
 from native_kernels.layout import (
     D_STATE,
     DOM_DEAD,
@@ -25,7 +24,10 @@ from native_kernels.layout import (
     FAULT_POPULATE_FAIL,
     FAULT_SCRUB_FAIL,
     FAULT_SCRUB_STALL,
+    M_CLOSED,
     M_DEBUG,
+    M_FAULT,
+    M_FAULT_ARG,
     M_MAX_DOMAINS,
     M_MAX_ORDER,
     M_MODE,
@@ -44,6 +46,7 @@ from native_kernels.layout import (
     PAGE_SIZE,
     new_state,
 )
+from native_kernels.meta import set_meta
 from native_kernels.release import claim_clean_chunks, return_released_chunks
 from xenheap import prim, stats
 from xenheap.arena import Arena
@@ -120,7 +123,9 @@ class Heap:
         self._closed = False
         self._closed_reason = "the heap is closed"
         self._release_lock = threading.Lock()  # one release_unused at a time
+        self._numpy_handlers = 0  # numpy handlers made; their arrays may outlive close()
         self._free_slots = list(range(max_domains - 1, -1, -1))
+        self._dying_slots: list[int] = []
         self._next_id = 1
 
         self._scrubbers: list[Scrubber] = []
@@ -234,9 +239,21 @@ class Heap:
         selected = self._all_nodes if nodes is None else nodes
         return int(column_sum(self._state["nodes"], N_DIRTY, selected))
 
-    def _release_slot(self, slot: int) -> None:
+    def _retire_slot(self, slot: int) -> None:
+        """A destroyed domain's slot: free now, or once numpy frees its last pinned block."""
         with self._lock:
-            self._free_slots.append(slot)
+            self._dying_slots.append(slot)
+
+    def _reap_slots(self) -> None:
+        """Move slots of domains laid to rest to the free list; caller holds self._lock."""
+        doms = self._state["doms"]
+        still_dying = []
+        for slot in self._dying_slots:
+            if domain_kernels.domain_row(doms, slot)[D_STATE] == DOM_DEAD:
+                self._free_slots.append(slot)
+            else:
+                still_dying.append(slot)
+        self._dying_slots = still_dying
 
     # --- public API ----------------------------------------------------------------------
     def create_domain(self, name: str | None = None, max_bytes: int | str | None = None
@@ -254,6 +271,7 @@ class Heap:
         with self._lock:
             if self._closed:
                 raise HeapClosed(self._closed_reason)
+            self._reap_slots()
             if not self._free_slots:
                 raise OutOfMemory(f"all {len(self._state['doms'])} domain slots are in use")
             slot = self._free_slots.pop()
@@ -341,7 +359,10 @@ class Heap:
             raise InvalidArgument(f"fault must be one of {list(FAULTS)}, got {kind!r}")
         if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
             raise InvalidArgument(f"fault argument must be a non-negative int, got {arg!r}")
-        set_fault(self._state["meta"], FAULTS[kind], arg)
+        meta = self._state["meta"]
+        set_meta(meta, M_FAULT, FAULT_NONE)  # never a new kind with the old argument
+        set_meta(meta, M_FAULT_ARG, arg)
+        set_meta(meta, M_FAULT, FAULTS[kind])
 
     def close(self) -> None:
         """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent."""
@@ -349,12 +370,18 @@ class Heap:
             if self._closed:
                 return
             self._closed = True
+        set_meta(self._state["meta"], M_CLOSED, 1)  # numpy callbacks stop allocating
         stop_all(self._scrubbers)
         with self._lock:
             while self._in_flight:
                 self._idle.wait()
-        for arena in self._arenas:
-            arena.close()
+        if self._numpy_handlers:
+            # Arrays made with this heap's numpy handler may still point into the arenas;
+            # the handlers' records keep them mapped until the last such array is gone.
+            log.info("heap closed with numpy handlers; arenas stay mapped until freed")
+        else:
+            for arena in self._arenas:
+                arena.close()
         _open_heaps.discard(self)
 
     def __enter__(self) -> Heap:

@@ -90,7 +90,7 @@ INVARIANTS = {
     check.DIRTY_IN_USE: "an allocated page still needs scrubbing",
     check.BAD_OWNER: "a block's owner is not the domain whose list holds it",
     check.DOMAIN_COUNT: "a domain's page or block counter differs from its list",
-    check.DYING_DOMAIN: "a domain was left half-destroyed",
+    check.DYING_DOMAIN: "a destroyed domain holds a block no numpy array uses, or none",
 }
 
 

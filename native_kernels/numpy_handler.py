@@ -1,0 +1,123 @@
+"""numpy's NEP 49 allocator callbacks as numba cfuncs over the heap's state.
+
+numpy calls ``malloc(ctx, size)``, ``calloc(ctx, nelem, elsize)``, ``realloc(ctx, ptr,
+size)`` and ``free(ctx, ptr, size)`` with the ``ctx`` of the handler that was current when
+the array was made. Here ``ctx`` points to an int64 record (CTX_* below) naming the state
+arrays by address and the domain; the callbacks rebuild the arrays with ``carray`` and call
+the nogil kernels of native_kernels.small. A failure returns NULL, which numpy turns into
+its usual MemoryError. No Python object is touched, so numpy may call them without the GIL.
+"""
+
+from numba import carray, cfunc, njit, types
+
+from native_kernels.layout import (
+    DOM_FIELDS,
+    FT8_FIELDS,
+    FT32_FIELDS,
+    LIST_FIELDS,
+    M_DEBUG,
+    MAX_ORDER_LIMIT,
+    META_FIELDS,
+    NODE_FIELDS,
+    PAGE_SIZE,
+)
+from native_kernels.raw import (
+    address_to_voidptr,
+    memset_bytes,
+    pointer_to,
+    voidptr_to_address,
+)
+from native_kernels.small import array_alloc, array_free, array_realloc
+
+CTX_FT32 = 0  # addresses of the state arrays
+CTX_FT8 = 1
+CTX_NODES = 2
+CTX_LISTS = 3
+CTX_DOMS = 4
+CTX_META = 5
+CTX_ZONE = 6
+CTX_NR_PAGES = 7
+CTX_NR_NODES = 8
+CTX_MAX_DOMAINS = 9
+CTX_SLOT = 10  # the domain
+CTX_DOM_ID = 11
+CTX_NODE = 12  # preferred node: that of the thread that installed the handler
+CTX_FIELDS = 13
+
+_MALLOC_SIG = types.voidptr(types.voidptr, types.uintp)
+_CALLOC_SIG = types.voidptr(types.voidptr, types.uintp, types.uintp)
+_REALLOC_SIG = types.voidptr(types.voidptr, types.voidptr, types.uintp)
+_FREE_SIG = types.void(types.voidptr, types.voidptr, types.uintp)
+
+
+@njit(nogil=True, cache=True)
+def _context(ctx):
+    return carray(pointer_to(voidptr_to_address(ctx), types.int64), CTX_FIELDS)
+
+
+@njit(nogil=True, cache=True)
+def _state(c):
+    """The state arrays named in context record ``c``."""
+    n = c[CTX_NR_PAGES]
+    nn = c[CTX_NR_NODES]
+    ft32 = carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n))
+    ft8 = carray(pointer_to(c[CTX_FT8], types.uint8), (FT8_FIELDS, n))
+    nodes = carray(pointer_to(c[CTX_NODES], types.int64), (nn, NODE_FIELDS))
+    lists = carray(pointer_to(c[CTX_LISTS], types.int64), (nn, MAX_ORDER_LIMIT + 1, LIST_FIELDS))
+    doms = carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS))
+    meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
+    zone = carray(pointer_to(c[CTX_ZONE], types.int64), (nn, nn))
+    return ft32, ft8, nodes, lists, doms, meta, zone
+
+
+@njit(nogil=True, cache=True)
+def _alloc(ctx, nbytes):
+    c = _context(ctx)
+    ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
+    return array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, c[CTX_SLOT], c[CTX_DOM_ID],
+                       nbytes, c[CTX_NODE])
+
+
+@njit(nogil=True, cache=True)
+def _null_or(addr):
+    return address_to_voidptr(addr if addr > 0 else 0)
+
+
+@cfunc(_MALLOC_SIG, nopython=True, cache=True)
+def heap_malloc(ctx, size):
+    return _null_or(_alloc(ctx, types.int64(size)))
+
+
+@cfunc(_CALLOC_SIG, nopython=True, cache=True)
+def heap_calloc(ctx, nelem, elsize):
+    nbytes = types.int64(nelem) * types.int64(elsize)
+    if elsize != 0 and nbytes // types.int64(elsize) != types.int64(nelem):
+        return _null_or(0)  # overflow
+    addr = _alloc(ctx, nbytes)
+    if addr > 0:
+        c = _context(ctx)
+        meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
+        # Large blocks come zeroed, so clean memory is not zeroed twice; a slab object may
+        # hold the domain's earlier bytes, and debug mode hands out the scrub pattern.
+        if nbytes < PAGE_SIZE or meta[M_DEBUG] != 0:
+            memset_bytes(addr, 0, nbytes)
+    return _null_or(addr)
+
+
+@cfunc(_REALLOC_SIG, nopython=True, cache=True)
+def heap_realloc(ctx, ptr, size):
+    c = _context(ctx)
+    ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
+    return _null_or(array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, c[CTX_SLOT],
+                                  c[CTX_DOM_ID], voidptr_to_address(ptr), types.int64(size),
+                                  c[CTX_NODE]))
+
+
+@cfunc(_FREE_SIG, nopython=True, cache=True)
+def heap_free(ctx, ptr, size):
+    addr = voidptr_to_address(ptr)
+    if addr == 0:
+        return
+    c = _context(ctx)
+    ft32, ft8, nodes, lists, doms, meta, _zone = _state(c)
+    array_free(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT], c[CTX_DOM_ID], addr)

@@ -1,0 +1,68 @@
+"""Raw memory from kernels: addresses as typed pointers, memset and memcpy by address.
+
+Arena memory is reached by address (an int64), not through numpy arrays, so that one kernel
+can touch any node's arena; these intrinsics turn addresses into what numba can index.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def pointer_to(typingctx, addr, dtype):
+    """``addr`` (int64) as a typed pointer, for ``numba.carray(pointer_to(a, t), n)``."""
+    target = dtype.dtype if isinstance(dtype, types.NumberClass) else dtype.instance_type
+    ptr_type = types.CPointer(target)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
+
+    return ptr_type(types.int64, dtype), codegen
+
+
+@intrinsic
+def voidptr_to_address(typingctx, ptr):
+    """A ``void *`` (as numba passes C callbacks' pointers) as an int64 address."""
+
+    def codegen(context, builder, sig, args):
+        return builder.ptrtoint(args[0], ir.IntType(64))
+
+    return types.int64(types.voidptr), codegen
+
+
+@intrinsic
+def address_to_voidptr(typingctx, addr):
+    """An int64 address as a ``void *`` to return from a C callback."""
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+    return types.voidptr(types.int64), codegen
+
+
+@intrinsic
+def memset_bytes(typingctx, addr, value, nbytes):
+    """libc memset(addr, value, nbytes) through LLVM's intrinsic."""
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        val = context.cast(builder, args[1], sig.args[1], types.uint8)
+        cgutils.memset(builder, ptr, args[2], val)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, value, types.int64), codegen
+
+
+@intrinsic
+def memcpy_bytes(typingctx, dst, src, nbytes):
+    """libc memcpy(dst, src, nbytes) through LLVM's intrinsic; the ranges must not overlap."""
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        cgutils.raw_memcpy(builder, builder.inttoptr(args[0], i8p),
+                           builder.inttoptr(args[1], i8p), args[2], 1)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen

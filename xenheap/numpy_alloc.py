@@ -1,0 +1,120 @@
+"""numpy arrays allocated from a domain: numpy's NEP 49 memory handler.
+
+``with dom.numpy_allocator():`` installs a ``"mem_handler"`` capsule whose callbacks are the
+numba cfuncs of native_kernels.numpy_handler. numpy keeps the current handler in a context
+variable, so the scope follows numpy's own rule: this thread or asyncio task only, and the
+previous handler comes back on exit, exception or not. Every array records the handler it
+was made with and returns its memory through it, so an array may outlive the block, the
+domain (whose blocks stay pinned until numpy frees them) and even ``Heap.close()`` (the
+arenas stay mapped while any such array lives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from native_kernels import numpy_handler as cb
+from xenheap.errors import DomainDead, HeapClosed
+
+if TYPE_CHECKING:
+    from xenheap.domain import Domain
+
+_CAPSULE_NAME = b"mem_handler"
+_SET_HANDLER_INDEX = 304  # PyDataMem_SetHandler in numpy's C-API table (__multiarray_api.h)
+
+
+class _Allocator(ctypes.Structure):
+    _fields_ = [("ctx", ctypes.c_void_p), ("malloc", ctypes.c_void_p),
+                ("calloc", ctypes.c_void_p), ("realloc", ctypes.c_void_p),
+                ("free", ctypes.c_void_p)]
+
+
+class _Handler(ctypes.Structure):
+    """numpy's PyDataMem_Handler, version 1."""
+
+    _fields_ = [("name", ctypes.c_char * 127), ("version", ctypes.c_uint8),
+                ("allocator", _Allocator)]
+
+
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype = ctypes.py_object
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+# The same call on a capsule being destroyed: no new reference may be taken to it then.
+_dying_capsule_pointer = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
+
+
+def _numpy_set_handler():
+    api = np._core._multiarray_umath._ARRAY_API
+    table = ctypes.cast(_capsule_pointer(api, None), ctypes.POINTER(ctypes.c_void_p))
+    return ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(table[_SET_HANDLER_INDEX])
+
+
+_set_handler = _numpy_set_handler()
+
+# Keeps each handler's ctypes structures, context record and heap memory alive while numpy
+# holds its capsule (the context variable, and every array made with it).
+_live: dict[int, tuple] = {}
+_live_lock = threading.Lock()
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _capsule_destructor(capsule: int) -> None:
+    with _live_lock:
+        _live.pop(_dying_capsule_pointer(capsule, _CAPSULE_NAME), None)
+
+
+def make_handler(dom: Domain) -> object:
+    """A new "mem_handler" capsule allocating from ``dom``."""
+    heap = dom.heap
+    s = heap._state
+    ctx = np.zeros(cb.CTX_FIELDS, dtype=np.int64)
+    for field, name in ((cb.CTX_FT32, "ft32"), (cb.CTX_FT8, "ft8"), (cb.CTX_NODES, "nodes"),
+                        (cb.CTX_LISTS, "lists"), (cb.CTX_DOMS, "doms"), (cb.CTX_META, "meta"),
+                        (cb.CTX_ZONE, "zone")):
+        ctx[field] = s[name].ctypes.data
+    ctx[cb.CTX_NR_PAGES] = heap.total_pages
+    ctx[cb.CTX_NR_NODES] = heap.nodes
+    ctx[cb.CTX_MAX_DOMAINS] = s["doms"].shape[0]
+    ctx[cb.CTX_SLOT] = dom._slot
+    ctx[cb.CTX_DOM_ID] = dom.id
+    ctx[cb.CTX_NODE] = heap._placement(None)[0]
+    handler = _Handler(f"xenheap:{dom.name}".encode()[:126], 1,
+                       _Allocator(ctx.ctypes.data, cb.heap_malloc.address,
+                                  cb.heap_calloc.address, cb.heap_realloc.address,
+                                  cb.heap_free.address))
+    address = ctypes.addressof(handler)
+    with _live_lock:
+        _live[address] = (handler, ctx, s, heap._arenas)
+    heap._numpy_handlers += 1
+    return _capsule_new(address, _CAPSULE_NAME,
+                        ctypes.cast(_capsule_destructor, ctypes.c_void_p))
+
+
+@contextlib.contextmanager
+def numpy_allocator(dom: Domain) -> Iterator[None]:
+    """Within the block, numpy arrays of this thread or task take their data from ``dom``."""
+    if dom.heap.closed:
+        raise HeapClosed("the heap is closed")
+    if not dom.alive:
+        raise DomainDead(f"{dom!r} was destroyed")
+    previous = _set_handler(dom._numpy_handler())
+    try:
+        yield
+    finally:
+        _set_handler(previous)
+
+
+def live_handlers() -> int:
+    """Handlers numpy still holds (installed, or referenced by a live array)."""
+    with _live_lock:
+        return len(_live)
