@@ -1,0 +1,227 @@
+"""numpy arrays allocated from a domain through numpy's NEP 49 handler."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from numpy._core.multiarray import get_handler_name
+
+import xenheap
+from native_kernels.layout import PAGE_SIZE
+
+WAIT_S = 30
+
+
+@pytest.fixture
+def heap():
+    with xenheap.Heap("64MiB", nodes=2) as h:
+        yield h
+
+
+def _in_heap(heap, arr):
+    addr = arr.ctypes.data
+    return any(a.address <= addr < a.address + a.nbytes for a in heap._arenas)
+
+
+def test_arrays_inside_the_scope_live_in_the_heap_and_outside_they_do_not(heap):
+    dom = heap.create_domain("t")
+    with dom.numpy_allocator():
+        inside = [np.zeros(n) for n in (1, 100, 1000, 100_000)]
+        assert get_handler_name() == "xenheap:t"
+    outside = np.zeros(1000)
+    assert all(_in_heap(heap, a) for a in inside)
+    assert all(get_handler_name(a) == "xenheap:t" for a in inside)
+    assert not _in_heap(heap, outside)
+    assert get_handler_name() == "default_allocator"
+    assert all((a == 0).all() for a in inside)
+    assert dom.stats()["numpy_pages"] > 0
+    heap.check()
+
+
+def test_zeros_empty_ones_and_views_are_correct(heap):
+    dom = heap.create_domain()
+    with dom.numpy_allocator():
+        z = np.zeros((300, 300))
+        e = np.empty(5000, dtype=np.int32)
+        e[:] = np.arange(5000)
+        o = np.ones(17, dtype=np.complex128)
+        view = z[10:20, ::3]
+        view += 2.5
+    assert z.sum() == pytest.approx(2.5 * 10 * 100)
+    assert (e == np.arange(5000)).all()
+    assert o.sum() == 17
+    assert o.ctypes.data % 16 == 0  # numpy's alignment for complex128 holds in slabs too
+
+
+def test_ufunc_temporaries_concatenate_resize_realloc(heap):
+    dom = heap.create_domain()
+    rng = np.random.default_rng(1)
+    data = rng.random(10_000)
+    with dom.numpy_allocator():
+        a = np.array(data)
+        result = np.sqrt(a * 2.0 + 1.0) - a  # temporaries from the heap
+        parts = [np.arange(i % 37) for i in range(500)]
+        joined = np.concatenate(parts)
+        grown = np.resize(joined, 50_000)
+        b = np.arange(10)
+        b.resize(100_000, refcheck=False)  # realloc, keeping the data
+        small = np.arange(40)
+        small.resize(30, refcheck=False)  # shrinking realloc in place
+    assert np.allclose(result, np.sqrt(data * 2.0 + 1.0) - data)
+    assert (joined == np.concatenate([np.arange(i % 37) for i in range(500)])).all()
+    assert (grown[: joined.size] == joined).all()
+    assert (b[:10] == np.arange(10)).all() and (b[10:] == 0).all()
+    assert (small == np.arange(30)).all()
+    assert all(_in_heap(heap, x) for x in (a, result, joined, grown, b, small))
+    heap.check()
+
+
+def test_two_threads_with_different_domains_stay_separate(heap):
+    doms = [heap.create_domain(f"thread-{i}") for i in range(2)]
+    made = {}
+    barrier = threading.Barrier(2)
+
+    def work(i):
+        with doms[i].numpy_allocator():
+            barrier.wait()  # both scopes are open at once
+            made[i] = [np.full(n, i + 1, dtype=np.int64) for n in (3, 700, 70_000)]
+            made[f"name{i}"] = get_handler_name()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    for i in range(2):
+        assert made[f"name{i}"] == f"xenheap:thread-{i}"
+        assert all(get_handler_name(a) == f"xenheap:thread-{i}" for a in made[i])
+        assert all((a == i + 1).all() for a in made[i])
+    assert doms[0].stats()["numpy_pages"] > 0 and doms[1].stats()["numpy_pages"] > 0
+    assert get_handler_name() == "default_allocator"
+    heap.check()
+
+
+def test_two_asyncio_tasks_with_different_domains_stay_separate(heap):
+    doms = [heap.create_domain(f"task-{i}") for i in range(2)]
+
+    async def task(i):
+        with doms[i].numpy_allocator():
+            arrays = []
+            for _ in range(5):
+                arrays.append(np.full(1000, i, dtype=np.int16))
+                await asyncio.sleep(0)  # the other task runs with its own handler
+            return [get_handler_name(a) for a in arrays], get_handler_name()
+
+    async def both():
+        return await asyncio.gather(task(0), task(1))
+
+    results = asyncio.run(both())
+    for i, (names, current) in enumerate(results):
+        assert set(names) == {f"xenheap:task-{i}"}
+        assert current == f"xenheap:task-{i}"
+    assert get_handler_name() == "default_allocator"
+
+
+def test_the_handler_comes_back_after_an_exception(heap):
+    dom = heap.create_domain()
+    with pytest.raises(RuntimeError), dom.numpy_allocator():
+        np.zeros(10)
+        raise RuntimeError("boom")
+    assert get_handler_name() == "default_allocator"
+    assert not _in_heap(heap, np.zeros(10))
+
+
+def test_destroyed_domain_keeps_live_arrays_until_numpy_frees_them(heap):
+    dom = heap.create_domain("dying")
+    with dom.numpy_allocator():
+        big = np.full(200_000, 7, dtype=np.int64)  # pinned blocks
+        small = [np.full(20, i, dtype=np.int32) for i in range(100)]  # slab objects
+        dom.alloc_bytes(8 * PAGE_SIZE)  # an ordinary block: freed by the destroy
+    dom.destroy()
+    assert not dom.alive
+    pinned = dom.stats()["numpy_pages"]
+    assert pinned > 0 and dom.stats()["pages"] == pinned
+    heap.check()
+    # Another domain takes every page it can get: none may overlap the live arrays.
+    other = heap.create_domain("greedy")
+    got = []
+    for order in range(heap.max_order, -1, -1):
+        while True:
+            try:
+                got.append(other.alloc(order))
+            except xenheap.OutOfMemory:
+                break
+    assert sum(1 << b.order for b in got) == heap.total_pages - pinned
+    spans = [(b.view(), b.nbytes) for b in got]
+    live = [(big.ctypes.data, big.nbytes)] + [(a.ctypes.data, a.nbytes) for a in small]
+    for view, nbytes in spans:
+        start = np.frombuffer(view, np.uint8).ctypes.data
+        for addr, n in live:
+            assert addr + n <= start or start + nbytes <= addr
+    for b in got:
+        b.array()[:] = 0xFF  # the greedy tenant scribbles over all it has
+    assert (big == 7).all()
+    assert all((a == i).all() for i, a in enumerate(small))
+    other.destroy()
+    del big, small, spans, view
+    assert dom.stats()["numpy_pages"] == 0
+    heap.check()
+    assert heap.wait_clean(WAIT_S)
+    stats = heap.stats()
+    assert stats["free_pages"] == stats["total_pages"] and stats["dirty_pages"] == 0
+
+
+def test_quota_exhaustion_is_numpys_memory_error(heap):
+    dom = heap.create_domain("capped", max_bytes="1MiB")
+    before = heap.stats()["free_pages"]
+    with dom.numpy_allocator():
+        keep = np.zeros(100_000, dtype=np.uint8)
+        with pytest.raises(MemoryError):
+            np.zeros(2**20, dtype=np.uint8)
+        with pytest.raises(MemoryError):
+            np.concatenate([keep, keep, keep, keep, keep, keep, keep, keep, keep, keep, keep])
+    heap.check()
+    del keep
+    assert heap.stats()["free_pages"] == before
+    heap.check()
+
+
+def test_heap_exhaustion_is_numpys_memory_error():
+    with xenheap.Heap("4MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        with dom.numpy_allocator(), pytest.raises(MemoryError):
+            np.zeros(8 * 2**20, dtype=np.uint8)
+        heap.check()
+
+
+def test_arrays_survive_heap_close_and_allocations_after_it_fail():
+    heap = xenheap.Heap("8MiB")
+    dom = heap.create_domain()
+    with dom.numpy_allocator():
+        arr = np.arange(1000)
+        heap.close()
+        with pytest.raises(MemoryError):
+            np.zeros(100)
+    assert (arr == np.arange(1000)).all()  # still mapped
+    del arr
+
+
+def test_small_arrays_share_pages(heap):
+    dom = heap.create_domain()
+    with dom.numpy_allocator():
+        arrays = [np.zeros(8, dtype=np.int64) for _ in range(1000)]  # 64 bytes each
+    assert dom.stats()["numpy_pages"] <= 1000 * 64 // (PAGE_SIZE - 64) + 2
+    del arrays
+    assert dom.stats()["numpy_pages"] == 0
+    heap.check()
+
+
+def test_debug_mode_calloc_still_gives_zeros():
+    with xenheap.Heap("16MiB", debug=True) as heap:
+        dom = heap.create_domain()
+        with dom.numpy_allocator():
+            big = np.zeros(100_000)
+            small = np.zeros(10)
+        assert (big == 0).all() and (small == 0).all()
+        heap.check()
