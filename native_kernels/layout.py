@@ -113,8 +113,9 @@ M_DEBUG = 5  # 1: SCRUB_DEBUG pattern fill/check and poisoning
 M_MAX_DOMAINS = 6
 M_FAULT = 7  # fault injection for tests: FAULT_* below; 0 = off. Atomic (set at run time).
 M_FAULT_ARG = 8  # its argument (pages, microseconds or blocks). Atomic.
-M_CLOSED = 9  # 1 once Heap.close() began: numpy callbacks refuse to allocate. Atomic.
-META_FIELDS = 10
+M_CLOSED = 9  # 1 once Heap.close() began: calls and numpy callbacks refuse. Atomic.
+M_IN_FLIGHT = 10  # API calls running in kernels (native_kernels.api). Atomic.
+META_FIELDS = 12
 
 FAULT_NONE = 0
 FAULT_SCRUB_FAIL = 1  # the scrubber gives up after M_FAULT_ARG pages of a chunk and fails
@@ -149,6 +150,7 @@ E_BAD_FREE = -3  # not a block of this domain (double free, foreign, stale)
 E_CORRUPT = -4  # a debug-mode allocation found a page without the scrub pattern
 E_QUOTA = -5  # the domain's quota would be exceeded
 E_FAULT = -6  # an injected fault fired
+E_CLOSED = -7  # the heap is closed
 
 
 def new_state(nr_nodes: int, pages_per_node: int, max_domains: int) -> dict[str, np.ndarray]:

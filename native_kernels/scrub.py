@@ -65,9 +65,14 @@ def _zero_dirty_runs(ft8, addr, head, lo, hi, value):
 
 @njit(nogil=True, cache=True)
 def _let_go(ft32, ft8, head, progress, size):
-    """Hand the chunk back without the lock, keeping the progress made (release order)."""
-    atomic_store(ft32, (PG_FIRST_DIRTY, head), progress + 1 if progress < size
-                 else INVALID_DIRTY_IDX)
+    """Hand the chunk back without the lock, keeping the progress made (release order).
+
+    The chunk stays where it is, among the dirty ones, so first_dirty stays valid even when
+    every page is clean: it then names the last page, a lower bound as the field requires.
+    Whoever aborted us may not take the chunk (check() only wants it still), and the next
+    scrub of it finds nothing to zero and moves it to the clean head.
+    """
+    atomic_store(ft32, (PG_FIRST_DIRTY, head), min(progress, size - 1) + 1)
     atomic_store(ft8, (PG_SCRUB_STATE, head), NOT_SCRUBBING)
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from native_kernels import api
 from native_kernels import domain as kernels
 from native_kernels.layout import (
     D_ALLOCS,
@@ -25,6 +26,7 @@ from native_kernels.layout import (
 )
 from xenheap.errors import (
     DomainDead,
+    HeapClosed,
     HeapCorruption,
     InvalidArgument,
     InvalidFree,
@@ -61,6 +63,8 @@ class Block:
         return self.domain.heap._node_of(self.mfn)
 
     def _check_usable(self) -> None:
+        if self.domain.heap.closed:
+            raise HeapClosed(self.domain.heap._closed_reason)
         if self._freed:
             raise InvalidFree(f"{self!r} was freed")
         if not self.domain.alive:
@@ -75,7 +79,7 @@ class Block:
         """A writable numpy view of the block (zero-copy) with the given dtype."""
         try:
             dt = np.dtype(dtype)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"bad dtype {dtype!r}: {exc}") from None
         if dt.itemsize == 0 or self.nbytes % dt.itemsize or dt.hasobject:
             raise InvalidArgument(f"dtype {dt} does not tile a block of {self.nbytes} bytes")
@@ -167,10 +171,10 @@ class Domain:
     def alloc(self, order: int = 0, node: int | None = None) -> Block:
         """A zeroed block of 2**order contiguous pages (from ``node`` only, if given)."""
         heap = self.heap
-        heap._check_order(order)
+        order = heap._check_order(order)
         pref, exact = heap._placement(node)
-        packed = heap._call(kernels.alloc_block, heap._zone, self._slot, self.id, order, pref,
-                            exact, False)
+        packed = heap._call(api.heap_alloc, heap._zone, self._slot, self.id, order, pref,
+                            exact)
         if packed < 0:
             self._raise_for(packed, f"alloc(order={order})")
         return Block(self, packed & _MFN_MASK, order, packed >> 32)
@@ -194,7 +198,7 @@ class Domain:
         Returns the number of blocks; they stay with the domain until it is destroyed.
         """
         heap = self.heap
-        heap._check_order(order)
+        order = heap._check_order(order)
         size = parse_size(nbytes, what="nbytes")
         if size == 0:
             raise InvalidArgument("nbytes must be positive")
@@ -204,7 +208,7 @@ class Domain:
             raise OutOfMemory(f"populate({format_size(size)}) exceeds the whole heap "
                               f"({format_size(heap.total_pages * heap.page_size)})")
         pref, exact = heap._placement(node)
-        got = heap._call(kernels.populate, heap._zone, self._slot, self.id, count, order, pref,
+        got = heap._call(api.heap_populate, heap._zone, self._slot, self.id, count, order, pref,
                          exact)
         if got < 0:
             self._raise_for(got, f"populate({format_size(size)}, order={order})")
@@ -219,7 +223,7 @@ class Domain:
         if blk._freed:
             raise InvalidFree(f"double free of {blk!r}")
         heap = self.heap
-        code = heap._call(kernels.free_block, self._slot, self.id, blk.mfn, blk.order, blk._tag)
+        code = heap._call(api.heap_free, self._slot, self.id, blk.mfn, blk.order, blk._tag)
         if code == E_DEAD:
             raise InvalidFree(f"{blk!r} belongs to destroyed {self!r}")
         if code == E_BAD_FREE:
@@ -232,7 +236,7 @@ class Domain:
         """Free all the domain's memory. Returns at once, leaving the pages dirty for the
         scrubbers, except in "sync" mode, which zeroes every page before returning."""
         heap = self.heap
-        wake = heap._call(kernels.destroy_domain, self._slot, self.id)
+        wake = heap._call(api.heap_destroy, self._slot, self.id)
         if wake < 0:
             raise DomainDead(f"{self!r} was already destroyed")
         self._destroyed = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import numbers
 import os
 import threading
 import time
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from native_kernels import api
 from native_kernels import check as check_kernels
 from native_kernels import domain as domain_kernels
 from native_kernels.buddy import init_heap
@@ -20,11 +22,11 @@ from native_kernels.layout import (
     D_STATE,
     DOM_DEAD,
     DOM_FREE,
+    E_CLOSED,
     FAULT_NONE,
     FAULT_POPULATE_FAIL,
     FAULT_SCRUB_FAIL,
     FAULT_SCRUB_STALL,
-    M_CLOSED,
     M_DEBUG,
     M_FAULT,
     M_FAULT_ARG,
@@ -117,9 +119,7 @@ class Heap:
         self._cpu_node = self.topology.cpu_to_node()
         self._all_nodes = np.arange(nr_nodes, dtype=np.int64)
 
-        self._lock = threading.Lock()  # domain slots and the in-flight count
-        self._idle = threading.Condition(self._lock)
-        self._in_flight = 0
+        self._lock = threading.Lock()  # domain slots and the closed flag
         self._closed = False
         self._closed_reason = "the heap is closed"
         self._release_lock = threading.Lock()  # one release_unused at a time
@@ -183,48 +183,30 @@ class Heap:
         offset = (mfn - node * self._pages_per_node) * PAGE_SIZE
         return self._arenas[node].view(offset, nbytes)
 
-    def _check_order(self, order: object, what: str = "order") -> None:
-        if isinstance(order, bool) or not isinstance(order, int):
+    def _check_order(self, order: object, what: str = "order") -> int:
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral):
             raise InvalidArgument(f"order must be an int, got {order!r}")
+        order = int(order)
         if not 0 <= order <= self.max_order:
             raise InvalidArgument(f"{what}: order {order} is outside 0..{self.max_order} "
                                   "(the largest chunk of this heap)")
+        return order
 
     def _placement(self, node: int | None) -> tuple[int, bool]:
         """(preferred node, exact): the calling CPU's node first, or exactly ``node``."""
         if node is None:
             return self._cpu_node.get(prim.current_cpu(), 0), False
-        if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < self.nodes:
+        if (isinstance(node, bool) or not isinstance(node, numbers.Integral)
+                or not 0 <= node < self.nodes):
             raise InvalidArgument(f"node must be None or 0..{self.nodes - 1}, got {node!r}")
-        return node, True
-
-    def _enter(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise HeapClosed(self._closed_reason)
-            self._in_flight += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.notify_all()
+        return int(node), True
 
     def _call(self, kernel, *args) -> int:
-        """Run a domain kernel over the state; close() waits for calls in flight."""
-        self._enter()
-        try:
-            return kernel(*self._arrays, *args)
-        finally:
-            self._leave()
-
-    def _call_node(self, kernel, *args) -> int:
-        """Run a node-level kernel (ft32, ft8, nodes, lists, meta, ...) like _call."""
-        self._enter()
-        try:
-            return kernel(*self._node_arrays, *args)
-        finally:
-            self._leave()
+        """Run an API kernel (native_kernels.api) over the state; HeapClosed once closed."""
+        result = kernel(*self._arrays, *args)
+        if result == E_CLOSED:
+            raise HeapClosed(self._closed_reason)
+        return result
 
     def _wake(self, node_mask: int) -> None:
         """Wake the scrubbers of the nodes in ``node_mask`` (a free made them dirty)."""
@@ -334,18 +316,27 @@ class Heap:
             min(self.total_pages, -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE))
         chunks = np.zeros((RELEASE_BATCH, 2), dtype=np.int64)
         released = 0
+        meta = self._state["meta"]
         with self._release_lock:
-            for node, arena in enumerate(self._arenas):
-                while released < limit:
-                    count = self._call_node(claim_clean_chunks, node, limit - released, chunks)
-                    try:
-                        for mfn, order in chunks[:count]:
-                            offset = (int(mfn) - node * self._pages_per_node) * PAGE_SIZE
-                            prim.release_pages(arena.address + offset, PAGE_SIZE << int(order))
-                    finally:
-                        released += self._call_node(return_released_chunks, node, chunks, count)
-                    if count < RELEASE_BATCH:
-                        break
+            if not api.enter_heap(meta):  # held across the OS calls: close() waits for them
+                raise HeapClosed(self._closed_reason)
+            try:
+                for node, arena in enumerate(self._arenas):
+                    while released < limit:
+                        count = claim_clean_chunks(*self._node_arrays, node, limit - released,
+                                                   chunks)
+                        try:
+                            for mfn, order in chunks[:count]:
+                                offset = (int(mfn) - node * self._pages_per_node) * PAGE_SIZE
+                                prim.release_pages(arena.address + offset,
+                                                   PAGE_SIZE << int(order))
+                        finally:
+                            released += return_released_chunks(*self._node_arrays, node,
+                                                               chunks, count)
+                        if count < RELEASE_BATCH:
+                            break
+            finally:
+                api.leave_heap(meta)
         if self.debug:
             self._wake((1 << self.nodes) - 1)  # released pages came back dirty
         log.debug("released %d pages to the OS", released)
@@ -370,11 +361,9 @@ class Heap:
             if self._closed:
                 return
             self._closed = True
-        set_meta(self._state["meta"], M_CLOSED, 1)  # numpy callbacks stop allocating
         stop_all(self._scrubbers)
-        with self._lock:
-            while self._in_flight:
-                self._idle.wait()
+        while api.close_heap(self._state["meta"]):  # calls already in kernels finish first
+            time.sleep(0.0005)
         if self._numpy_handlers:
             # Arrays made with this heap's numpy handler may still point into the arenas;
             # the handlers' records keep them mapped until the last such array is gone.
@@ -405,10 +394,9 @@ def _disown_heaps_after_fork() -> None:
     """
     for heap in list(_open_heaps):
         heap._lock = threading.Lock()
-        heap._idle = threading.Condition(heap._lock)
         heap._release_lock = threading.Lock()
-        heap._in_flight = 0
         heap._closed = True
+        api.close_heap(heap._state["meta"])  # the child's own copy of the state
         heap._closed_reason = ("this heap belongs to the parent process (inherited across "
                                "fork); create a new Heap in the child")
         heap._scrubbers = []

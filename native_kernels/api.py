@@ -1,0 +1,80 @@
+"""The kernels the Python API calls, each inside the heap's in-flight guard.
+
+``close()`` sets M_CLOSED and then waits for M_IN_FLIGHT to drop to zero before it unmaps
+the arenas; a call entering afterwards sees the flag and returns E_CLOSED. Both sides use
+sequentially consistent read-modify-writes, so either the caller sees the flag or close()
+sees the caller (Dekker's handshake), without a Python lock on the hot path.
+"""
+
+from numba import njit
+
+from native_kernels.atomics import atomic_load, fetch_add, fetch_or
+from native_kernels.domain import alloc_block, destroy_domain, free_block, populate
+from native_kernels.layout import E_CLOSED, M_CLOSED, M_IN_FLIGHT
+
+
+@njit(nogil=True, cache=True)
+def enter_heap(meta):
+    """Count a call in; False (and not counted) once the heap is closing."""
+    fetch_add(meta, M_IN_FLIGHT, 1)
+    if fetch_or(meta, M_CLOSED, 0):
+        fetch_add(meta, M_IN_FLIGHT, -1)
+        return False
+    return True
+
+
+@njit(nogil=True, cache=True)
+def leave_heap(meta):
+    """Count a call out."""
+    fetch_add(meta, M_IN_FLIGHT, -1)
+
+
+@njit(nogil=True, cache=True)
+def close_heap(meta):
+    """Refuse new calls; returns the calls still in flight (poll until 0)."""
+    fetch_or(meta, M_CLOSED, 1)
+    return atomic_load(meta, M_IN_FLIGHT)
+
+
+@njit(nogil=True, cache=True)
+def heap_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
+               exact):
+    """domain.alloc_block for the Python API (never pinned)."""
+    if not enter_heap(meta):
+        return E_CLOSED
+    result = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                         node_pref, exact, False)
+    leave_heap(meta)
+    return result
+
+
+@njit(nogil=True, cache=True)
+def heap_populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order,
+                  node_pref, exact):
+    """domain.populate for the Python API."""
+    if not enter_heap(meta):
+        return E_CLOSED
+    result = populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order,
+                      node_pref, exact)
+    leave_heap(meta)
+    return result
+
+
+@njit(nogil=True, cache=True)
+def heap_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
+    """domain.free_block for the Python API."""
+    if not enter_heap(meta):
+        return E_CLOSED
+    result = free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
+    leave_heap(meta)
+    return result
+
+
+@njit(nogil=True, cache=True)
+def heap_destroy(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+    """domain.destroy_domain for the Python API."""
+    if not enter_heap(meta):
+        return E_CLOSED
+    result = destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)
+    leave_heap(meta)
+    return result
