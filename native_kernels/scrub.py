@@ -136,3 +136,26 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     else:
         _let_go(ft32, ft8, head, size, size)
     return zeroed
+
+
+@njit(nogil=True, cache=True)
+def scrub_nodes(ft32, ft8, nodes, lists, meta, node_list, stop, budget_pages, granule_pages):
+    """Scrub the nodes of ``node_list`` in turn, one bounded step each, until none has a
+    dirty chunk or ``stop[0]`` is set: the scrubber thread needs the GIL only to sleep.
+
+    Returns the pages zeroed, or E_FAULT when an injected fault fired.
+    """
+    zeroed = 0
+    while atomic_load(stop, 0) == 0:
+        busy = False
+        for node in node_list:
+            got = scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages,
+                                   granule_pages)
+            if got == E_FAULT:
+                return E_FAULT
+            if got != NOTHING_DIRTY:
+                busy = True
+                zeroed += got
+        if not busy:
+            break
+    return zeroed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 
 import xenheap
 from native_kernels.layout import D_HEAD, NIL, PG_NEXT, PG_ORDER, SCRUB_PATTERN
+
+JOIN_TIMEOUT_S = 30.0  # generous: threads on a loaded 2-core machine
 
 MiB = 1024 * 1024
 
@@ -99,3 +103,46 @@ def heap_factory() -> Iterator[Callable[..., xenheap.Heap]]:
 def heap(heap_factory: Callable[..., xenheap.Heap]) -> xenheap.Heap:
     """An 8 MiB, one-node heap without scrubber threads."""
     return heap_factory(8 * MiB, nodes=1, scrub="alloc")
+
+
+def run_threads(target, args_list, timeout: float = JOIN_TIMEOUT_S) -> list[object]:
+    """Run ``target(*args)`` for each args in a thread of its own, started together at a
+    barrier; returns the results, failing if a thread raised or outlived ``timeout``."""
+    barrier = threading.Barrier(len(args_list))
+    results: list[object] = [None] * len(args_list)
+    errors: list[BaseException] = []
+
+    def body(i: int, args: tuple) -> None:
+        try:
+            barrier.wait(timeout)
+            results[i] = target(*args)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i, a), daemon=True)
+               for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "threads did not finish in time"
+    assert not errors, errors
+    return results
+
+
+def read_all_free_memory(heap: xenheap.Heap, value: int = 0) -> tuple[bool, int]:
+    """Allocate every free page (max order first) in a new domain, check each block holds
+    only ``value``, destroy the domain; returns (all held it, pages allocated)."""
+    dom = heap.create_domain("reader")
+    clean = True
+    for order in range(heap.max_order, -1, -1):
+        while True:
+            try:
+                blk = dom.alloc(order)
+            except xenheap.OutOfMemory:
+                break
+            clean &= bool((blk.array() == value).all())
+    held = dom.pages
+    dom.destroy()
+    return clean, held

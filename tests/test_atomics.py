@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
+from conftest import run_threads
 from numba import njit
 
 from native_kernels.atomics import (
@@ -19,8 +18,6 @@ from native_kernels.atomics import (
     fetch_or,
     monotonic_ns,
 )
-
-JOIN_TIMEOUT_S = 30.0
 
 
 # --- test kernels ------------------------------------------------------------------------
@@ -107,30 +104,6 @@ def k_max_loop(arr, idx, start, step, n):
 @njit(nogil=True, cache=True)
 def k_clock():
     return monotonic_ns()
-
-
-def run_threads(target, args_list) -> list[object]:
-    """Run ``target(*args)`` for each args in one thread each, started together; results."""
-    barrier = threading.Barrier(len(args_list))
-    results: list[object] = [None] * len(args_list)
-    errors: list[BaseException] = []
-
-    def body(i: int, args: tuple) -> None:
-        try:
-            barrier.wait(JOIN_TIMEOUT_S)
-            results[i] = target(*args)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=body, args=(i, a), daemon=True)
-               for i, a in enumerate(args_list)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(JOIN_TIMEOUT_S)
-    assert not any(t.is_alive() for t in threads), "a thread did not finish in time"
-    assert not errors, errors
-    return results
 
 
 # --- single-threaded semantics -----------------------------------------------------------

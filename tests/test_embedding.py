@@ -7,6 +7,7 @@ import traceback
 
 import psutil
 import pytest
+from conftest import read_all_free_memory
 
 import xenheap
 from native_kernels.layout import PAGE_SIZE
@@ -18,21 +19,6 @@ def _snapshot(heap):
     stats = heap.stats()
     stats.pop("resident_bytes")  # the process's RSS moves with everything else
     return stats
-
-
-def _read_all_free_memory(heap, value=0):
-    dom = heap.create_domain("reader")
-    clean = True
-    for order in range(heap.max_order, -1, -1):
-        while True:
-            try:
-                blk = dom.alloc(order)
-            except xenheap.OutOfMemory:
-                break
-            clean &= bool((blk.array() == value).all())
-    held = dom.pages
-    dom.destroy()
-    return clean, held
 
 
 # --- quotas ------------------------------------------------------------------------------
@@ -114,7 +100,7 @@ def test_release_unused_drops_rss_and_memory_stays_clean():
         assert stats["dirty_pages"] == 0
         assert stats["free_pages"] == stats["total_pages"]
         heap.check()
-        clean, held = _read_all_free_memory(heap)
+        clean, held = read_all_free_memory(heap)
         assert clean and held == heap.total_pages
 
 
@@ -199,7 +185,7 @@ def test_scrubber_failing_part_way_through_a_chunk_loses_nothing():
             assert time.monotonic() < deadline
             time.sleep(0.005)
         heap.check()  # progress recorded, chunk handed back
-        clean, held = _read_all_free_memory(heap)
+        clean, held = read_all_free_memory(heap)
         assert clean and held == heap.total_pages
         heap.inject_fault(None)
         heap.check()
@@ -213,7 +199,7 @@ def test_scrubber_stalling_while_holding_a_chunk_only_delays_the_allocator():
             blk.array()[:] = 0xEE
         dom.destroy()
         time.sleep(0.02)  # let the scrubber take a chunk and stall on it
-        clean, held = _read_all_free_memory(heap)
+        clean, held = read_all_free_memory(heap)
         assert clean and held == heap.total_pages
         assert heap.stats()["nodes"][0]["abort_wait_ns_max"] > 0
         heap.inject_fault(None)

@@ -6,12 +6,12 @@ import threading
 import time
 
 import numpy as np
+from conftest import JOIN_TIMEOUT_S, run_threads
 from numba import njit
 
 from native_kernels.atomics import atomic_load, atomic_store, fetch_add
 from native_kernels.locks import spin_lock, spin_lock_cond, spin_trylock, spin_unlock
 
-JOIN_TIMEOUT_S = 30.0
 LOCK_ROW = 1  # the lock lives in words[LOCK_ROW, 0:2]; other rows must stay untouched
 ROWS = 3
 
@@ -105,30 +105,6 @@ def new_words() -> np.ndarray:
 
 def lock_is_free(words: np.ndarray, row: int = LOCK_ROW) -> bool:
     return int(words[row, 0]) == int(words[row, 1])
-
-
-def run_threads(target, args_list, timeout: float = JOIN_TIMEOUT_S) -> list[object]:
-    barrier = threading.Barrier(len(args_list))
-    results: list[object] = [None] * len(args_list)
-    errors: list[BaseException] = []
-
-    def body(i: int, args: tuple) -> None:
-        try:
-            barrier.wait(timeout)
-            results[i] = target(*args)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=body, args=(i, a), daemon=True)
-               for i, a in enumerate(args_list)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "threads did not finish in time"
-    assert not errors, errors
-    return results
 
 
 def test_lock_unlock_moves_the_tickets_and_nothing_else() -> None:

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from conftest import read_all_free_memory
 from numba import njit
 
 import xenheap
@@ -57,22 +58,6 @@ def _fill_and_destroy(heap, fraction=1.0, pattern=0x5A):
     return got
 
 
-def _all_free_memory_reads(heap, value):
-    """Allocate every page (max order first) and check each block holds only ``value``."""
-    dom = heap.create_domain("reader")
-    ok = True
-    for order in range(heap.max_order, -1, -1):
-        while True:
-            try:
-                blk = dom.alloc(order)
-            except xenheap.OutOfMemory:
-                break
-            ok &= bool((blk.array() == value).all())
-    assert dom.pages == heap.total_pages
-    dom.destroy()
-    return ok
-
-
 def _node_sum(heap, field):
     return sum(n[field] for n in heap.stats()["nodes"])
 
@@ -87,7 +72,8 @@ def test_destroy_most_of_the_heap_then_wait_clean():
         assert _node_sum(heap, "scrubbed_pages") + _node_sum(heap, "alloc_scrubbed_pages") \
             == dirty
         heap.check()
-        assert _all_free_memory_reads(heap, 0)
+        clean, held = read_all_free_memory(heap)
+        assert clean and held == heap.total_pages
         heap.check()
 
 
@@ -248,7 +234,8 @@ def test_stress_threads_with_scrubbers(debug):
         assert stats["free_pages"] == stats["total_pages"]
         heap.check()
         assert heap.wait_clean(WAIT_S)
-        assert _all_free_memory_reads(heap, expect)
+        clean, held = read_all_free_memory(heap, expect)
+        assert clean and held == heap.total_pages
 
 
 def test_close_stops_scrubbers_in_the_middle_of_a_big_scrub():
@@ -276,7 +263,7 @@ def test_a_failing_scrubber_is_logged_counted_and_the_heap_still_serves_clean_me
     def broken(*args):
         raise RuntimeError("injected scrubber failure")
 
-    monkeypatch.setattr(scrubber_module, "scrub_free_pages", broken)
+    monkeypatch.setattr(scrubber_module, "scrub_nodes", broken)
     with caplog.at_level(logging.ERROR, logger="xenheap.scrubber"), \
             xenheap.Heap("16MiB") as heap:
         _fill_and_destroy(heap, 1.0)
@@ -285,7 +272,7 @@ def test_a_failing_scrubber_is_logged_counted_and_the_heap_still_serves_clean_me
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert heap.stats()["dirty_pages"] > 0  # nobody scrubbed in the background
-        assert _all_free_memory_reads(heap, 0)  # scrub-on-allocate did
+        assert read_all_free_memory(heap)[0]  # scrub-on-allocate did
         heap.check()
     assert any("injected scrubber failure" in r.getMessage() or r.exc_info
                for r in caplog.records)
@@ -302,7 +289,7 @@ def test_debug_mode_scrubs_with_the_pattern_and_catches_a_write_after_free():
         assert (view == SCRUB_PATTERN).all()  # freed (poisoned), then scrubbed to the pattern
         view[100] = 0x11  # a write after free into a now-clean page
         with pytest.raises(xenheap.HeapCorruption):
-            _all_free_memory_reads(heap, SCRUB_PATTERN)
+            read_all_free_memory(heap, SCRUB_PATTERN)
 
 
 def test_stats_report_scrub_rate_and_dump_shows_unscrubbed_pages():

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from xenheap.heap import Heap
 
 _MFN_MASK = 0xFFFFFFFF
+# From this order up (256 KiB) a call may zero enough memory to be worth releasing the GIL
+# for (native_kernels/api.py says why small calls keep it).
+LONG_ORDER = 6
 
 
 class Block:
@@ -173,7 +176,8 @@ class Domain:
         heap = self.heap
         order = heap._check_order(order)
         pref, exact = heap._placement(node)
-        packed = heap._call(api.heap_alloc, heap._zone, self._slot, self.id, order, pref,
+        kernel = api.heap_alloc if order >= LONG_ORDER else api.heap_alloc_short
+        packed = heap._call(kernel, heap._zone, self._slot, self.id, order, pref,
                             exact)
         if packed < 0:
             self._raise_for(packed, f"alloc(order={order})")
@@ -223,7 +227,10 @@ class Domain:
         if blk._freed:
             raise InvalidFree(f"double free of {blk!r}")
         heap = self.heap
-        code = heap._call(api.heap_free, self._slot, self.id, blk.mfn, blk.order, blk._tag)
+        # Only "sync" and debug mode write the block on free.
+        long = blk.order >= LONG_ORDER and (heap.scrub_mode == "sync" or heap.debug)
+        kernel = api.heap_free if long else api.heap_free_short
+        code = heap._call(kernel, self._slot, self.id, blk.mfn, blk.order, blk._tag)
         if code == E_DEAD:
             raise InvalidFree(f"{blk!r} belongs to destroyed {self!r}")
         if code == E_BAD_FREE:

@@ -48,8 +48,8 @@ from native_kernels.layout import (
     PAGE_SIZE,
     new_state,
 )
-from native_kernels.meta import set_meta
 from native_kernels.release import claim_clean_chunks, return_released_chunks
+from native_kernels.switches import set_switch
 from xenheap import prim, stats
 from xenheap.arena import Arena
 from xenheap.domain import Domain
@@ -152,7 +152,7 @@ class Heap:
 
     def _start_scrubbers(self) -> None:
         for node_ids, cpus in plan_scrubbers(self.topology):
-            scrubber = Scrubber(self._state, node_ids, cpus, self._dirty_pages)
+            scrubber = Scrubber(self._state, node_ids, cpus)
             for node in node_ids:
                 self._scrubber_of[node] = len(self._scrubbers)
             self._scrubbers.append(scrubber)
@@ -351,9 +351,9 @@ class Heap:
         if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
             raise InvalidArgument(f"fault argument must be a non-negative int, got {arg!r}")
         meta = self._state["meta"]
-        set_meta(meta, M_FAULT, FAULT_NONE)  # never a new kind with the old argument
-        set_meta(meta, M_FAULT_ARG, arg)
-        set_meta(meta, M_FAULT, FAULTS[kind])
+        set_switch(meta, M_FAULT, FAULT_NONE)  # never a new kind with the old argument
+        set_switch(meta, M_FAULT_ARG, arg)
+        set_switch(meta, M_FAULT, FAULTS[kind])
 
     def close(self) -> None:
         """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent."""

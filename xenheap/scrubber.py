@@ -1,9 +1,11 @@
 """The background scrubbers: one idle-priority thread per node with CPUs (Xen's idle loop).
 
 Each thread pins itself to its node's CPUs, asks for SCHED_IDLE, and calls the nogil kernel
-``scrub_free_pages`` for its node and for the CPU-less nodes nearest to it, one bounded step
-at a time, so that a stop request is seen within milliseconds. It sleeps on an event while
-its nodes have nothing dirty; a free that makes one of them dirty sets the event.
+``scrub_nodes`` for its node and the CPU-less nodes nearest to it. That kernel takes one
+bounded step (``scrub_free_pages``) on each node in turn until none is dirty, checking an
+atomic stop flag between steps, so it needs the GIL only to return and a stop request is
+seen within milliseconds. The thread then sleeps on an event; a free that makes one of its
+nodes dirty sets the event.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from native_kernels.layout import E_FAULT
-from native_kernels.scrub import NOTHING_DIRTY, scrub_free_pages
+from native_kernels.scrub import scrub_nodes
+from native_kernels.switches import set_switch
 from xenheap import prim
 from xenheap.errors import XenHeapError
 
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 # near memset's speed and zeroes in about 3 us: that bounds how long an aborting allocator
 # waits for a running scrubber.
 GRANULE_PAGES = 64
-# Pages one kernel call may scan before returning, so stop requests are seen within ~2 ms.
+# Pages one step may scan before it looks at the stop flag again: about 0.3 ms of zeroing.
 BUDGET_PAGES = 4096
 IDLE_WAIT_S = 0.5  # a safety net: a wake-up is normally an event, not this timeout
 ERROR_BACKOFF_S = 0.05
@@ -39,8 +42,7 @@ MAX_ERROR_BACKOFF_S = 1.0
 class Scrubber(threading.Thread):
     """Scrubs ``nodes`` (its own first) from a daemon thread pinned to ``cpus``."""
 
-    def __init__(self, state: dict, nodes: Sequence[int], cpus: Sequence[int],
-                 dirty_pages: Callable[[np.ndarray], int]) -> None:
+    def __init__(self, state: dict, nodes: Sequence[int], cpus: Sequence[int]) -> None:
         super().__init__(name=f"xenheap-scrub-node{nodes[0]}", daemon=True)
         self.nodes = tuple(nodes)
         self._node_array = np.array(self.nodes, dtype=np.int64)
@@ -52,26 +54,21 @@ class Scrubber(threading.Thread):
         self.pinned = False
         self.idle_priority = False
         self._stop_requested = threading.Event()
+        self._stop_flag = np.zeros(1, dtype=np.int64)  # what the kernel polls
         self._arrays = (state["ft32"], state["ft8"], state["nodes"], state["lists"],
                         state["meta"])
-        self._dirty_pages = dirty_pages
 
     def stop(self) -> None:
         """Ask the thread to stop; it finishes its current bounded step first."""
         self._stop_requested.set()
+        set_switch(self._stop_flag, 0, 1)
         self.wakeup.set()
 
-    def _scrub_round(self) -> bool:
-        """One bounded step on each node; True if any node still had dirty chunks."""
-        busy = False
-        for node in self.nodes:
-            if self._stop_requested.is_set():
-                return False
-            got = scrub_free_pages(*self._arrays, node, BUDGET_PAGES, GRANULE_PAGES)
-            if got == E_FAULT:
-                raise XenHeapError(f"injected scrubber fault on node {node}")
-            busy |= got != NOTHING_DIRTY
-        return busy
+    def _scrub(self) -> None:
+        """Scrub until the nodes are clean or a stop is requested."""
+        if scrub_nodes(*self._arrays, self._node_array, self._stop_flag, BUDGET_PAGES,
+                       GRANULE_PAGES) == E_FAULT:
+            raise XenHeapError(f"injected scrubber fault on nodes {self.nodes}")
 
     def run(self) -> None:
         if self.cpus:
@@ -81,14 +78,13 @@ class Scrubber(threading.Thread):
         while not self._stop_requested.is_set():
             try:
                 self.state = "scrubbing"
-                if self._scrub_round():
-                    backoff = ERROR_BACKOFF_S
-                    continue
-                self.state = "idle"
                 self.wakeup.clear()
-                # A free that dirtied a node after the clear sets the event again.
-                if self._dirty_pages(self._node_array) == 0 or not self._scrub_round():
-                    self.wakeup.wait(IDLE_WAIT_S)
+                # A free that dirties a node after the clear sets the event again, so the
+                # wait below cannot miss it.
+                self._scrub()
+                backoff = ERROR_BACKOFF_S
+                self.state = "idle"
+                self.wakeup.wait(IDLE_WAIT_S)
             except Exception as exc:
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
