@@ -200,3 +200,13 @@ def atomic_max(ary, idx, value):
         if atomic_cas(ary, idx, current, value):
             return
         current = atomic_load(ary, idx)
+
+
+@njit(nogil=True, cache=True)
+def add_locked(ary, idx, delta):
+    """Add ``delta`` to a counter that only lock holders write but anyone may read.
+
+    A plain read and an atomic store: no locked instruction, which matters on paths that
+    update several counters per block (readers still never see a torn or stale-forever value).
+    """
+    atomic_store(ary, idx, ary[idx] + delta)

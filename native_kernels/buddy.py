@@ -9,6 +9,7 @@ into high orders (Xen's fix for the RFC's "high-order allocations may fail" down
 from numba import njit
 
 from native_kernels.atomics import (
+    add_locked,
     atomic_cas,
     atomic_load,
     atomic_max,
@@ -35,6 +36,7 @@ from native_kernels.layout import (
     N_BASE,
     N_DIRTY,
     N_FREE,
+    N_FREES,
     N_LOCK,
     N_PAGES,
     N_TAG,
@@ -43,9 +45,12 @@ from native_kernels.layout import (
     PAGE_SHIFT,
     PG_FIRST_DIRTY,
     PG_NEED_SCRUB,
+    PG_NEXT,
     PG_ORDER,
+    PG_OWNER,
     PG_SCRUB_STATE,
     PG_STATE,
+    PG_TAG,
     PGS_FREE,
     PGS_INUSE,
     SCRUB_ABORT,
@@ -55,8 +60,10 @@ from native_kernels.layout import (
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.page_list import page_list_add_scrub, page_list_del
 from native_kernels.pages import fill_pages, pages_hold
+from native_kernels.raw import fill_row
 
 TAG_MASK = 0x7FFFFFFF
+FREE_BATCH = 64  # blocks a destroy frees per hold of a node's lock
 
 
 @njit(nogil=True, cache=True)
@@ -137,11 +144,10 @@ def _take_chunk(ft32, ft8, nodes, lists, node, head, j, order):
         pg += half
         if first_dirty != INVALID_DIRTY_IDX:
             first_dirty = first_dirty - half if first_dirty - 1 >= half else 1
-    for p in range(pg, pg + (1 << order)):
-        ft8[PG_STATE, p] = PGS_INUSE
+    fill_row(ft8, PG_STATE, pg, 1 << order, PGS_INUSE)
     ft8[PG_ORDER, pg] = order
     ft32[PG_FIRST_DIRTY, pg] = INVALID_DIRTY_IDX
-    fetch_add(nodes, (node, N_FREE), -(1 << order))
+    add_locked(nodes, (node, N_FREE), -(1 << order))
     tag = (nodes[node, N_TAG] + 1) & TAG_MASK
     nodes[node, N_TAG] = tag
     return pg, tag
@@ -207,25 +213,16 @@ def scrub_taken_block(ft8, nodes, meta, mfn, order):
 
 
 @njit(nogil=True, cache=True)
-def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub):
-    """Return a block to the free lists, merging with free buddies of either cleanliness.
-
-    Returns True if this free made a clean node dirty (its scrubber should wake up).
-    """
-    node = node_of(meta, mfn)
+def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub):
+    """Put block (mfn, order) on the free lists, merging with free buddies of either
+    cleanliness; the caller holds the node's lock and updates its counters."""
     base = nodes[node, N_BASE]
     npages = nodes[node, N_PAGES]
     max_order = meta[M_MAX_ORDER]
-    spin_lock(nodes, node, N_LOCK)
-    for p in range(mfn, mfn + (1 << order)):
-        ft8[PG_STATE, p] = PGS_FREE
-        if need_scrub:
-            ft8[PG_NEED_SCRUB, p] = 1
-    first_dirty = 1 if need_scrub else INVALID_DIRTY_IDX
-    woke = False
+    fill_row(ft8, PG_STATE, mfn, 1 << order, PGS_FREE)
     if need_scrub:
-        woke = fetch_add(nodes, (node, N_DIRTY), 1 << order) == 0
-    fetch_add(nodes, (node, N_FREE), 1 << order)
+        fill_row(ft8, PG_NEED_SCRUB, mfn, 1 << order, 1)
+    first_dirty = 1 if need_scrub else INVALID_DIRTY_IDX
     rel = mfn - base
     while order < max_order:
         half = 1 << order
@@ -249,8 +246,56 @@ def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub):
             first_dirty = buddy_dirty + half
         order += 1
     page_list_add_scrub(ft32, ft8, lists, node, order, base + rel, first_dirty)
+
+
+@njit(nogil=True, cache=True)
+def _count_freed(nodes, node, pages, need_scrub):
+    """Counters for pages just freed to ``node``, under its lock; True if it was clean."""
+    add_locked(nodes, (node, N_FREE), pages)
+    # The dirty count also drops without the lock (scrubbers): a real read-modify-write.
+    return need_scrub and fetch_add(nodes, (node, N_DIRTY), pages) == 0
+
+
+@njit(nogil=True, cache=True)
+def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub):
+    """Return one block to the free lists (Xen's free_heap_pages).
+
+    Returns True if this free made a clean node dirty (its scrubber should wake up).
+    """
+    node = node_of(meta, mfn)
+    spin_lock(nodes, node, N_LOCK)
+    _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub)
+    woke = _count_freed(nodes, node, 1 << order, need_scrub)
     spin_unlock(nodes, node, N_LOCK)
     return woke
+
+
+@njit(nogil=True, cache=True)
+def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub):
+    """Free every block of a chain linked through PG_NEXT, owner and all, without writing
+    their memory: a destroy. Each node's lock is taken once per FREE_BATCH blocks, not per
+    block. Returns the bit mask of nodes this made dirty from clean."""
+    wake = 0
+    link = first
+    while link != NIL:
+        node = node_of(meta, link - 1)
+        pages = 0
+        blocks = 0
+        spin_lock(nodes, node, N_LOCK)
+        while link != NIL and blocks < FREE_BATCH and node_of(meta, link - 1) == node:
+            mfn = link - 1
+            link = ft32[PG_NEXT, mfn]
+            order = ft8[PG_ORDER, mfn]
+            atomic_store(ft32, (PG_OWNER, mfn), 0)
+            atomic_store(ft32, (PG_TAG, mfn), 0)
+            _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub)
+            pages += 1 << order
+            blocks += 1
+        if _count_freed(nodes, node, pages, need_scrub):
+            wake |= 1 << node
+        fetch_add(nodes, (node, N_FREES), blocks)
+        spin_unlock(nodes, node, N_LOCK)
+    return wake
 
 
 @njit(nogil=True, cache=True)

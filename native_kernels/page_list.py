@@ -8,7 +8,7 @@ without scanning (the RFC's "Place unscrubbed pages at the end of pagelist").
 
 from numba import njit
 
-from native_kernels.atomics import atomic_store, fetch_add
+from native_kernels.atomics import add_locked, atomic_store
 from native_kernels.layout import (
     INVALID_DIRTY_IDX,
     L_COUNT,
@@ -46,7 +46,7 @@ def page_list_add(ft32, lists, node, order, mfn, at_tail):
         else:
             ft32[PG_PREV, head - 1] = link
         lists[node, order, L_HEAD] = link
-    fetch_add(lists, (node, order, L_COUNT), 1)
+    add_locked(lists, (node, order, L_COUNT), 1)
 
 
 @njit(nogil=True, cache=True)
@@ -64,7 +64,7 @@ def page_list_del(ft32, lists, node, order, mfn):
         ft32[PG_PREV, nxt - 1] = prv
     ft32[PG_NEXT, mfn] = NIL
     ft32[PG_PREV, mfn] = NIL
-    fetch_add(lists, (node, order, L_COUNT), -1)
+    add_locked(lists, (node, order, L_COUNT), -1)
 
 
 @njit(nogil=True, cache=True)

@@ -5,7 +5,7 @@ can touch any node's arena; these intrinsics turn addresses into what numba can 
 """
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -66,3 +66,19 @@ def memcpy_bytes(typingctx, dst, src, nbytes):
         return context.get_dummy_value()
 
     return types.void(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def _array_address(typingctx, ary):
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.ptrtoint(arr.data, ir.IntType(64))
+
+    return types.int64(ary), codegen
+
+
+@njit(nogil=True, cache=True)
+def fill_row(flags, row, start, count, value):
+    """``flags[row, start:start + count] = value`` for a C-contiguous 2-D uint8 array, as one
+    memset: numba compiles the slice assignment to a per-element loop."""
+    memset_bytes(_array_address(flags) + row * flags.shape[1] + start, value, count)

@@ -8,7 +8,7 @@ mode, where clean means "holds the scrub pattern").
 
 from numba import njit
 
-from native_kernels.atomics import fetch_add
+from native_kernels.atomics import add_locked, fetch_add
 from native_kernels.buddy import free_heap_pages
 from native_kernels.layout import (
     INVALID_DIRTY_IDX,
@@ -47,7 +47,7 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
             mfn = link - 1
             page_list_del(ft32, lists, node, order, mfn)
             ft8[PG_STATE, mfn] = PGS_INUSE
-            fetch_add(nodes, (node, N_FREE), -size)
+            add_locked(nodes, (node, N_FREE), -size)
             out[taken, 0] = mfn
             out[taken, 1] = order
             taken += 1
