@@ -64,6 +64,7 @@ from native_kernels.raw import fill_row
 
 TAG_MASK = 0x7FFFFFFF
 FREE_BATCH = 64  # blocks a destroy frees per hold of a node's lock
+WAKE_DIRTY_PAGES = 256  # dirty pages (1 MiB) at which a free wakes the node's scrubber
 
 
 @njit(nogil=True, cache=True)
@@ -250,10 +251,18 @@ def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub):
 
 @njit(nogil=True, cache=True)
 def _count_freed(nodes, node, pages, need_scrub):
-    """Counters for pages just freed to ``node``, under its lock; True if it was clean."""
+    """Counters for pages just freed to ``node``, under its lock.
+
+    True if this free took the node's dirty pages to WAKE_DIRTY_PAGES or past: its scrubber
+    should wake. Waking it for every small free would cost a thread wake-up per free in an
+    alloc/free loop; a few dirty pages wait for its periodic look or an allocator.
+    """
     add_locked(nodes, (node, N_FREE), pages)
+    if not need_scrub:
+        return False
     # The dirty count also drops without the lock (scrubbers): a real read-modify-write.
-    return need_scrub and fetch_add(nodes, (node, N_DIRTY), pages) == 0
+    before = fetch_add(nodes, (node, N_DIRTY), pages)
+    return before < WAKE_DIRTY_PAGES <= before + pages
 
 
 @njit(nogil=True, cache=True)

@@ -86,7 +86,8 @@ class Block:
             raise InvalidArgument(f"bad dtype {dtype!r}: {exc}") from None
         if dt.itemsize == 0 or self.nbytes % dt.itemsize or dt.hasobject:
             raise InvalidArgument(f"dtype {dt} does not tile a block of {self.nbytes} bytes")
-        return np.frombuffer(self.view(), dtype=dt)
+        self._check_usable()
+        return self.domain.heap._bytes(self.mfn, self.nbytes).view(dt)
 
     def free(self) -> None:
         """Give the block back to the heap; its pages become dirty (zeroed first in "sync")."""

@@ -4,8 +4,8 @@ Each thread pins itself to its node's CPUs, asks for SCHED_IDLE, and calls the n
 ``scrub_nodes`` for its node and the CPU-less nodes nearest to it. That kernel takes one
 bounded step (``scrub_free_pages``) on each node in turn until none is dirty, checking an
 atomic stop flag between steps, so it needs the GIL only to return and a stop request is
-seen within milliseconds. The thread then sleeps on an event; a free that makes one of its
-nodes dirty sets the event.
+seen within milliseconds. The thread then sleeps on an event, set by a free that leaves one
+of its nodes with 1 MiB or more of dirty pages, and looks again every 0.1 s regardless.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 GRANULE_PAGES = 64
 # Pages one step may scan before it looks at the stop flag again: about 0.3 ms of zeroing.
 BUDGET_PAGES = 4096
-IDLE_WAIT_S = 0.5  # a safety net: a wake-up is normally an event, not this timeout
+# How often an idle scrubber looks for dirty pages by itself: frees wake it only once a
+# node holds buddy.WAKE_DIRTY_PAGES dirty pages (and numpy's frees cannot wake it at all).
+IDLE_WAIT_S = 0.1
 ERROR_BACKOFF_S = 0.05
 MAX_ERROR_BACKOFF_S = 1.0
 
