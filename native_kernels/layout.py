@@ -115,6 +115,8 @@ M_FAULT = 7  # fault injection for tests: FAULT_* below; 0 = off. Atomic (set at
 M_FAULT_ARG = 8  # its argument (pages, microseconds or blocks). Atomic.
 M_CLOSED = 9  # 1 once Heap.close() began: calls and numpy callbacks refuse. Atomic.
 M_IN_FLIGHT = 10  # API calls running in kernels (native_kernels.api). Atomic.
+M_BAD_ARRAY_FREES = 11  # numpy frees of memory this heap did not give out (counted, as a
+#                         C callback cannot raise). Atomic.
 META_FIELDS = 12
 
 FAULT_NONE = 0

@@ -10,11 +10,13 @@ its usual MemoryError. No Python object is touched, so numpy may call them witho
 
 from numba import carray, cfunc, njit, types
 
+from native_kernels.atomics import fetch_add
 from native_kernels.layout import (
     DOM_FIELDS,
     FT8_FIELDS,
     FT32_FIELDS,
     LIST_FIELDS,
+    M_BAD_ARRAY_FREES,
     M_DEBUG,
     MAX_ORDER_LIMIT,
     META_FIELDS,
@@ -120,4 +122,5 @@ def heap_free(ctx, ptr, size):
         return
     c = _context(ctx)
     ft32, ft8, nodes, lists, doms, meta, _zone = _state(c)
-    array_free(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT], c[CTX_DOM_ID], addr)
+    if array_free(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT], c[CTX_DOM_ID], addr) < 0:
+        fetch_add(meta, M_BAD_ARRAY_FREES, 1)  # nothing freed; Heap.stats() reports it

@@ -225,3 +225,22 @@ def test_debug_mode_calloc_still_gives_zeros():
             small = np.zeros(10)
         assert (big == 0).all() and (small == 0).all()
         heap.check()
+
+
+def test_a_free_of_memory_the_heap_did_not_give_out_is_counted_not_done(heap):
+    from native_kernels import numpy_handler
+    from xenheap import numpy_alloc
+
+    dom = heap.create_domain()
+    capsule = dom._numpy_handler()
+    handler = numpy_alloc._Handler.from_address(
+        numpy_alloc._capsule_pointer(capsule, numpy_alloc._CAPSULE_NAME))
+    before = heap.stats()
+    stranger = np.zeros(64)  # numpy's own memory
+    inside = heap._arenas[0].address + 5 * PAGE_SIZE + 64  # free heap memory, no slab
+    for addr in (stranger.ctypes.data, inside, heap._arenas[0].address):
+        numpy_handler.heap_free.ctypes(handler.allocator.ctx, addr, 64)
+    after = heap.stats()
+    assert after["bad_array_frees"] == 3
+    assert after["free_pages"] == before["free_pages"]
+    heap.check()

@@ -12,6 +12,7 @@ scrub_mode, debug          as given to Heap()
 domains                    live domains
 released_bytes             bytes given back to the OS by release_unused (cumulative)
 resident_bytes             the process's resident set size (RSS), all memory included
+bad_array_frees            numpy frees of memory the heap did not give out (ignored)
 frame_table_bytes          bytes of per-page metadata (the frame table)
 =========================  ===========================================================
 
@@ -54,6 +55,7 @@ from native_kernels.layout import (
     DOM_ALIVE,
     FRAME_TABLE_BYTES_PER_PAGE,
     L_COUNT,
+    M_BAD_ARRAY_FREES,
     N_ABORT_HIST,
     N_ABORT_WAIT_MAX_NS,
     N_ABORT_WAIT_NS,
@@ -170,6 +172,7 @@ def heap_stats(heap: Heap) -> dict:
         "frame_table_bytes": heap.total_pages * FRAME_TABLE_BYTES_PER_PAGE,
         "released_bytes": sum(n["released_pages"] for n in nodes) * heap.page_size,
         "resident_bytes": psutil.Process().memory_info().rss,
+        "bad_array_frees": int(snapshot(heap._state["meta"].reshape(1, -1))[0, M_BAD_ARRAY_FREES]),
         "nodes": nodes,
     }
 
