@@ -1,6 +1,6 @@
 """How big a scrub granule must be for the zeroing kernel to run at libc memset's speed.
 
-The scrubber checks for SCRUB_ABORT after every granule, so an aborting allocator waits up
+The scrubber checks for BUDDY_SCRUB_ABORT after every granule, so an aborting allocator waits up
 to one granule's zeroing: the granule should be the smallest size that reaches the bandwidth
 of one large libc memset over the same memory. Compares, on one faulted-in arena:
 libc memset of the whole arena, and the streaming (non-temporal) kernel and plain memset

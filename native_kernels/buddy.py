@@ -20,6 +20,9 @@ from native_kernels.atomics import (
 )
 from native_kernels.layout import (
     ABORT_HIST_BUCKETS,
+    BUDDY_NOT_SCRUBBING,
+    BUDDY_SCRUB_ABORT,
+    BUDDY_SCRUBBING,
     E_NOMEM,
     INVALID_DIRTY_IDX,
     L_HEAD,
@@ -34,14 +37,13 @@ from native_kernels.layout import (
     N_ADDR,
     N_ALLOC_SCRUBBED,
     N_BASE,
-    N_DIRTY,
     N_FREE,
     N_FREES,
     N_LOCK,
+    N_NEED_SCRUB,
     N_PAGES,
     N_TAG,
     NIL,
-    NOT_SCRUBBING,
     PAGE_SHIFT,
     PG_FIRST_DIRTY,
     PG_NEED_SCRUB,
@@ -53,9 +55,7 @@ from native_kernels.layout import (
     PG_TAG,
     PGS_FREE,
     PGS_INUSE,
-    SCRUB_ABORT,
     SCRUB_PATTERN,
-    SCRUBBING,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.page_list import page_list_add_scrub, page_list_del
@@ -94,16 +94,16 @@ def _record_abort_wait(nodes, node, waited_ns):
 def check_and_stop_scrub(ft8, nodes, node, head):
     """Stop a scrub in progress on chunk ``head``; the caller holds the node's lock.
 
-    The handshake: set SCRUB_ABORT and wait until the scrubber, which checks after every
-    granule, has recorded its progress in first_dirty and set NOT_SCRUBBING.
+    The handshake: set BUDDY_SCRUB_ABORT and wait until the scrubber, which checks after every
+    granule, has recorded its progress in first_dirty and set BUDDY_NOT_SCRUBBING.
     """
-    if atomic_load(ft8, (PG_SCRUB_STATE, head)) != SCRUBBING:
+    if atomic_load(ft8, (PG_SCRUB_STATE, head)) != BUDDY_SCRUBBING:
         return
     start = monotonic_ns()
-    if not atomic_cas(ft8, (PG_SCRUB_STATE, head), SCRUBBING, SCRUB_ABORT):
+    if not atomic_cas(ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUBBING, BUDDY_SCRUB_ABORT):
         return  # the scrubber let go by itself in between
     attempt = 0
-    while atomic_load(ft8, (PG_SCRUB_STATE, head)) != NOT_SCRUBBING:
+    while atomic_load(ft8, (PG_SCRUB_STATE, head)) != BUDDY_NOT_SCRUBBING:
         backoff(attempt)
         attempt += 1
     _record_abort_wait(nodes, node, monotonic_ns() - start)
@@ -208,7 +208,7 @@ def scrub_taken_block(ft8, nodes, meta, mfn, order):
             corrupt = True
         i = j
     if scrubbed:
-        fetch_add(nodes, (node, N_DIRTY), -scrubbed)
+        fetch_add(nodes, (node, N_NEED_SCRUB), -scrubbed)
         fetch_add(nodes, (node, N_ALLOC_SCRUBBED), scrubbed)
     return -1 if corrupt else scrubbed
 
@@ -261,7 +261,7 @@ def _count_freed(nodes, node, pages, need_scrub):
     if not need_scrub:
         return False
     # The dirty count also drops without the lock (scrubbers): a real read-modify-write.
-    before = fetch_add(nodes, (node, N_DIRTY), pages)
+    before = fetch_add(nodes, (node, N_NEED_SCRUB), pages)
     return before < WAKE_DIRTY_PAGES <= before + pages
 
 
@@ -329,5 +329,5 @@ def init_heap(ft32, ft8, nodes, lists, meta):
             rel += 1 << order
         if debug:
             ft8[PG_NEED_SCRUB, base:base + npages] = 1
-            atomic_store(nodes, (node, N_DIRTY), npages)
+            atomic_store(nodes, (node, N_NEED_SCRUB), npages)
         atomic_store(nodes, (node, N_FREE), npages)

@@ -29,9 +29,9 @@ from native_kernels.layout import (
     M_NR_NODES,
     M_NR_PAGES,
     N_BASE,
-    N_DIRTY,
     N_FREE,
     N_LOCK,
+    N_NEED_SCRUB,
     N_PAGES,
     NIL,
     OWNER_PINNED,
@@ -128,7 +128,7 @@ def _check_free_lists(ft32, ft8, nodes, lists, meta, seen, head_order):
                 return BAD_COUNT, base
         if atomic_load(nodes, (node, N_FREE)) != free:
             return FREE_COUNT, base
-        if atomic_load(nodes, (node, N_DIRTY)) != dirty:
+        if atomic_load(nodes, (node, N_NEED_SCRUB)) != dirty:
             return DIRTY_COUNT, base
     return OK, -1
 

@@ -27,7 +27,7 @@ INVALID_DIRTY_IDX = 0
 PG_NEXT = 0  # link to the next chunk/block on whichever list holds it (free list or domain's)
 PG_PREV = 1  # link to the previous one
 PG_FIRST_DIRTY = 2  # free chunk head: first possibly-dirty page; a lower bound. Atomic while
-#                     the chunk is SCRUBBING (the scrubber records its progress here).
+#                     the chunk is BUDDY_SCRUBBING (the scrubber records its progress here).
 PG_OWNER = 3  # allocated block head: owning domain slot + 1, with OWNER_PINNED set while
 #               numpy arrays use the block (it then outlives a destroy); 0 elsewhere. Atomic.
 PG_TAG = 4  # allocated block head: allocation tag, so a stale handle is told from a new block.
@@ -37,17 +37,17 @@ FT32_FIELDS = 5
 PG_STATE = 0  # every page: PGS_FREE (inside a free chunk) or PGS_INUSE (inside a block)
 PG_ORDER = 1  # chunk or block head: its order
 PG_NEED_SCRUB = 2  # every page: 1 = dirty. Authoritative. Cleared without the lock only by
-#                    whoever holds the chunk exclusively (a scrubber while SCRUBBING, an
+#                    whoever holds the chunk exclusively (a scrubber while BUDDY_SCRUBBING, an
 #                    allocator after taking the block); the abort handshake orders the rest.
-PG_SCRUB_STATE = 3  # free chunk head: NOT_SCRUBBING / SCRUBBING / SCRUB_ABORT. Atomic.
+PG_SCRUB_STATE = 3  # free chunk head: BUDDY_NOT_SCRUBBING / _SCRUBBING / _SCRUB_ABORT. Atomic.
 FT8_FIELDS = 4
 
 PGS_FREE = 0
 PGS_INUSE = 1
 
-NOT_SCRUBBING = 0  # Xen's BUDDY_NOT_SCRUBBING
-SCRUBBING = 1  # a scrubber zeroes this chunk without the lock
-SCRUB_ABORT = 2  # an allocator holding the lock wants it; the scrubber must let go
+BUDDY_NOT_SCRUBBING = 0  # Xen's names, as in page_alloc.c
+BUDDY_SCRUBBING = 1  # a scrubber zeroes this chunk without the lock
+BUDDY_SCRUB_ABORT = 2  # an allocator holding the lock wants it; the scrubber must let go
 
 OWNER_PINNED = 1 << 31
 
@@ -59,7 +59,7 @@ N_PAGES = 1  # pages in the node
 N_ADDR = 2  # arena start address
 N_LOCK = 3  # heap lock: ticket "next" at N_LOCK, "owner" at N_LOCK + 1. Atomic.
 N_FREE = 5  # free pages (on the free lists). Atomic.
-N_DIRTY = 6  # node_need_scrub: pages with need_scrub inside free chunks. Atomic.
+N_NEED_SCRUB = 6  # Xen's node_need_scrub: pages with need_scrub inside free chunks. Atomic.
 N_TAG = 7  # allocation tag counter (under the lock)
 N_SCRUBBED = 8  # pages zeroed by the background scrubber. Atomic.
 N_ALLOC_SCRUBBED = 9  # pages zeroed by an allocator (scrub-on-allocate). Atomic.

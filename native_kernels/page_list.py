@@ -10,12 +10,12 @@ from numba import njit
 
 from native_kernels.atomics import add_locked, atomic_store
 from native_kernels.layout import (
+    BUDDY_NOT_SCRUBBING,
     INVALID_DIRTY_IDX,
     L_COUNT,
     L_HEAD,
     L_TAIL,
     NIL,
-    NOT_SCRUBBING,
     PG_FIRST_DIRTY,
     PG_NEXT,
     PG_ORDER,
@@ -72,5 +72,5 @@ def page_list_add_scrub(ft32, ft8, lists, node, order, mfn, first_dirty):
     """Make ``mfn`` a free chunk head of ``order``: clean to the head, dirty to the tail."""
     ft8[PG_ORDER, mfn] = order
     atomic_store(ft32, (PG_FIRST_DIRTY, mfn), first_dirty)
-    atomic_store(ft8, (PG_SCRUB_STATE, mfn), NOT_SCRUBBING)
+    atomic_store(ft8, (PG_SCRUB_STATE, mfn), BUDDY_NOT_SCRUBBING)
     page_list_add(ft32, lists, node, order, mfn, first_dirty != INVALID_DIRTY_IDX)

@@ -1,11 +1,12 @@
 """The background scrubber's kernel: Xen's scrub_free_pages, one bounded step at a time.
 
 Under the node's lock take the dirty chunk at a list tail (highest order first) and mark it
-SCRUBBING; drop the lock; zero its dirty pages from first_dirty on, one granule at a time,
-checking for SCRUB_ABORT after each. The chunk stays on its free list all the while, so an
-allocator can still claim it: it sets SCRUB_ABORT under the lock and waits for NOT_SCRUBBING
-(check_and_stop_scrub). Pages already zeroed stay clean whatever happens: need_scrub and
-the node's dirty count drop granule by granule, and first_dirty records how far we got.
+BUDDY_SCRUBBING; drop the lock; zero its dirty pages from first_dirty on, one granule at a
+time, checking for BUDDY_SCRUB_ABORT after each. The chunk stays on its free list all the
+while, so an allocator can still claim it: it sets BUDDY_SCRUB_ABORT under the lock and waits
+for BUDDY_NOT_SCRUBBING (check_and_stop_scrub). Pages already zeroed stay clean whatever
+happens: need_scrub and node_need_scrub drop granule by granule, and first_dirty records how
+far we got.
 """
 
 from numba import njit
@@ -13,6 +14,9 @@ from numba import njit
 from native_kernels.atomics import atomic_load, atomic_store, fetch_add, monotonic_ns, usleep
 from native_kernels.buddy import page_address
 from native_kernels.layout import (
+    BUDDY_NOT_SCRUBBING,
+    BUDDY_SCRUB_ABORT,
+    BUDDY_SCRUBBING,
     E_FAULT,
     FAULT_SCRUB_FAIL,
     FAULT_SCRUB_STALL,
@@ -22,20 +26,17 @@ from native_kernels.layout import (
     M_FAULT,
     M_FAULT_ARG,
     M_MAX_ORDER,
-    N_DIRTY,
     N_LOCK,
+    N_NEED_SCRUB,
     N_SCRUB_NS,
     N_SCRUB_PASSES,
     N_SCRUBBED,
     NIL,
-    NOT_SCRUBBING,
     PAGE_SHIFT,
     PG_FIRST_DIRTY,
     PG_NEED_SCRUB,
     PG_SCRUB_STATE,
-    SCRUB_ABORT,
     SCRUB_PATTERN,
-    SCRUBBING,
 )
 from native_kernels.locks import spin_lock, spin_lock_cond, spin_unlock
 from native_kernels.page_list import page_list_add_scrub, page_list_del
@@ -73,7 +74,7 @@ def _let_go(ft32, ft8, head, progress, size):
     scrub of it finds nothing to zero and moves it to the clean head.
     """
     atomic_store(ft32, (PG_FIRST_DIRTY, head), min(progress, size - 1) + 1)
-    atomic_store(ft8, (PG_SCRUB_STATE, head), NOT_SCRUBBING)
+    atomic_store(ft8, (PG_SCRUB_STATE, head), BUDDY_NOT_SCRUBBING)
 
 
 @njit(nogil=True, cache=True)
@@ -95,7 +96,7 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     if head < 0:
         spin_unlock(nodes, node, N_LOCK)
         return NOTHING_DIRTY
-    atomic_store(ft8, (PG_SCRUB_STATE, head), SCRUBBING)
+    atomic_store(ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUBBING)
     start = ft32[PG_FIRST_DIRTY, head] - 1
     spin_unlock(nodes, node, N_LOCK)
 
@@ -111,7 +112,7 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
         end = min(i + granule_pages, size)
         cleared = _zero_dirty_runs(ft8, addr, head, i, end, value)
         if cleared:
-            fetch_add(nodes, (node, N_DIRTY), -cleared)
+            fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
             fetch_add(nodes, (node, N_SCRUBBED), cleared)
             zeroed += cleared
         i = end
@@ -121,14 +122,14 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
         if fault == FAULT_SCRUB_FAIL and i - start >= fault_arg:
             _let_go(ft32, ft8, head, i, size)
             return E_FAULT
-        if i < size and (atomic_load(ft8, (PG_SCRUB_STATE, head)) == SCRUB_ABORT
+        if i < size and (atomic_load(ft8, (PG_SCRUB_STATE, head)) == BUDDY_SCRUB_ABORT
                          or i - start >= budget_pages):
             _let_go(ft32, ft8, head, i, size)
             fetch_add(nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
             return zeroed
 
     fetch_add(nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
-    if spin_lock_cond(nodes, node, N_LOCK, ft8, (PG_SCRUB_STATE, head), SCRUB_ABORT):
+    if spin_lock_cond(nodes, node, N_LOCK, ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUB_ABORT):
         page_list_del(ft32, lists, node, order, head)
         page_list_add_scrub(ft32, ft8, lists, node, order, head, INVALID_DIRTY_IDX)
         fetch_add(nodes, (node, N_SCRUB_PASSES), 1)

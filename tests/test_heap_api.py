@@ -17,7 +17,7 @@ from numba import njit
 
 import xenheap
 from native_kernels.atomics import atomic_load
-from native_kernels.layout import N_SCRUB_PASSES, PG_NEED_SCRUB, PG_SCRUB_STATE, SCRUBBING
+from native_kernels.layout import BUDDY_SCRUBBING, N_SCRUB_PASSES, PG_NEED_SCRUB, PG_SCRUB_STATE
 from native_kernels.scrub import NOTHING_DIRTY, scrub_free_pages
 from xenheap import (
     DomainDead,
@@ -731,7 +731,7 @@ def test_check_while_a_scrub_finishes_leaves_the_free_lists_ordered(heap_factory
         4096, 64)), daemon=True)
     scrubber.start()
     deadline = time.monotonic() + 30
-    while load(state["ft8"], PG_SCRUB_STATE, c.mfn) != SCRUBBING:
+    while load(state["ft8"], PG_SCRUB_STATE, c.mfn) != BUDDY_SCRUBBING:
         assert time.monotonic() < deadline
     error = None
     try:

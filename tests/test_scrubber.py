@@ -14,16 +14,16 @@ from numba import njit
 import xenheap
 from native_kernels.atomics import atomic_load, atomic_store
 from native_kernels.layout import (
+    BUDDY_NOT_SCRUBBING,
+    BUDDY_SCRUB_ABORT,
+    BUDDY_SCRUBBING,
     L_TAIL,
-    N_DIRTY,
-    NOT_SCRUBBING,
+    N_NEED_SCRUB,
     PAGE_SIZE,
     PG_FIRST_DIRTY,
     PG_NEED_SCRUB,
     PG_SCRUB_STATE,
-    SCRUB_ABORT,
     SCRUB_PATTERN,
-    SCRUBBING,
 )
 from xenheap import scrubber as scrubber_module
 
@@ -122,8 +122,8 @@ def test_abort_handshake_hands_the_chunk_over_with_progress_kept():
         # "Scrub" the lower half the way the scrubber does: zero it, clear need_scrub.
         heap._arenas[0].array[:half * PAGE_SIZE] = 0
         ft8[PG_NEED_SCRUB, head:head + half] = 0
-        heap._state["nodes"][0, N_DIRTY] -= half  # as the scrubber's granules do
-        _store(ft8, PG_SCRUB_STATE, head, SCRUBBING)
+        heap._state["nodes"][0, N_NEED_SCRUB] -= half  # as the scrubber's granules do
+        _store(ft8, PG_SCRUB_STATE, head, BUDDY_SCRUBBING)
 
         result = {}
 
@@ -133,12 +133,12 @@ def test_abort_handshake_hands_the_chunk_over_with_progress_kept():
         allocator = threading.Thread(target=allocate)
         allocator.start()
         deadline = time.monotonic() + WAIT_S
-        while _load(ft8, PG_SCRUB_STATE, head) != SCRUB_ABORT:
+        while _load(ft8, PG_SCRUB_STATE, head) != BUDDY_SCRUB_ABORT:
             assert time.monotonic() < deadline, "the allocator never asked for the chunk"
             time.sleep(0.0005)
         assert allocator.is_alive()  # it waits for us, holding the node lock
         _store(ft32, PG_FIRST_DIRTY, head, half + 1)  # progress: the lower half
-        _store(ft8, PG_SCRUB_STATE, head, NOT_SCRUBBING)
+        _store(ft8, PG_SCRUB_STATE, head, BUDDY_NOT_SCRUBBING)
         allocator.join(WAIT_S)
         blk = result["blk"]
         assert (blk.array() == 0).all()

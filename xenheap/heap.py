@@ -43,7 +43,7 @@ from native_kernels.layout import (
     MODE_SYNC,
     N_ADDR,
     N_BASE,
-    N_DIRTY,
+    N_NEED_SCRUB,
     N_PAGES,
     PAGE_SIZE,
     new_state,
@@ -229,7 +229,7 @@ class Heap:
     def _dirty_pages(self, nodes: np.ndarray | None = None) -> int:
         """Dirty pages on ``nodes`` (all by default), read atomically."""
         selected = self._all_nodes if nodes is None else nodes
-        return int(column_sum(self._state["nodes"], N_DIRTY, selected))
+        return int(column_sum(self._state["nodes"], N_NEED_SCRUB, selected))
 
     def _retire_slot(self, slot: int) -> None:
         """A destroyed domain's slot: free now, or once numpy frees its last pinned block."""

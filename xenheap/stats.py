@@ -62,9 +62,9 @@ from native_kernels.layout import (
     N_ABORTS,
     N_ALLOC_SCRUBBED,
     N_ALLOCS,
-    N_DIRTY,
     N_FREE,
     N_FREES,
+    N_NEED_SCRUB,
     N_PAGES,
     N_RELEASED,
     N_SCRUB_NS,
@@ -123,7 +123,7 @@ def node_stats(heap: Heap, rows: np.ndarray, counts: np.ndarray) -> list[dict]:
             "os_node": node.os_node,
             "total_pages": int(row[N_PAGES]),
             "free_pages": int(row[N_FREE]),
-            "dirty_pages": int(row[N_DIRTY]),
+            "dirty_pages": int(row[N_NEED_SCRUB]),
             "free_by_order": {order: int(c) << order
                               for order, c in enumerate(counts[node.id]) if c},
             "allocations": int(row[N_ALLOCS]),
@@ -188,5 +188,5 @@ def dump(heap: Heap) -> str:
                 lines.append(f"heap[node={node}][order={order}] -> {chunks} chunks, "
                              f"{chunks << order} pages")
     for node in range(heap.nodes):
-        lines.append(f"Node {node} has {int(rows[node, N_DIRTY])} unscrubbed pages")
+        lines.append(f"Node {node} has {int(rows[node, N_NEED_SCRUB])} unscrubbed pages")
     return "\n".join(lines)
