@@ -34,7 +34,8 @@ def _drop_stale_cache() -> None:
             stale.unlink(missing_ok=True)
         stamp.write_text(digest)
     except (AttributeError, ImportError, OSError, RuntimeError, StopIteration) as exc:
-        log.debug("cannot check numba's cache for stale kernels: %s", exc)
+        log.warning("cannot check numba's cache for stale kernels (%s); after editing "
+                    "native_kernels/, clear its cache by hand", exc)
 
 
 _drop_stale_cache()

@@ -8,7 +8,7 @@ sees the caller (Dekker's handshake), without a Python lock on the hot path.
 
 from numba import njit
 
-from native_kernels.atomics import atomic_load, fetch_add, fetch_or
+from native_kernels.atomics import fetch_add, fetch_or
 from native_kernels.domain import alloc_block, destroy_domain, free_block, populate
 from native_kernels.layout import E_CLOSED, M_CLOSED, M_IN_FLIGHT
 
@@ -33,7 +33,7 @@ def leave_heap(meta):
 def close_heap(meta):
     """Refuse new calls; returns the calls still in flight (poll until 0)."""
     fetch_or(meta, M_CLOSED, 1)
-    return atomic_load(meta, M_IN_FLIGHT)
+    return fetch_add(meta, M_IN_FLIGHT, 0)  # a read-modify-write: Dekker needs seq_cst
 
 
 @njit(nogil=True, cache=True)

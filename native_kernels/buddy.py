@@ -120,7 +120,8 @@ def _get_free_buddy(ft32, lists, node, order, max_order, use_dirty):
         if link == NIL:
             continue
         head = link - 1
-        if use_dirty or ft32[PG_FIRST_DIRTY, head] == INVALID_DIRTY_IDX:
+        # A scrubber letting go of a chunk stores first_dirty without the lock.
+        if use_dirty or atomic_load(ft32, (PG_FIRST_DIRTY, head)) == INVALID_DIRTY_IDX:
             return head, j
     return -1, -1
 
@@ -269,7 +270,7 @@ def _count_freed(nodes, node, pages, need_scrub):
 def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub):
     """Return one block to the free lists (Xen's free_heap_pages).
 
-    Returns True if this free made a clean node dirty (its scrubber should wake up).
+    Returns True if the node's scrubber should wake up (see _count_freed).
     """
     node = node_of(meta, mfn)
     spin_lock(nodes, node, N_LOCK)
@@ -283,7 +284,7 @@ def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub):
 def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub):
     """Free every block of a chain linked through PG_NEXT, owner and all, without writing
     their memory: a destroy. Each node's lock is taken once per FREE_BATCH blocks, not per
-    block. Returns the bit mask of nodes this made dirty from clean."""
+    block. Returns the bit mask of nodes whose scrubber should wake up."""
     wake = 0
     link = first
     while link != NIL:

@@ -2,8 +2,8 @@
 
 It takes every node's lock, stops any scrub in progress (so need_scrub and the counters hold
 still), walks every free list and every live domain's block list, and returns the first
-broken invariant as (code, mfn); (OK, -1) if all hold. Exact when no allocation or free is in
-flight; scrubbers may run.
+broken invariant as (code, mfn); (OK, -1) if all hold. Exact when no other call changes the
+heap meanwhile (a block in flight is in no list); scrubbers may run.
 """
 
 import numpy as np

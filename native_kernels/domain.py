@@ -73,14 +73,15 @@ MFN_MASK = 0xFFFFFFFF
 
 @njit(nogil=True, cache=True)
 def is_alive(doms, slot, dom_id):
-    return doms[slot, D_ID] == dom_id and atomic_load(doms, (slot, D_STATE)) == DOM_ALIVE
+    return (atomic_load(doms, (slot, D_ID)) == dom_id
+            and atomic_load(doms, (slot, D_STATE)) == DOM_ALIVE)
 
 
 @njit(nogil=True, cache=True)
 def holds_blocks(doms, slot, dom_id):
     """Alive, or destroyed with blocks still pinned by numpy arrays."""
     state = atomic_load(doms, (slot, D_STATE))
-    return doms[slot, D_ID] == dom_id and state in (DOM_ALIVE, DOM_DYING)
+    return atomic_load(doms, (slot, D_ID)) == dom_id and state in (DOM_ALIVE, DOM_DYING)
 
 
 @njit(nogil=True, cache=True)
@@ -297,7 +298,9 @@ def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, ta
     if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
         return E_DEAD
-    # PG_OWNER is only ever ours while we hold our lock, so once it matches the rest is stable.
+    # Owner, order and tag together name a block on our list: one still in flight to us has
+    # its owner set before it is linked but carries a newer tag, and a destroy marks the
+    # domain dying (checked above) before it clears owners.
     if (atomic_load(ft32, (PG_OWNER, mfn)) != slot + 1 or ft8[PG_ORDER, mfn] != order
             or atomic_load(ft32, (PG_TAG, mfn)) != tag):
         spin_unlock(doms, slot, D_LOCK)
@@ -383,7 +386,7 @@ def open_domain(doms, slot, dom_id, max_pages):
     doms[slot, D_HEAD] = NIL
     doms[slot, D_TAIL] = NIL
     doms[slot, D_MAX_PAGES] = max_pages
-    doms[slot, D_ID] = dom_id
+    atomic_store(doms, (slot, D_ID), dom_id)
     atomic_store(doms, (slot, D_STATE), DOM_ALIVE)
 
 

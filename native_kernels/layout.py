@@ -72,6 +72,7 @@ N_ALLOCS = 15  # blocks allocated from this node. Atomic.
 N_FREES = 16  # blocks freed to this node. Atomic.
 N_SCRUB_PASSES = 17  # chunks the scrubber finished and moved to the head as clean. Atomic.
 N_RELEASED = 18  # pages given back to the OS by release_unused (cumulative). Atomic.
+N_SCRUBBING = 19  # Xen's node_scrubbing: 1 while a scrubber works on the node. Atomic.
 N_ABORT_HIST = 24  # 32 buckets: abort waits by floor(log2(ns)). Atomic.
 ABORT_HIST_BUCKETS = 32
 NODE_FIELDS = N_ABORT_HIST + ABORT_HIST_BUCKETS
@@ -117,7 +118,9 @@ M_CLOSED = 9  # 1 once Heap.close() began: calls and numpy callbacks refuse. Ato
 M_IN_FLIGHT = 10  # API calls running in kernels (native_kernels.api). Atomic.
 M_BAD_ARRAY_FREES = 11  # numpy frees of memory this heap did not give out (counted, as a
 #                         C callback cannot raise). Atomic.
-META_FIELDS = 12
+M_FORKED = 12  # 1 in a forked child's copy: numpy frees of inherited arrays do nothing
+#                (a lock may have been held at the fork). Atomic.
+META_FIELDS = 16
 
 FAULT_NONE = 0
 FAULT_SCRUB_FAIL = 1  # the scrubber gives up after M_FAULT_ARG pages of a chunk and fails

@@ -10,7 +10,7 @@ its usual MemoryError. No Python object is touched, so numpy may call them witho
 
 from numba import carray, cfunc, njit, types
 
-from native_kernels.atomics import fetch_add
+from native_kernels.atomics import atomic_load, fetch_add
 from native_kernels.layout import (
     DOM_FIELDS,
     FT8_FIELDS,
@@ -18,10 +18,11 @@ from native_kernels.layout import (
     LIST_FIELDS,
     M_BAD_ARRAY_FREES,
     M_DEBUG,
+    M_FORKED,
     MAX_ORDER_LIMIT,
     META_FIELDS,
     NODE_FIELDS,
-    PAGE_SIZE,
+    SLAB_MAX_OBJECT,
 )
 from native_kernels.raw import (
     address_to_voidptr,
@@ -101,7 +102,7 @@ def heap_calloc(ctx, nelem, elsize):
         meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
         # Large blocks come zeroed, so clean memory is not zeroed twice; a slab object may
         # hold the domain's earlier bytes, and debug mode hands out the scrub pattern.
-        if nbytes < PAGE_SIZE or meta[M_DEBUG] != 0:
+        if nbytes <= SLAB_MAX_OBJECT or meta[M_DEBUG] != 0:
             memset_bytes(addr, 0, nbytes)
     return _null_or(addr)
 
@@ -122,5 +123,7 @@ def heap_free(ctx, ptr, size):
         return
     c = _context(ctx)
     ft32, ft8, nodes, lists, doms, meta, _zone = _state(c)
+    if atomic_load(meta, M_FORKED):
+        return  # an inherited array in a forked child: its locks may never be released
     if array_free(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT], c[CTX_DOM_ID], addr) < 0:
         fetch_add(meta, M_BAD_ARRAY_FREES, 1)  # nothing freed; Heap.stats() reports it

@@ -8,7 +8,7 @@ mode, where clean means "holds the scrub pattern").
 
 from numba import njit
 
-from native_kernels.atomics import add_locked, fetch_add
+from native_kernels.atomics import add_locked, atomic_load, fetch_add
 from native_kernels.buddy import free_heap_pages
 from native_kernels.layout import (
     INVALID_DIRTY_IDX,
@@ -42,7 +42,8 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
         size = 1 << order
         while taken < out.shape[0] and pages + size <= max_pages:
             link = lists[node, order, L_HEAD]
-            if link == NIL or ft32[PG_FIRST_DIRTY, link - 1] != INVALID_DIRTY_IDX:
+            if link == NIL or atomic_load(ft32, (PG_FIRST_DIRTY, link - 1)) \
+                    != INVALID_DIRTY_IDX:
                 break
             mfn = link - 1
             page_list_del(ft32, lists, node, order, mfn)
@@ -57,12 +58,15 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
 
 
 @njit(nogil=True, cache=True)
-def return_released_chunks(ft32, ft8, nodes, lists, meta, node, chunks, count):
-    """Free back the first ``count`` claimed chunks, now released; returns the pages."""
+def return_claimed_chunks(ft32, ft8, nodes, lists, meta, node, chunks, start, stop,
+                          released):
+    """Free back claimed chunks ``chunks[start:stop]``, counted as given to the OS if
+    ``released``; returns their pages."""
     pages = 0
     debug = meta[M_DEBUG] != 0
-    for i in range(count):
+    for i in range(start, stop):
         free_heap_pages(ft32, ft8, nodes, lists, meta, chunks[i, 0], chunks[i, 1], debug)
         pages += 1 << chunks[i, 1]
-    fetch_add(nodes, (node, N_RELEASED), pages)
+    if released:
+        fetch_add(nodes, (node, N_RELEASED), pages)
     return pages

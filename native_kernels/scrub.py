@@ -11,7 +11,14 @@ far we got.
 
 from numba import njit
 
-from native_kernels.atomics import atomic_load, atomic_store, fetch_add, monotonic_ns, usleep
+from native_kernels.atomics import (
+    atomic_cas,
+    atomic_load,
+    atomic_store,
+    fetch_add,
+    monotonic_ns,
+    usleep,
+)
 from native_kernels.buddy import page_address
 from native_kernels.layout import (
     BUDDY_NOT_SCRUBBING,
@@ -22,6 +29,7 @@ from native_kernels.layout import (
     FAULT_SCRUB_STALL,
     INVALID_DIRTY_IDX,
     L_TAIL,
+    M_CLOSED,
     M_DEBUG,
     M_FAULT,
     M_FAULT_ARG,
@@ -31,6 +39,7 @@ from native_kernels.layout import (
     N_SCRUB_NS,
     N_SCRUB_PASSES,
     N_SCRUBBED,
+    N_SCRUBBING,
     NIL,
     PAGE_SHIFT,
     PG_FIRST_DIRTY,
@@ -82,8 +91,21 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     """Scrub up to about ``budget_pages`` of one dirty chunk of ``node``.
 
     Returns the pages zeroed (possibly 0), NOTHING_DIRTY when no free list of the node
-    has a dirty chunk at its tail, or E_FAULT when an injected fault fired.
+    has a dirty chunk at its tail or another thread is scrubbing the node, or E_FAULT when
+    an injected fault fired.
     """
+    # One scrubber per node at a time (Xen's node_scrubbing mask): two would both take the
+    # tail chunk, and the loser would zero a block already handed out.
+    if not atomic_cas(nodes, (node, N_SCRUBBING), 0, 1):
+        return NOTHING_DIRTY
+    result = _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages,
+                              granule_pages)
+    atomic_store(nodes, (node, N_SCRUBBING), 0)
+    return result
+
+
+@njit(nogil=True, cache=True)
+def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages):
     spin_lock(nodes, node, N_LOCK)
     head = -1
     order = 0
@@ -147,7 +169,7 @@ def scrub_nodes(ft32, ft8, nodes, lists, meta, node_list, stop, budget_pages, gr
     Returns the pages zeroed, or E_FAULT when an injected fault fired.
     """
     zeroed = 0
-    while atomic_load(stop, 0) == 0:
+    while atomic_load(stop, 0) == 0 and atomic_load(meta, M_CLOSED) == 0:
         busy = False
         for node in node_list:
             got = scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages,

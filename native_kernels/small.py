@@ -18,6 +18,7 @@ from native_kernels.layout import (
     D_SLABS,
     E_BAD_FREE,
     E_DEAD,
+    E_NOMEM,
     M_CLOSED,
     M_NR_NODES,
     N_ADDR,
@@ -220,6 +221,8 @@ def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
     """
     if atomic_load(meta, M_CLOSED):
         return E_DEAD
+    if nbytes < 0:  # a size_t past int64: more than any heap holds
+        return E_NOMEM
     nbytes = max(nbytes, 1)
     if nbytes <= SLAB_MAX_OBJECT:
         return _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,

@@ -1,18 +1,34 @@
 """Embedding in a service: quotas, returning memory to the OS, fork safety, injected faults."""
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import traceback
 
+import numpy as np
 import psutil
 import pytest
 from conftest import read_all_free_memory
+from numba import njit
 
 import xenheap
-from native_kernels.layout import PAGE_SIZE
+from native_kernels.layout import D_LOCK, N_SCRUBBING, PAGE_SIZE
+from native_kernels.locks import spin_lock, spin_unlock
+from native_kernels.scrub import NOTHING_DIRTY, scrub_free_pages
 
 WAIT_S = 30
+
+
+@njit
+def hold_lock(words, row, col):
+    spin_lock(words, row, col)
+
+
+@njit
+def release_lock(words, row, col):
+    spin_unlock(words, row, col)
 
 
 def _snapshot(heap):
@@ -231,3 +247,95 @@ def test_inject_fault_rejects_unknown_kinds():
             heap.inject_fault("meteor")
         with pytest.raises(xenheap.InvalidArgument):
             heap.inject_fault("scrub_fail", -1)
+
+
+# --- regressions found in review -----------------------------------------------------------
+def test_release_unused_releases_each_chunk_once_on_a_fragmented_heap():
+    with xenheap.Heap("64MiB", scrub="sync") as heap:
+        dom = heap.create_domain()
+        blocks = [dom.alloc(0) for _ in range(heap.total_pages)]
+        for blk in blocks[::2]:
+            blk.free()  # zeroed on free: 8192 clean order-0 chunks, two claim batches
+        free = heap.stats()["free_pages"]
+        assert free == heap.total_pages // 2
+        released = heap.release_unused()
+        stats = heap.stats()
+        assert released == free * PAGE_SIZE == stats["released_bytes"]
+        assert stats["free_pages"] == free
+        heap.check()
+        assert heap.release_unused() == released  # a second call finds them all again
+
+
+def test_close_with_a_stalled_scrubber_leaves_the_memory_mapped():
+    code = """
+import time, xenheap
+heap = xenheap.Heap('64MiB')
+heap.inject_fault('scrub_stall', 2_000_000)
+dom = heap.create_domain()
+blk = dom.alloc(10)
+blk.array()[:] = 1
+blk.free()
+deadline = time.monotonic() + 30
+while heap.stats()['nodes'][0]['scrubber'] != 'scrubbing' and time.monotonic() < deadline:
+    time.sleep(0.001)
+time.sleep(0.05)
+heap.close()
+assert any(s.is_alive() for s in heap.scrubbers), 'the stall ended early'
+assert not heap._arenas[0].closed
+for s in heap.scrubbers:
+    s.join(30)
+print('survived')
+"""
+    done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"survived" in done.stdout
+
+
+def test_only_one_thread_scrubs_a_node_at_a_time():
+    with xenheap.Heap("8MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        dom.alloc(4).free()
+        s = heap._state
+        args = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"], 0, 4096, 64)
+        s["nodes"][0, N_SCRUBBING] = 1  # as if another scrubber were working on node 0
+        assert scrub_free_pages(*args) == NOTHING_DIRTY
+        assert heap.stats()["dirty_pages"] == 16
+        s["nodes"][0, N_SCRUBBING] = 0
+        assert scrub_free_pages(*args) == 16
+        assert heap.stats()["dirty_pages"] == 0
+        heap.check()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads running
+def test_a_forked_child_freeing_inherited_arrays_does_not_touch_the_heap():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        with dom.numpy_allocator():
+            arrays = [np.ones(10), np.ones(100_000)]
+        s = heap._state
+        held = dom.stats()["numpy_pages"]
+        hold_lock(s["doms"], dom._slot, D_LOCK)  # a parent thread mid-call at the fork
+
+        def child():
+            arrays.clear()  # numpy frees both; a free that took the lock would hang
+
+        pid = os.fork()
+        if pid == 0:
+            child()
+            os._exit(0)
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise AssertionError("the child hung freeing an inherited array")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+        release_lock(s["doms"], dom._slot, D_LOCK)
+        assert dom.stats()["numpy_pages"] == held  # the parent's arrays are untouched
+        arrays.clear()
+        assert dom.stats()["numpy_pages"] == 0
+        heap.check()

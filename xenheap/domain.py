@@ -248,6 +248,7 @@ class Domain:
         if wake < 0:
             raise DomainDead(f"{self!r} was already destroyed")
         self._destroyed = True
+        self._capsule = None  # arrays made with it hold their own reference
         self._final_stats = self.stats()
         heap._retire_slot(self._slot)
         if wake:

@@ -30,6 +30,7 @@ from native_kernels.layout import (
     M_DEBUG,
     M_FAULT,
     M_FAULT_ARG,
+    M_FORKED,
     M_MAX_DOMAINS,
     M_MAX_ORDER,
     M_MODE,
@@ -48,7 +49,7 @@ from native_kernels.layout import (
     PAGE_SIZE,
     new_state,
 )
-from native_kernels.release import claim_clean_chunks, return_released_chunks
+from native_kernels.release import claim_clean_chunks, return_claimed_chunks
 from native_kernels.switches import set_switch
 from xenheap import prim, stats
 from xenheap.arena import Arena
@@ -152,7 +153,7 @@ class Heap:
 
     def _start_scrubbers(self) -> None:
         for node_ids, cpus in plan_scrubbers(self.topology):
-            scrubber = Scrubber(self._state, node_ids, cpus)
+            scrubber = Scrubber(self._state, node_ids, cpus, self._arenas)
             for node in node_ids:
                 self._scrubber_of[node] = len(self._scrubbers)
             self._scrubbers.append(scrubber)
@@ -219,7 +220,7 @@ class Heap:
         return result
 
     def _wake(self, node_mask: int) -> None:
-        """Wake the scrubbers of the nodes in ``node_mask`` (a free made them dirty)."""
+        """Wake the scrubbers of the nodes in ``node_mask`` (frees left them 1 MiB dirty)."""
         if not self._scrubbers:
             return
         for node in range(self.nodes):
@@ -286,7 +287,8 @@ class Heap:
     def check(self) -> None:
         """Raise HeapCorruption naming the first broken invariant.
 
-        Exact when no allocation or free is in flight; running scrubbers are stopped for it.
+        Exact when no call changes the heap meanwhile (allocation, free, destroy,
+        release_unused, numpy's callbacks); running scrubbers are stopped for it.
         """
         s = self._state
         with self._lock:
@@ -318,39 +320,56 @@ class Heap:
         Uses MADV_DONTNEED: the pages stay free and clean (they read zero when touched
         again) but stop counting towards the process's resident memory. It works in whole
         free chunks, highest orders first, and never splits one, so it may release less
-        than ``nbytes``; dirty memory is left to the scrubbers. While a batch is being
-        released it is off the free lists, so allocations made meanwhile may find less
-        memory. Returns the bytes released.
+        than ``nbytes``; dirty memory is left to the scrubbers. While a node's chunks are
+        being released they are off its free lists, so allocations made meanwhile may find
+        less memory. Returns the bytes released.
         """
         limit = self.total_pages if nbytes is None else \
             min(self.total_pages, -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE))
-        chunks = np.zeros((RELEASE_BATCH, 2), dtype=np.int64)
         released = 0
         meta = self._state["meta"]
         with self._release_lock:
             if not api.enter_heap(meta):  # held across the OS calls: close() waits for them
                 raise HeapClosed(self._closed_reason)
             try:
-                for node, arena in enumerate(self._arenas):
-                    while released < limit:
-                        count = claim_clean_chunks(*self._node_arrays, node, limit - released,
-                                                   chunks)
-                        try:
-                            for mfn, order in chunks[:count]:
-                                offset = (int(mfn) - node * self._pages_per_node) * PAGE_SIZE
-                                prim.release_pages(arena.address + offset,
-                                                   PAGE_SIZE << int(order))
-                        finally:
-                            released += return_released_chunks(*self._node_arrays, node,
-                                                               chunks, count)
-                        if count < RELEASE_BATCH:
-                            break
+                for node in range(self.nodes):
+                    if released < limit:
+                        released += self._release_node(node, limit - released)
             finally:
                 api.leave_heap(meta)
         if self.debug:
             self._wake((1 << self.nodes) - 1)  # released pages came back dirty
         log.debug("released %d pages to the OS", released)
         return released * PAGE_SIZE
+
+    def _release_node(self, node: int, limit: int) -> int:
+        """release_unused for one node; returns the pages given to the OS."""
+        # Claim all the chunks first: one given back goes to its list's head, where the
+        # next claim would take it again.
+        batches = []
+        claimed = 0
+        while claimed < limit:
+            chunks = np.zeros((RELEASE_BATCH, 2), dtype=np.int64)
+            count = claim_clean_chunks(*self._node_arrays, node, limit - claimed, chunks)
+            batches.append((chunks, count))
+            claimed += int((1 << chunks[:count, 1]).sum())
+            if count < RELEASE_BATCH:
+                break
+        released = 0
+        arena = self._arenas[node]
+        base = node * self._pages_per_node
+        for chunks, count in batches:
+            done = 0
+            try:
+                for mfn, order in chunks[:count]:
+                    prim.release_pages(arena.address + (int(mfn) - base) * PAGE_SIZE,
+                                       PAGE_SIZE << int(order))
+                    done += 1
+            finally:  # all go back; only those the OS took count as released
+                released += return_claimed_chunks(*self._node_arrays, node, chunks, 0, done,
+                                                  True)
+                return_claimed_chunks(*self._node_arrays, node, chunks, done, count, False)
+        return released
 
     def inject_fault(self, kind: str | None, arg: int = 0) -> None:
         """Test hook, off by default: "scrub_fail" (a scrubber fails after ``arg`` pages of a
@@ -366,18 +385,27 @@ class Heap:
         set_switch(meta, M_FAULT, FAULTS[kind])
 
     def close(self) -> None:
-        """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent."""
+        """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent.
+
+        The arenas stay mapped (freed with the last reference) while a numpy array made
+        from this heap may live, or if a scrubber did not stop within its second.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        meta = self._state["meta"]
+        api.close_heap(meta)  # refuse new calls; scrubbers stop at their next step
         stop_all(self._scrubbers)
-        while api.close_heap(self._state["meta"]):  # calls already in kernels finish first
+        while api.close_heap(meta):  # calls already in kernels finish first
             time.sleep(0.0005)
-        if self._numpy_handlers:
-            # Arrays made with this heap's numpy handler may still point into the arenas;
-            # the handlers' records keep them mapped until the last such array is gone.
-            log.info("heap closed with numpy handlers; arenas stay mapped until freed")
+        stuck = [s.name for s in self._scrubbers if s.is_alive()]
+        arrays = self._numpy_handlers and numpy_handlers_live(self._state)
+        if stuck or arrays:
+            # The scrubbers and the numpy handlers' records hold the arenas themselves.
+            log.warning("heap closed, arenas left mapped: %s",
+                        f"scrubbers {stuck} still running" if stuck
+                        else "numpy arrays may still use them")
         else:
             for arena in self._arenas:
                 arena.close()
@@ -406,7 +434,9 @@ def _disown_heaps_after_fork() -> None:
         heap._lock = threading.Lock()
         heap._release_lock = threading.Lock()
         heap._closed = True
-        api.close_heap(heap._state["meta"])  # the child's own copy of the state
+        meta = heap._state["meta"]  # the child's own copy of the state
+        api.close_heap(meta)
+        set_switch(meta, M_FORKED, 1)
         heap._closed_reason = ("this heap belongs to the parent process (inherited across "
                                "fork); create a new Heap in the child")
         heap._scrubbers = []
@@ -415,6 +445,13 @@ def _disown_heaps_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_disown_heaps_after_fork)
+
+
+def numpy_handlers_live(state: dict) -> bool:
+    """Whether a numpy handler of the heap owning ``state`` may still be in use."""
+    from xenheap.numpy_alloc import handlers_for  # imported once a handler was made
+
+    return handlers_for(state) > 0
 
 
 @atexit.register

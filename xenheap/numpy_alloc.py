@@ -114,7 +114,8 @@ def numpy_allocator(dom: Domain) -> Iterator[None]:
         _set_handler(previous)
 
 
-def live_handlers() -> int:
-    """Handlers numpy still holds (installed, or referenced by a live array)."""
+def handlers_for(state: dict) -> int:
+    """Handlers of the heap with ``state`` that numpy may still hold (installed, cached by a
+    live domain, or referenced by a live array)."""
     with _live_lock:
-        return len(_live)
+        return sum(1 for entry in _live.values() if entry[2] is state)

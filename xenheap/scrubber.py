@@ -44,7 +44,8 @@ MAX_ERROR_BACKOFF_S = 1.0
 class Scrubber(threading.Thread):
     """Scrubs ``nodes`` (its own first) from a daemon thread pinned to ``cpus``."""
 
-    def __init__(self, state: dict, nodes: Sequence[int], cpus: Sequence[int]) -> None:
+    def __init__(self, state: dict, nodes: Sequence[int], cpus: Sequence[int],
+                 arenas: Sequence[object]) -> None:
         super().__init__(name=f"xenheap-scrub-node{nodes[0]}", daemon=True)
         self.nodes = tuple(nodes)
         self._node_array = np.array(self.nodes, dtype=np.int64)
@@ -57,6 +58,7 @@ class Scrubber(threading.Thread):
         self.idle_priority = False
         self._stop_requested = threading.Event()
         self._stop_flag = np.zeros(1, dtype=np.int64)  # what the kernel polls
+        self._arenas = tuple(arenas)  # the memory it writes stays mapped while it runs
         self._arrays = (state["ft32"], state["ft8"], state["nodes"], state["lists"],
                         state["meta"])
 

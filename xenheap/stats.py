@@ -29,7 +29,8 @@ alloc_scrubbed_pages       pages zeroed by allocators (scrub-on-allocate)
 sync_scrubbed_pages        pages zeroed on the free path in "sync" mode
 released_pages             pages given back to the OS by release_unused (cumulative)
 scrub_passes               chunks the scrubber finished and moved to the clean head
-aborts                     scrubs stopped because an allocator claimed the chunk
+aborts                     scrubs stopped because an allocator, a merge or check() claimed
+                           the chunk
 abort_wait_ns_total        time allocators spent in the abort handshake
 abort_wait_ns_max          the longest such wait
 abort_wait_ns_p99          99th percentile wait (upper edge of its log2 bucket)
