@@ -195,7 +195,9 @@ class Heap:
         return arena.array[offset:offset + nbytes]
 
     def _check_order(self, order: object, what: str = "order") -> int:
-        if isinstance(order, bool) or not isinstance(order, numbers.Integral):
+        # type() first: the ABC check costs a quarter of a microsecond on every allocation.
+        if type(order) is not int and (isinstance(order, bool)
+                                       or not isinstance(order, numbers.Integral)):
             raise InvalidArgument(f"order must be an int, got {order!r}")
         order = int(order)
         if not 0 <= order <= self.max_order:
