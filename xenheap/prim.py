@@ -200,6 +200,20 @@ def set_current_thread_idle() -> bool:
     return True
 
 
+def set_thread_normal(native_id: int) -> bool:
+    """Move thread ``native_id`` of this process back to SCHED_OTHER; False where refused.
+
+    Linux lets a thread change another thread's policy by its id: a stopping scrubber must
+    get the CPU even on a machine too busy to ever run an idle-priority thread.
+    """
+    try:
+        os.sched_setscheduler(native_id, os.SCHED_OTHER, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        log.debug("cannot move thread %d to SCHED_OTHER: %s", native_id, exc)
+        return False
+    return True
+
+
 def current_cpu() -> int:
     """The CPU the calling thread runs on right now, or -1 where unknown."""
     if _sched_getcpu is None:

@@ -66,6 +66,8 @@ class Scrubber(threading.Thread):
         """Ask the thread to stop; it finishes its current bounded step first."""
         self._stop_requested.set()
         set_switch(self._stop_flag, 0, 1)
+        if self.idle_priority and self.native_id is not None:
+            prim.set_thread_normal(self.native_id)  # so it runs, and sees the flag, at once
         self.wakeup.set()
 
     def _scrub(self) -> None:
