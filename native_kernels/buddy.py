@@ -59,7 +59,7 @@ from native_kernels.layout import (
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.page_list import page_list_add_scrub, page_list_del
-from native_kernels.pages import fill_pages, pages_hold
+from native_kernels.pages import fill_pages, pages_hold, stream_fill_pages
 from native_kernels.raw import fill_row
 
 TAG_MASK = 0x7FFFFFFF
@@ -181,37 +181,59 @@ def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exac
 
 
 @njit(nogil=True, cache=True)
+def zero_dirty_runs(ft8, addr, head, lo, hi, value, streaming):
+    """Fill the dirty pages among pages [lo, hi) of the chunk or block at ``head`` (whose
+    memory starts at ``addr``) with ``value``, run by run, and clear their need_scrub.
+
+    Returns how many. The caller holds the pages alone (a scrubber while BUDDY_SCRUBBING,
+    an allocator after taking the block), so need_scrub is written with plain stores.
+    ``streaming`` bypasses the caches, for memory nobody reads next.
+    """
+    cleared = 0
+    p = lo
+    while p < hi:
+        if ft8[PG_NEED_SCRUB, head + p] == 0:
+            p += 1
+            continue
+        q = p
+        while q < hi and ft8[PG_NEED_SCRUB, head + q] != 0:
+            ft8[PG_NEED_SCRUB, head + q] = 0
+            q += 1
+        if streaming:
+            stream_fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
+        else:
+            fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
+        cleared += q - p
+        p = q
+    return cleared
+
+
+@njit(nogil=True, cache=True)
 def scrub_taken_block(ft8, nodes, meta, mfn, order):
     """Zero the dirty pages of a block just taken (scrub-on-allocate), without the lock.
 
-    Returns the pages zeroed, or -1 if debug mode found a clean page without the scrub
-    pattern (it was written after it was freed, or never scrubbed). The block is the
-    caller's alone, so need_scrub is cleared with plain stores.
+    Returns the pages zeroed, or -1 if debug mode found a page without the scrub pattern:
+    the ones just scrubbed hold it, so that is a clean page written after it was freed.
     """
     node = node_of(meta, mfn)
     debug = meta[M_DEBUG] != 0
-    value = SCRUB_PATTERN if debug else 0
+    addr = page_address(nodes, node, mfn)
     n = 1 << order
-    scrubbed = 0
-    corrupt = False
-    i = 0
-    while i < n:
-        j = i
-        dirty = ft8[PG_NEED_SCRUB, mfn + i] != 0
-        while j < n and (ft8[PG_NEED_SCRUB, mfn + j] != 0) == dirty:
-            ft8[PG_NEED_SCRUB, mfn + j] = 0
-            j += 1
-        addr = page_address(nodes, node, mfn + i)
-        if dirty:
-            fill_pages(addr, j - i, value)
-            scrubbed += j - i
-        elif debug and not pages_hold(addr, j - i, SCRUB_PATTERN):
-            corrupt = True
-        i = j
+    # Cached stores: the caller touches the block next.
+    scrubbed = zero_dirty_runs(ft8, addr, mfn, 0, n, SCRUB_PATTERN if debug else 0, False)
     if scrubbed:
         fetch_add(nodes, (node, N_NEED_SCRUB), -scrubbed)
         fetch_add(nodes, (node, N_ALLOC_SCRUBBED), scrubbed)
-    return -1 if corrupt else scrubbed
+    if debug and not pages_hold(addr, n, SCRUB_PATTERN):
+        return -1
+    return scrubbed
+
+
+@njit(nogil=True, cache=True)
+def disown(ft32, mfn):
+    """Clear a block head's owner and tag as it stops being any domain's."""
+    atomic_store(ft32, (PG_OWNER, mfn), 0)
+    atomic_store(ft32, (PG_TAG, mfn), 0)
 
 
 @njit(nogil=True, cache=True)
@@ -296,8 +318,7 @@ def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub):
             mfn = link - 1
             link = ft32[PG_NEXT, mfn]
             order = ft8[PG_ORDER, mfn]
-            atomic_store(ft32, (PG_OWNER, mfn), 0)
-            atomic_store(ft32, (PG_TAG, mfn), 0)
+            disown(ft32, mfn)
             _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub)
             pages += 1 << order
             blocks += 1

@@ -12,6 +12,7 @@ from numba import njit
 from native_kernels.atomics import atomic_load, atomic_max, atomic_store, fetch_add
 from native_kernels.buddy import (
     alloc_heap_pages,
+    disown,
     free_heap_chain,
     free_heap_pages,
     node_of,
@@ -163,8 +164,7 @@ def _release_block(ft32, ft8, nodes, lists, meta, mfn, order):
     "sync" mode zeroes it here, before returning (the behaviour the series replaced);
     otherwise it goes back dirty, poisoned first in debug mode.
     """
-    atomic_store(ft32, (PG_OWNER, mfn), 0)
-    atomic_store(ft32, (PG_TAG, mfn), 0)
+    disown(ft32, mfn)
     node = node_of(meta, mfn)
     fetch_add(nodes, (node, N_FREES), 1)
     addr = page_address(nodes, node, mfn)
@@ -186,8 +186,7 @@ def _undo_take(ft32, ft8, nodes, lists, meta, first):
     while link != NIL:
         mfn = link - 1
         link = ft32[PG_NEXT, mfn]
-        atomic_store(ft32, (PG_OWNER, mfn), 0)
-        atomic_store(ft32, (PG_TAG, mfn), 0)
+        disown(ft32, mfn)
         fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), -1)
         free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, ft8[PG_ORDER, mfn], False)
 

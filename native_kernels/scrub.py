@@ -19,7 +19,7 @@ from native_kernels.atomics import (
     monotonic_ns,
     usleep,
 )
-from native_kernels.buddy import page_address
+from native_kernels.buddy import page_address, zero_dirty_runs
 from native_kernels.layout import (
     BUDDY_NOT_SCRUBBING,
     BUDDY_SCRUB_ABORT,
@@ -41,36 +41,14 @@ from native_kernels.layout import (
     N_SCRUBBED,
     N_SCRUBBING,
     NIL,
-    PAGE_SHIFT,
     PG_FIRST_DIRTY,
-    PG_NEED_SCRUB,
     PG_SCRUB_STATE,
     SCRUB_PATTERN,
 )
 from native_kernels.locks import spin_lock, spin_lock_cond, spin_unlock
 from native_kernels.page_list import page_list_add_scrub, page_list_del
-from native_kernels.pages import stream_fill_pages
 
 NOTHING_DIRTY = -1
-
-
-@njit(nogil=True, cache=True)
-def _zero_dirty_runs(ft8, addr, head, lo, hi, value):
-    """Zero the dirty pages among chunk pages [lo, hi) in runs; returns how many."""
-    cleared = 0
-    p = lo
-    while p < hi:
-        if ft8[PG_NEED_SCRUB, head + p] == 0:
-            p += 1
-            continue
-        q = p
-        while q < hi and ft8[PG_NEED_SCRUB, head + q] != 0:
-            ft8[PG_NEED_SCRUB, head + q] = 0
-            q += 1
-        stream_fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
-        cleared += q - p
-        p = q
-    return cleared
 
 
 @njit(nogil=True, cache=True)
@@ -132,7 +110,7 @@ def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     i = start
     while i < size:
         end = min(i + granule_pages, size)
-        cleared = _zero_dirty_runs(ft8, addr, head, i, end, value)
+        cleared = zero_dirty_runs(ft8, addr, head, i, end, value, True)
         if cleared:
             fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
             fetch_add(nodes, (node, N_SCRUBBED), cleared)
