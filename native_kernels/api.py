@@ -103,9 +103,9 @@ def heap_populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count
 
 @njit(nogil=True, cache=True)
 def heap_destroy(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
-    """domain.destroy_domain for the Python API."""
+    """domain.destroy_domain for the Python API: (status, node mask to wake)."""
     if not enter_heap(meta):
-        return E_CLOSED
+        return E_CLOSED, 0
     result = destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)
     leave_heap(meta)
     return result

@@ -74,15 +74,22 @@ MFN_MASK = 0xFFFFFFFF
 
 @njit(nogil=True, cache=True)
 def is_alive(doms, slot, dom_id):
-    return (atomic_load(doms, (slot, D_ID)) == dom_id
-            and atomic_load(doms, (slot, D_STATE)) == DOM_ALIVE)
+    """Domain ``dom_id`` is alive in ``slot``.
+
+    The state is read before the id, the reverse of open_domain's stores (id, then state):
+    a reader that sees a new tenant's DOM_ALIVE then sees the new tenant's id too, so a
+    stale handle never acts on the slot's next domain.
+    """
+    alive = atomic_load(doms, (slot, D_STATE)) == DOM_ALIVE
+    return alive and atomic_load(doms, (slot, D_ID)) == dom_id
 
 
 @njit(nogil=True, cache=True)
 def holds_blocks(doms, slot, dom_id):
-    """Alive, or destroyed with blocks still pinned by numpy arrays."""
+    """Alive, or destroyed with blocks still pinned by numpy arrays (state read first, as in
+    is_alive)."""
     state = atomic_load(doms, (slot, D_STATE))
-    return atomic_load(doms, (slot, D_ID)) == dom_id and state in (DOM_ALIVE, DOM_DYING)
+    return state in (DOM_ALIVE, DOM_DYING) and atomic_load(doms, (slot, D_ID)) == dom_id
 
 
 @njit(nogil=True, cache=True)
@@ -340,13 +347,14 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
 
     Blocks pinned by live numpy arrays stay on its list until numpy frees them (the domain
     is DOM_DYING meanwhile, as Xen keeps a dying domain's referenced pages); the others are
-    detached under the domain lock and freed without it. Returns a bit mask of the nodes
-    whose scrubber should wake, or E_DEAD.
+    detached under the domain lock and freed without it. Returns (status, wake): status 0 or
+    E_DEAD, and the bit mask of the nodes whose scrubber should wake. They are apart because
+    with 64 nodes the mask's top bit makes it negative, where it would read as an error.
     """
     spin_lock(doms, slot, D_LOCK)
     if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
-        return E_DEAD
+        return E_DEAD, 0
     atomic_store(doms, (slot, D_STATE), DOM_DYING)
     if atomic_load(doms, (slot, D_NUMPY_PAGES)) == 0:  # nothing pinned: detach it all
         detached = doms[slot, D_HEAD]
@@ -372,7 +380,7 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     wake = _release_chain(ft32, ft8, nodes, lists, meta, detached)
     if not pinned:
         atomic_store(doms, (slot, D_STATE), DOM_DEAD)
-    return wake
+    return 0, wake
 
 
 @njit(nogil=True, cache=True)

@@ -111,6 +111,8 @@ def heap_calloc(ctx, nelem, elsize):
 def heap_realloc(ctx, ptr, size):
     c = _context(ctx)
     ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
+    if atomic_load(meta, M_FORKED):
+        return _null_or(0)  # as heap_free: the old data's locks may never be released
     return _null_or(array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, c[CTX_SLOT],
                                   c[CTX_DOM_ID], voidptr_to_address(ptr), types.int64(size),
                                   c[CTX_NODE]))

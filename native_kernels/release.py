@@ -26,14 +26,22 @@ from native_kernels.layout import (
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.page_list import page_list_del
 
+# Rows of a claim: (mfn, order, given to the OS); order CHUNK_UNUSED ends the rows.
+C_MFN = 0
+C_ORDER = 1
+C_RELEASED = 2
+CLAIM_FIELDS = 3
+CHUNK_UNUSED = -1
+
 
 @njit(nogil=True, cache=True)
 def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
     """Take clean free chunks of ``node`` off its lists, highest order first.
 
-    Stops at ``max_pages`` pages or ``out.shape[0]`` chunks; writes (mfn, order) rows to
-    ``out`` and returns how many. A claimed chunk's head is marked in use, so a buddy being
-    freed meanwhile does not try to merge with it.
+    Stops at ``max_pages`` pages or ``out.shape[0]`` chunks; fills rows of ``out`` (C_*,
+    which must read CHUNK_UNUSED in C_ORDER beforehand) and returns how many. A claimed
+    chunk's head is marked in use, so a buddy being freed meanwhile does not try to merge
+    with it.
     """
     taken = 0
     pages = 0
@@ -49,8 +57,9 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
             page_list_del(ft32, lists, node, order, mfn)
             ft8[PG_STATE, mfn] = PGS_INUSE
             add_locked(nodes, (node, N_FREE), -size)
-            out[taken, 0] = mfn
-            out[taken, 1] = order
+            out[taken, C_MFN] = mfn
+            out[taken, C_RELEASED] = 0
+            out[taken, C_ORDER] = order
             taken += 1
             pages += size
     spin_unlock(nodes, node, N_LOCK)
@@ -58,15 +67,14 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
 
 
 @njit(nogil=True, cache=True)
-def return_claimed_chunks(ft32, ft8, nodes, lists, meta, node, chunks, start, stop,
-                          released):
-    """Free back claimed chunks ``chunks[start:stop]``, counted as given to the OS if
-    ``released``; returns their pages."""
-    pages = 0
+def return_claimed_chunks(ft32, ft8, nodes, lists, meta, node, chunks, released_pages):
+    """Free back every claimed chunk in ``chunks`` and count ``released_pages`` as given
+    to the OS. A chunk the OS took reads zero: clean, except in debug mode, where clean
+    means "holds the scrub pattern"."""
     debug = meta[M_DEBUG] != 0
-    for i in range(start, stop):
-        free_heap_pages(ft32, ft8, nodes, lists, meta, chunks[i, 0], chunks[i, 1], debug)
-        pages += 1 << chunks[i, 1]
-    if released:
-        fetch_add(nodes, (node, N_RELEASED), pages)
-    return pages
+    for i in range(chunks.shape[0]):
+        if chunks[i, C_ORDER] == CHUNK_UNUSED:
+            break
+        free_heap_pages(ft32, ft8, nodes, lists, meta, chunks[i, C_MFN], chunks[i, C_ORDER],
+                        debug and chunks[i, C_RELEASED] != 0)
+    fetch_add(nodes, (node, N_RELEASED), released_pages)

@@ -20,6 +20,7 @@ from native_kernels.layout import (
     E_DEAD,
     E_NOMEM,
     M_CLOSED,
+    M_MAX_ORDER,
     M_NR_NODES,
     N_ADDR,
     N_BASE,
@@ -53,6 +54,20 @@ def size_class(nbytes):
     while (SLAB_MIN_OBJECT << cls) < nbytes:
         cls += 1
     return cls
+
+
+@njit(nogil=True, cache=True)
+def order_for_bytes(meta, nbytes):
+    """The smallest order whose block holds ``nbytes`` (> 0), or -1 past the largest chunk.
+
+    The bound comes first: shifting up to any int64 ``nbytes`` would wrap and never end.
+    """
+    if nbytes > (PAGE_SIZE << meta[M_MAX_ORDER]):
+        return -1
+    order = 0
+    while (PAGE_SIZE << order) < nbytes:
+        order += 1
+    return order
 
 
 @njit(nogil=True, cache=True)
@@ -227,9 +242,9 @@ def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
     if nbytes <= SLAB_MAX_OBJECT:
         return _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
                             node_pref)
-    order = 0
-    while (PAGE_SIZE << order) < nbytes:
-        order += 1
+    order = order_for_bytes(meta, nbytes)
+    if order < 0:
+        return E_NOMEM
     packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
                          node_pref, False, True)
     if packed < 0:

@@ -749,3 +749,14 @@ def test_check_while_a_scrub_finishes_leaves_the_free_lists_ordered(heap_factory
     assert heap.stats()["dirty_pages"] == 1
     assert scrub_free_pages(state["ft32"], state["ft8"], state["nodes"], state["lists"],
                             state["meta"], 0, 4096, 64) != NOTHING_DIRTY
+
+
+# --- issue 9: status codes and wake masks apart ---------------------------------------------
+def test_destroy_on_the_64th_node_succeeds_and_retires_the_domain():
+    with xenheap.Heap("256MiB", nodes=64) as heap:  # the documented limit: mask bit 63
+        with heap.create_domain() as dom:
+            dom.populate("2MiB", node=63)  # 512 dirty pages on node 63 wake its scrubber
+        assert not dom.alive
+        assert heap.wait_clean(30)
+        assert heap.stats()["domains"] == 0
+        heap.check()

@@ -1,6 +1,8 @@
 """numpy arrays allocated from a domain through numpy's NEP 49 handler."""
 
 import asyncio
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -229,12 +231,12 @@ def test_debug_mode_calloc_still_gives_zeros():
 
 def test_a_free_of_memory_the_heap_did_not_give_out_is_counted_not_done(heap):
     from native_kernels import numpy_handler
-    from xenheap import numpy_alloc
+    from xenheap import numpy_alloc, numpy_api
 
     dom = heap.create_domain()
     capsule = dom._numpy_handler()
     handler = numpy_alloc._Handler.from_address(
-        numpy_alloc._capsule_pointer(capsule, numpy_alloc._CAPSULE_NAME))
+        numpy_api.capsule_pointer(capsule, numpy_api.CAPSULE_NAME))
     before = heap.stats()
     stranger = np.zeros(64)  # numpy's own memory
     inside = heap._arenas[0].address + 5 * PAGE_SIZE + 64  # free heap memory, no slab
@@ -244,3 +246,66 @@ def test_a_free_of_memory_the_heap_did_not_give_out_is_counted_not_done(heap):
     assert after["bad_array_frees"] == 3
     assert after["free_pages"] == before["free_pages"]
     heap.check()
+
+
+# --- issue 9: nested scopes, sizes past any heap --------------------------------------------
+def _run_bounded(code: str) -> None:
+    """Run ``code`` in a fresh interpreter: a hang there fails the test instead of the run."""
+    done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True)
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()
+    assert b"done" in done.stdout
+
+
+def test_nested_scopes_of_two_domains_then_destroy_does_not_deadlock():
+    _run_bounded("""
+import numpy as np, xenheap
+heap = xenheap.Heap(size="16MiB", scrub="alloc")
+d1, d2 = heap.create_domain(), heap.create_domain()
+with d1.numpy_allocator():
+    with d2.numpy_allocator():
+        inner = np.ones(1000)
+    outer = np.ones(1000)
+del inner, outer
+d1.destroy()
+d2.destroy()
+heap.check()
+heap.close()
+print("done")
+""")
+
+
+def test_the_heaps_own_arrays_never_come_from_a_domains_handler(heap):
+    dom = heap.create_domain(max_bytes="4KiB")  # too small for any heap's frame table
+    with dom.numpy_allocator(), xenheap.Heap("16MiB", scrub="alloc") as inner:
+        inner.create_domain().alloc(0)
+        inner.check()
+    assert dom.stats()["numpy_pages"] == 0
+
+
+def test_sizes_past_any_heap_are_memory_errors_at_once():
+    _run_bounded("""
+import numpy as np, xenheap
+heap = xenheap.Heap(size="16MiB", scrub="alloc")
+dom = heap.create_domain()
+sizes = [2**62 - 1, 2**62, 2**62 + 1, 2**62 + 4096, 2**63 - 2**20]
+with dom.numpy_allocator():
+    for n in sizes:
+        for make in (np.empty, np.zeros):  # malloc and calloc
+            try:
+                make(n, dtype=np.uint8)
+            except MemoryError:
+                pass
+            else:
+                raise AssertionError(f"{make.__name__}({n}) worked")
+    a = np.ones(10, dtype=np.uint8)
+    for n in sizes:  # realloc
+        try:
+            a.resize(n, refcheck=False)
+        except (MemoryError, ValueError):
+            pass
+        else:
+            raise AssertionError(f"resize({n}) worked")
+assert dom.stats()["pages"] == dom.stats()["numpy_pages"] == 1
+heap.check()
+print("done")
+""")

@@ -16,6 +16,7 @@ from xenheap.errors import (
     InvalidArgument,
     InvalidFree,
     OutOfMemory,
+    ReleaseFailed,
     XenHeapError,
 )
 from xenheap.heap import Heap
@@ -30,6 +31,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidFree",
     "OutOfMemory",
+    "ReleaseFailed",
     "XenHeapError",
 ]
 __version__ = "0.1.0"

@@ -140,6 +140,7 @@ class Domain:
         """Pages held now and at the peak, blocks, allocations, frees, the quota in pages,
         and pages held by live numpy arrays (which outlive a destroy until numpy frees
         them)."""
+        self.heap._refuse_if_forked()
         row = kernels.domain_row(self.heap._state["doms"], self._slot)
         if row[D_ID] != self.id:  # the slot went to another domain after this one died
             return dict(self._final_stats or {})
@@ -244,8 +245,8 @@ class Domain:
         """Free all the domain's memory. Returns at once, leaving the pages dirty for the
         scrubbers, except in "sync" mode, which zeroes every page before returning."""
         heap = self.heap
-        wake = heap._call(api.heap_destroy, self._slot, self.id)
-        if wake < 0:
+        status, wake = heap._call(api.heap_destroy, self._slot, self.id)
+        if status < 0:
             raise DomainDead(f"{self!r} was already destroyed")
         self._destroyed = True
         self._capsule = None  # arrays made with it hold their own reference

@@ -27,3 +27,14 @@ class HeapClosed(XenHeapError):
 
 class HeapCorruption(XenHeapError):
     """An invariant of the heap does not hold; the message names the first broken one."""
+
+
+class ReleaseFailed(XenHeapError):
+    """The OS refused to take memory back (release_unused); every chunk is free again.
+
+    ``released_bytes``: what was given back before the refusal.
+    """
+
+    def __init__(self, message: str, released_bytes: int) -> None:
+        super().__init__(message)
+        self.released_bytes = released_bytes

@@ -6,6 +6,7 @@ import atexit
 import logging
 import numbers
 import os
+import sys
 import threading
 import time
 import weakref
@@ -27,6 +28,7 @@ from native_kernels.layout import (
     FAULT_POPULATE_FAIL,
     FAULT_SCRUB_FAIL,
     FAULT_SCRUB_STALL,
+    M_CLOSED,
     M_DEBUG,
     M_FAULT,
     M_FAULT_ARG,
@@ -49,12 +51,27 @@ from native_kernels.layout import (
     PAGE_SIZE,
     new_state,
 )
-from native_kernels.release import claim_clean_chunks, return_claimed_chunks
+from native_kernels.release import (
+    C_MFN,
+    C_ORDER,
+    C_RELEASED,
+    CHUNK_UNUSED,
+    CLAIM_FIELDS,
+    claim_clean_chunks,
+    return_claimed_chunks,
+)
 from native_kernels.switches import set_switch
 from xenheap import prim, stats
 from xenheap.arena import Arena
 from xenheap.domain import Domain
-from xenheap.errors import HeapClosed, HeapCorruption, InvalidArgument, OutOfMemory
+from xenheap.errors import (
+    HeapClosed,
+    HeapCorruption,
+    InvalidArgument,
+    OutOfMemory,
+    ReleaseFailed,
+)
+from xenheap.numpy_api import default_numpy_memory
 from xenheap.scrubber import Scrubber, plan_scrubbers, stop_all
 from xenheap.sizes import parse_size
 from xenheap.topology import resolve_topology
@@ -66,7 +83,11 @@ FAULTS = {None: FAULT_NONE, "scrub_fail": FAULT_SCRUB_FAIL, "scrub_stall": FAULT
           "populate_fail": FAULT_POPULATE_FAIL}
 RELEASE_BATCH = 4096  # chunks claimed per release_unused step
 DEFAULT_MAX_DOMAINS = 4096
-_open_heaps: weakref.WeakSet[Heap] = weakref.WeakSet()
+FORKED_REASON = ("this heap belongs to the parent process (inherited across fork); create a "
+                 "new Heap in the child")
+# Every heap not yet collected, closed ones too: the fork hook marks them all, and exit
+# closes them (close() is idempotent).
+_heaps: weakref.WeakSet[Heap] = weakref.WeakSet()
 
 
 class Heap:
@@ -109,7 +130,9 @@ class Heap:
         self.total_pages = pages_per_node * nr_nodes
 
         self._arenas = [Arena(node, pages_per_node * PAGE_SIZE) for node in self.topology.nodes]
-        self._state = new_state(nr_nodes, pages_per_node, max_domains)
+        with default_numpy_memory():  # never from a domain's handler the caller installed
+            self._state = new_state(nr_nodes, pages_per_node, max_domains)
+            self._all_nodes = np.arange(nr_nodes, dtype=np.int64)
         self._fill_state(max_domains)
         s = self._state
         init_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
@@ -118,10 +141,10 @@ class Heap:
         self._node_arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
         self._zone = s["zone"]
         self._cpu_node = self.topology.cpu_to_node()
-        self._all_nodes = np.arange(nr_nodes, dtype=np.int64)
 
         self._lock = threading.Lock()  # domain slots and the closed flag
         self._closed = False
+        self._forked = False  # an inherited copy in a forked child (set by the fork hook)
         self._closed_reason = "the heap is closed"
         self._release_lock = threading.Lock()  # one release_unused at a time
         self._numpy_handlers = 0  # numpy handlers made; their arrays may outlive close()
@@ -132,8 +155,9 @@ class Heap:
         self._scrubbers: list[Scrubber] = []
         self._scrubber_of = [0] * nr_nodes
         if self._mode == MODE_IDLE:
-            self._start_scrubbers()
-        _open_heaps.add(self)
+            with default_numpy_memory():
+                self._start_scrubbers()
+        _heaps.add(self)
 
     def _fill_state(self, max_domains: int) -> None:
         s = self._state
@@ -214,23 +238,35 @@ class Heap:
             raise InvalidArgument(f"node must be None or 0..{self.nodes - 1}, got {node!r}")
         return int(node), True
 
-    def _call(self, kernel, *args) -> int:
-        """Run an API kernel (native_kernels.api) over the state; HeapClosed once closed."""
+    def _call(self, kernel, *args):
+        """Run an API kernel (native_kernels.api) over the state; HeapClosed once closed.
+
+        Returns the kernel's result: a status or value, or a (status, value) pair.
+        """
+        if self._forked:  # no kernel call: numba's locks may be held by a parent thread
+            raise HeapClosed(self._closed_reason)
         result = kernel(*self._arrays, *args)
-        if result == E_CLOSED:
+        if (result if type(result) is int else result[0]) == E_CLOSED:
             raise HeapClosed(self._closed_reason)
         return result
 
     def _wake(self, node_mask: int) -> None:
-        """Wake the scrubbers of the nodes in ``node_mask`` (frees left them 1 MiB dirty)."""
+        """Wake the scrubbers of the nodes in ``node_mask`` (frees left them 1 MiB dirty);
+        bit 63 may make the mask negative, which ``>>`` reads as two's complement."""
         if not self._scrubbers:
             return
         for node in range(self.nodes):
             if node_mask >> node & 1:
                 self._scrubbers[self._scrubber_of[node]].wakeup.set()
 
+    def _refuse_if_forked(self) -> None:
+        """HeapClosed in a forked child, before any kernel runs (see _disown_heaps_after_fork)."""
+        if self._forked:
+            raise HeapClosed(self._closed_reason)
+
     def _dirty_pages(self, nodes: np.ndarray | None = None) -> int:
         """Dirty pages on ``nodes`` (all by default), read atomically."""
+        self._refuse_if_forked()
         selected = self._all_nodes if nodes is None else nodes
         return int(column_sum(self._state["nodes"], N_NEED_SCRUB, selected))
 
@@ -280,10 +316,12 @@ class Heap:
 
     def stats(self) -> dict:
         """Counters of the heap and of each node (see xenheap.stats for every field)."""
+        self._refuse_if_forked()
         return stats.heap_stats(self)
 
     def dump(self) -> str:
         """Text like Xen's 'H' debug key: free pages per node and order, unscrubbed pages."""
+        self._refuse_if_forked()
         return stats.dump(self)
 
     def check(self) -> None:
@@ -324,54 +362,72 @@ class Heap:
         free chunks, highest orders first, and never splits one, so it may release less
         than ``nbytes``; dirty memory is left to the scrubbers. While a node's chunks are
         being released they are off its free lists, so allocations made meanwhile may find
-        less memory. Returns the bytes released.
+        less memory. Returns the bytes given back: pages that were resident, so memory
+        already released is not counted again.
+
+        If the OS refuses (``madvise`` fails with EINVAL on memory locked by ``mlockall``,
+        say), or the call is interrupted, every chunk goes back to the free lists first;
+        then ReleaseFailed (or the interrupt) is raised, carrying the bytes given back
+        before the failure, which ``stats()["released_bytes"]`` counts too.
         """
         limit = self.total_pages if nbytes is None else \
             min(self.total_pages, -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE))
-        released = 0
+        self._refuse_if_forked()
+        released = [0]
         meta = self._state["meta"]
         with self._release_lock:
             if not api.enter_heap(meta):  # held across the OS calls: close() waits for them
                 raise HeapClosed(self._closed_reason)
             try:
                 for node in range(self.nodes):
-                    if released < limit:
-                        released += self._release_node(node, limit - released)
+                    if released[0] < limit:
+                        self._release_node(node, limit - released[0], released)
+            except OSError as exc:
+                raise ReleaseFailed(f"release_unused gave back {released[0] * PAGE_SIZE} "
+                                    f"bytes, then the OS refused: {exc}",
+                                    released[0] * PAGE_SIZE) from exc
             finally:
                 api.leave_heap(meta)
-        if self.debug:
-            self._wake((1 << self.nodes) - 1)  # released pages came back dirty
-        log.debug("released %d pages to the OS", released)
-        return released * PAGE_SIZE
+                if self.debug:
+                    self._wake((1 << self.nodes) - 1)  # released pages came back dirty
+        log.debug("released %d pages to the OS", released[0])
+        return released[0] * PAGE_SIZE
 
-    def _release_node(self, node: int, limit: int) -> int:
-        """release_unused for one node; returns the pages given to the OS."""
-        # Claim all the chunks first: one given back goes to its list's head, where the
-        # next claim would take it again.
-        batches = []
-        claimed = 0
-        while claimed < limit:
-            chunks = np.zeros((RELEASE_BATCH, 2), dtype=np.int64)
-            count = claim_clean_chunks(*self._node_arrays, node, limit - claimed, chunks)
-            batches.append((chunks, count))
-            claimed += int((1 << chunks[:count, 1]).sum())
-            if count < RELEASE_BATCH:
-                break
-        released = 0
+    def _release_node(self, node: int, limit: int, released: list[int]) -> None:
+        """release_unused for one node; adds the pages given to the OS to ``released[0]``."""
         arena = self._arenas[node]
         base = node * self._pages_per_node
-        for chunks, count in batches:
-            done = 0
-            try:
-                for mfn, order in chunks[:count]:
-                    prim.release_pages(arena.address + (int(mfn) - base) * PAGE_SIZE,
-                                       PAGE_SIZE << int(order))
-                    done += 1
-            finally:  # all go back; only those the OS took count as released
-                released += return_claimed_chunks(*self._node_arrays, node, chunks, 0, done,
-                                                  True)
-                return_claimed_chunks(*self._node_arrays, node, chunks, done, count, False)
-        return released
+        batches = []
+        pages = 0
+        try:
+            # Claim all the chunks first: one given back goes to its list's head, where the
+            # next claim would take it again. A batch is listed before it is filled, so an
+            # interrupt anywhere still finds every claimed chunk in the finally below.
+            claimed = 0
+            while claimed < limit:
+                with default_numpy_memory():
+                    chunks = np.full((RELEASE_BATCH, CLAIM_FIELDS), CHUNK_UNUSED,
+                                     dtype=np.int64)
+                batches.append(chunks)
+                count = claim_clean_chunks(*self._node_arrays, node, limit - claimed, chunks)
+                claimed += int((1 << chunks[:count, C_ORDER]).sum())
+                if count < RELEASE_BATCH:
+                    break
+            for chunks in batches:
+                for row in chunks:
+                    if row[C_ORDER] == CHUNK_UNUSED:
+                        break
+                    addr = arena.address + (int(row[C_MFN]) - base) * PAGE_SIZE
+                    size = PAGE_SIZE << int(row[C_ORDER])
+                    resident = prim.resident_pages(addr, size)
+                    if resident:
+                        prim.release_pages(addr, size)
+                        row[C_RELEASED] = 1
+                        pages += resident
+        finally:
+            released[0] += pages
+            for i, chunks in enumerate(batches):
+                return_claimed_chunks(*self._node_arrays, node, chunks, 0 if i else pages)
 
     def inject_fault(self, kind: str | None, arg: int = 0) -> None:
         """Test hook, off by default: "scrub_fail" (a scrubber fails after ``arg`` pages of a
@@ -382,6 +438,7 @@ class Heap:
         if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
             raise InvalidArgument(f"fault argument must be a non-negative int, got {arg!r}")
         meta = self._state["meta"]
+        self._refuse_if_forked()
         set_switch(meta, M_FAULT, FAULT_NONE)  # never a new kind with the old argument
         set_switch(meta, M_FAULT_ARG, arg)
         set_switch(meta, M_FAULT, FAULTS[kind])
@@ -411,7 +468,6 @@ class Heap:
         else:
             for arena in self._arenas:
                 arena.close()
-        _open_heaps.discard(self)
 
     def __enter__(self) -> Heap:
         return self
@@ -428,21 +484,29 @@ class Heap:
 def _disown_heaps_after_fork() -> None:
     """In a forked child: every inherited heap refuses use with a clear error.
 
-    The child has a copy of the memory but not the scrubber threads, and a lock word or a
-    threading lock may have been held by a parent thread at the fork; a working heap cannot
-    be rebuilt from that safely, so the child creates its own heaps instead.
+    The child has a copy of the memory but not the scrubber threads, and a lock word, a
+    threading lock or numba's compiler lock may have been held by a parent thread at the
+    fork; a working heap cannot be rebuilt from that safely, so the child creates its own
+    heaps instead. This hook therefore calls no kernel and takes no lock: the child runs one
+    thread, so plain stores into its copy of each state are seen by everything it runs
+    later. Closed heaps whose numpy arrays the child inherited are marked too, so that
+    numpy's frees and reallocs of those arrays do nothing.
     """
-    for heap in list(_open_heaps):
+    states = [heap._state for heap in _heaps]
+    numpy_alloc = sys.modules.get("xenheap.numpy_alloc")
+    if numpy_alloc is not None:
+        states += numpy_alloc.inherited_states()
+    for state in states:
+        state["meta"][M_CLOSED] = 1
+        state["meta"][M_FORKED] = 1
+    for heap in list(_heaps):
         heap._lock = threading.Lock()
         heap._release_lock = threading.Lock()
         heap._closed = True
-        meta = heap._state["meta"]  # the child's own copy of the state
-        api.close_heap(meta)
-        set_switch(meta, M_FORKED, 1)
-        heap._closed_reason = ("this heap belongs to the parent process (inherited across "
-                               "fork); create a new Heap in the child")
+        heap._forked = True
+        heap._closed_reason = FORKED_REASON
         heap._scrubbers = []
-    _open_heaps.clear()
+    _heaps.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -457,7 +521,7 @@ def numpy_handlers_live(state: dict) -> bool:
 
 
 @atexit.register
-def _close_open_heaps() -> None:
+def _close_heaps() -> None:
     """Stop every scrubber before the interpreter tears down, so exit never hangs."""
-    for heap in list(_open_heaps):
+    for heap in list(_heaps):
         heap.close()

@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from native_kernels import numpy_handler as cb
 from xenheap.errors import DomainDead, HeapClosed
+from xenheap.numpy_api import CAPSULE_NAME, capsule_new, set_handler
 
 if TYPE_CHECKING:
     from xenheap.domain import Domain
 
-_CAPSULE_NAME = b"mem_handler"
-_SET_HANDLER_INDEX = 304  # PyDataMem_SetHandler in numpy's C-API table (__multiarray_api.h)
+# The same call as numpy_api's on a capsule being destroyed: no new reference may be taken
+# to it then.
+_dying_capsule_pointer = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
 
 
 class _Allocator(ctypes.Structure):
@@ -42,25 +44,6 @@ class _Handler(ctypes.Structure):
                 ("allocator", _Allocator)]
 
 
-_capsule_new = ctypes.pythonapi.PyCapsule_New
-_capsule_new.restype = ctypes.py_object
-_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer.restype = ctypes.c_void_p
-_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-# The same call on a capsule being destroyed: no new reference may be taken to it then.
-_dying_capsule_pointer = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
-    ("PyCapsule_GetPointer", ctypes.pythonapi))
-
-
-def _numpy_set_handler():
-    api = np._core._multiarray_umath._ARRAY_API
-    table = ctypes.cast(_capsule_pointer(api, None), ctypes.POINTER(ctypes.c_void_p))
-    return ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(table[_SET_HANDLER_INDEX])
-
-
-_set_handler = _numpy_set_handler()
-
 # Keeps each handler's ctypes structures, context record and heap memory alive while numpy
 # holds its capsule (the context variable, and every array made with it).
 _live: dict[int, tuple] = {}
@@ -70,14 +53,36 @@ _live_lock = threading.Lock()
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 def _capsule_destructor(capsule: int) -> None:
     with _live_lock:
-        _live.pop(_dying_capsule_pointer(capsule, _CAPSULE_NAME), None)
+        entry = _live.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
+    # Dropped outside the lock: the last reference to a heap's state or arenas may run
+    # other destructors, and none of them may wait for this lock.
+    del entry
+
+
+def _reset_lock_after_fork() -> None:
+    """A parent thread may have held the lock at the fork; the child has only this thread."""
+    global _live_lock
+    _live_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_after_fork)
+
+
+def inherited_states() -> list[dict]:
+    """After a fork, in the child: the states of every heap whose numpy handler may still be
+    referenced by an inherited array (closed heaps included). Takes no lock: the child has
+    one thread, and the dict is only changed with the GIL held."""
+    return [entry[2] for entry in list(_live.values())]
 
 
 def make_handler(dom: Domain) -> object:
     """A new "mem_handler" capsule allocating from ``dom``."""
     heap = dom.heap
     s = heap._state
-    ctx = np.zeros(cb.CTX_FIELDS, dtype=np.int64)
+    # A ctypes record, not a numpy array: numpy would take it from the caller's current
+    # handler, perhaps another domain's, and the handler's own bookkeeping must never come
+    # from a handler.
+    ctx = (ctypes.c_int64 * cb.CTX_FIELDS)()
     for field, name in ((cb.CTX_FT32, "ft32"), (cb.CTX_FT8, "ft8"), (cb.CTX_NODES, "nodes"),
                         (cb.CTX_LISTS, "lists"), (cb.CTX_DOMS, "doms"), (cb.CTX_META, "meta"),
                         (cb.CTX_ZONE, "zone")):
@@ -89,14 +94,14 @@ def make_handler(dom: Domain) -> object:
     ctx[cb.CTX_DOM_ID] = dom.id
     ctx[cb.CTX_NODE] = heap._placement(None)[0]
     handler = _Handler(f"xenheap:{dom.name}".encode()[:126], 1,
-                       _Allocator(ctx.ctypes.data, cb.heap_malloc.address,
+                       _Allocator(ctypes.addressof(ctx), cb.heap_malloc.address,
                                   cb.heap_calloc.address, cb.heap_realloc.address,
                                   cb.heap_free.address))
     address = ctypes.addressof(handler)
     with _live_lock:
         _live[address] = (handler, ctx, s, heap._arenas)
     heap._numpy_handlers += 1
-    return _capsule_new(address, _CAPSULE_NAME,
+    return capsule_new(address, CAPSULE_NAME,
                         ctypes.cast(_capsule_destructor, ctypes.c_void_p))
 
 
@@ -107,11 +112,11 @@ def numpy_allocator(dom: Domain) -> Iterator[None]:
         raise HeapClosed("the heap is closed")
     if not dom.alive:
         raise DomainDead(f"{dom!r} was destroyed")
-    previous = _set_handler(dom._numpy_handler())
+    previous = set_handler(dom._numpy_handler())
     try:
         yield
     finally:
-        _set_handler(previous)
+        set_handler(previous)
 
 
 def handlers_for(state: dict) -> int:

@@ -33,6 +33,8 @@ __all__ = [
     "map_anonymous",
     "pin_current_thread",
     "release_pages",
+    "resident_pages",
+    "runnable_threads",
     "set_current_thread_idle",
 ]
 
@@ -57,6 +59,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _madvise = _libc.madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _madvise.restype = ctypes.c_int
+
+_mincore = _libc.mincore
+_mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+_mincore.restype = ctypes.c_int
+_RESIDENT_BIT = bytes(b & 1 for b in range(256))  # mincore's other bits are reserved
 
 _memset = _libc.memset
 _memset.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
@@ -143,6 +150,22 @@ def release_pages(addr: int, nbytes: int) -> None:
         raise OSError(err, f"madvise(MADV_DONTNEED) failed: {os.strerror(err)}")
 
 
+def resident_pages(addr: int, nbytes: int) -> int:
+    """How many pages of a page-aligned range are in RAM (mincore).
+
+    A page that is not (never touched, already released, or swapped out) takes no RAM:
+    releasing it gives nothing back.
+    """
+    _check_range(addr, nbytes)
+    vector = bytearray(-(-nbytes // PAGE_SIZE))
+    buf = (ctypes.c_ubyte * len(vector)).from_buffer(vector)
+    if _mincore(addr, nbytes, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mincore failed: {os.strerror(err)}")
+    del buf  # the bytearray may not be read while a ctypes export holds it
+    return vector.translate(_RESIDENT_BIT).count(1)
+
+
 def bind_to_node(addr: int, nbytes: int, os_node: int) -> bool:
     """Prefer OS NUMA node ``os_node`` for a page-aligned range (mbind, MPOL_PREFERRED).
 
@@ -212,6 +235,19 @@ def set_thread_normal(native_id: int) -> bool:
         log.debug("cannot move thread %d to SCHED_OTHER: %s", native_id, exc)
         return False
     return True
+
+
+def runnable_threads() -> int:
+    """Threads runnable on the whole machine right now, the caller included (the kernel's
+    nr_running, from /proc/loadavg). Host-wide: a container sees its host's count."""
+    with open("/proc/loadavg", "rb") as f:
+        return int(f.read().split()[3].split(b"/")[0])
+
+
+@functools.cache
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity when first asked)."""
+    return len(os.sched_getaffinity(0))
 
 
 def current_cpu() -> int:
