@@ -181,8 +181,9 @@ SLEEP_USEC = 50
 def backoff(attempt):
     """One step of spin -> yield -> sleep back-off; ``attempt`` counts from 0.
 
-    Spinning alone starves a preempted SCHED_IDLE lock holder (DESIGN.md, "Threads"): a normal
-    thread's sched_yield does not hand the CPU to an idle-priority one, a sleep does.
+    Spinning alone starves a preempted SCHED_IDLE lock holder (docs/design.md, "Threads and
+    locks"): a normal thread's sched_yield does not hand the CPU to an idle-priority one, a
+    sleep does.
     """
     if attempt < SPINS_BEFORE_YIELD:
         cpu_relax()

@@ -3,7 +3,8 @@
 Chunks of 2^order pages are aligned to their size relative to their node's first page and
 never cross a node. A free chunk records ``first_dirty``; merging a clean and a dirty buddy
 gives one chunk whose first_dirty points into the dirty half, so dirty memory still merges
-into high orders (Xen's fix for the RFC's "high-order allocations may fail" downside).
+into high orders (Xen's fix for the original series' downside: high-order allocations
+failing while dirty memory waited, unmerged, to be scrubbed).
 """
 
 from numba import njit

@@ -1,4 +1,4 @@
-"""The invariant checker (DESIGN.md, "Invariants"), for tests and Heap.check().
+"""The invariant checker (docs/design.md, "Invariants"), for tests and Heap.check().
 
 It takes every node's lock, stops any scrub in progress (so need_scrub and the counters hold
 still), walks every free list and every live domain's block list, and returns the first

@@ -38,11 +38,11 @@ def spin_unlock(words, row, col):
 def spin_lock_cond(words, row, col, flags, flag_idx, give_up_value):
     """Spin for the lock, but give up as soon as ``flags[flag_idx] == give_up_value``.
 
-    The RFC's ``_spin_lock_cond``: a scrubber that finished a chunk waits for the heap lock to
-    mark it clean, but if an allocator asks for the chunk meanwhile (BUDDY_SCRUB_ABORT), the
-    scrubber must hand it over at once instead, because that allocator holds the lock and
-    waits for it. It does not take a ticket (a ticket cannot be abandoned), so it tries the
-    lock between checks. Returns True with the lock held, False without it.
+    Xen's ``_spin_lock_cond`` (later ``spin_lock_cb``): a scrubber that finished a chunk waits
+    for the heap lock to mark it clean, but if an allocator asks for the chunk meanwhile
+    (BUDDY_SCRUB_ABORT), the scrubber must hand it over at once instead, because that allocator
+    holds the lock and waits for it. It does not take a ticket (a ticket cannot be abandoned),
+    so it tries the lock between checks. Returns True with the lock held, False without it.
     """
     attempt = 0
     while True:

@@ -3,7 +3,7 @@
 All of these run under the node's heap lock. Links hold ``mfn + 1`` so that zero is the end.
 Clean chunks (first_dirty == INVALID_DIRTY_IDX) go to the head, dirty ones to the tail, so
 the allocator finds clean memory at the head and the scrubber finds dirty memory at the tail
-without scanning (the RFC's "Place unscrubbed pages at the end of pagelist").
+without scanning (as Xen's scrubbing series does: unscrubbed pages at the end of the page list).
 """
 
 from numba import njit

@@ -1,8 +1,10 @@
-"""The ``xenheap`` command line: output structure, figures that agree, one-line errors.
+"""The ``xenheap`` command line: output structure, figures that agree, one-line errors,
+and behaviour in pipes and files (stdout holds results only, progress goes to stderr, a
+closed pipe ends quietly, usage errors exit 2).
 
 Timings are never asserted: only that the figures exist, are consistent with each other
 (a ratio is the quotient of the printed times) and that the experiment's checks passed.
-Sizes are small (64 MiB) so the whole module runs in seconds.
+Sizes are small (16-64 MiB) so the whole module runs in seconds.
 """
 
 from __future__ import annotations
@@ -11,18 +13,30 @@ import contextlib
 import io
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from xenheap import cli, measure
 from xenheap.errors import InvalidArgument
-from xenheap.progress import ScrubProgress
+from xenheap.progress import MIN_RATE_INTERVAL_S, ScrubProgress, format_rate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = "64MiB"
+TINY = "16MiB"  # for runs that test the plumbing, not the figures
+ERASE = "\r\x1b[K"
+# What a run must never leave on stderr. (Not "stderr is empty": a warning logged by a heap
+# that another process left the machine too busy to close in time is not this test's matter.)
+NOISE = ("Traceback", "BrokenPipeError", "Exception ignored", "xenheap: error")
+
+
+def assert_quiet(stderr: str) -> None:
+    for text in NOISE:
+        assert text not in stderr, stderr
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -70,7 +84,7 @@ def test_demo_json_figures(demo_json: dict) -> None:
         assert mode["memset_bytes_per_s"] > 0 and mode["numpy_fill_bytes_per_s"] > 0
         assert mode["alloc_idle"]["n"] > 0
         assert mode["alloc_idle"]["p50_us"] <= mode["alloc_idle"]["p99_us"]
-        assert mode["max_order_alloc"]["ok"], "dirty buddies must merge (the RFC's downside)"
+        assert mode["max_order_alloc"]["ok"], "dirty and clean buddies must merge"
         assert mode["max_order_alloc"]["bytes"] == 64 * measure.MiB
         leak = mode["leak_check"]
         assert leak["ok"] and leak["nonzero_bytes"] == 0 and leak["all_memory"]
@@ -198,8 +212,11 @@ def test_info() -> None:
     (["bench", "--sizes", "1000TiB"], "larger than this machine can spare"),
     (["bench", "--plot", "/nonexistent-dir/bench.png"], "cannot write there"),
     (["bench", "--plot", "/"], "is a directory"),
-    ([], "required"),
     (["demo", "--frobnicate"], "unrecognized arguments"),
+    (["demo", "--nodes", "65"], "at most 64 nodes"),
+    (["demo", "--nodes", "1000000"], "at most 64 nodes"),
+    (["frobnicate"], "invalid choice"),
+    (["demo", "--progress=yes"], "ignored explicit argument"),
 ])
 def test_bad_input_is_one_line(argv: list[str], fragment: str) -> None:
     code, out, err = call_main(argv)
@@ -220,6 +237,143 @@ def test_bad_input_in_a_real_process_has_no_traceback() -> None:
 def test_help_exits_cleanly() -> None:
     code, out, _ = call_main(["--help"])
     assert code == 0 and "demo" in out and "bench" in out and "info" in out
+
+
+def test_no_command_prints_the_commands_on_stderr_and_exits_2() -> None:
+    proc = run_cli(timeout=30)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("usage: xenheap")
+    for command in ("demo", "bench", "info"):
+        assert re.search(rf"^\s+{command}\s+\S", proc.stderr, re.M), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_too_many_nodes_is_a_usage_error_in_a_real_process() -> None:
+    # 512 MiB passes the size check, so only the node count can refuse it (it used to reach
+    # the library and exit 1).
+    proc = run_cli("demo", "--nodes", "65", "--size", "512MiB", timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == ("xenheap: error: argument --nodes: a heap has at most 64 nodes, "
+                           "got 65\n")
+
+
+@pytest.mark.parametrize("argv, quoted", [
+    # One byte short of the minimum: rounded sizes alone would say "4.0 MiB" for both.
+    (["demo", "--size", "4194303"], ["--size 4194303 bytes (4.0 MiB)", "4194304 bytes"]),
+    (["demo", "--size", "12MiB", "--nodes", "4"],
+     ["12582912 bytes", "16777216 bytes", "4194304 bytes (4.0 MiB) per node"]),
+    (["demo", "--size", "100"], ["--size 100 bytes:"]),
+    (["bench", "--sizes", "64MiB", "1000"], ["--sizes 1000 bytes:"]),
+    (["demo", "--size", "1000TiB"], ["1099511627776000 bytes (1000 TiB)", "at most "]),
+])
+def test_size_errors_quote_bytes(argv: list[str], quoted: list[str]) -> None:
+    code, out, err = call_main(argv)
+    assert code == 2 and out == ""
+    for text in quoted:
+        assert text in err, err
+    if "1000TiB" not in argv:
+        assert "at least" in err
+
+
+# --- pipes and files ------------------------------------------------------------------------
+def test_a_closed_stdout_ends_quietly() -> None:
+    """``xenheap demo | head -1`` where the reader is gone before the table is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "xenheap.cli", "demo", "--size", TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.close()  # the reader leaves at once: the first write finds no reader
+    try:
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert code == cli.EXIT_BROKEN_PIPE == 141
+    assert_quiet(err)  # no traceback, no "Exception ignored", no error line
+
+
+def test_head_reads_the_first_line_and_all_ends_well() -> None:
+    proc = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -m xenheap.cli demo --size {TINY} | head -1'],
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("xenheap demo: destroy a 16.0 MiB domain")
+    assert proc.stdout.count("\n") == 1
+    assert_quiet(proc.stderr)
+    assert "scrubbed" not in proc.stderr and "demo (" not in proc.stderr  # no progress
+
+
+def _run_with_terminal_stderr(args: list[str], stdout_path: str) -> tuple[int, str]:
+    """Run ``python -m xenheap.cli ARGS`` with stdout to a file and stderr on a terminal
+    (a pseudo-terminal); returns the exit status and what the terminal received."""
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal's last writer
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        with open(stdout_path, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "xenheap.cli", *args],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=slave,
+                                    cwd=REPO)
+        os.close(slave)
+        slave = -1
+        code = proc.wait(timeout=120)
+        reader.join(10)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
+def test_json_to_a_file_is_pure_and_progress_still_shows_on_a_terminal(tmp_path) -> None:
+    path = str(tmp_path / "demo.json")
+    code, terminal = _run_with_terminal_stderr(["demo", "--size", TINY, "--json"], path)
+    assert code == 0, terminal
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    result = json.loads(text)  # the whole file is one JSON document
+    assert result["size_bytes"] == 16 * measure.MiB
+    assert "\r" not in text and "\x1b" not in text
+    # The progress went to the terminal, one line rewritten in place, and was erased.
+    assert ERASE + "demo (sync): populating and writing the domain" in terminal
+    assert ERASE + "demo (idle): allocating while the scrubber is busy" in terminal
+    last_stage = terminal.rfind("demo (idle): highest-order allocation")
+    assert 0 <= last_stage < terminal.rfind(ERASE)  # erased after the last stage
+    assert_quiet(terminal)
+
+
+def test_no_progress_keeps_the_terminal_silent(tmp_path) -> None:
+    path = str(tmp_path / "demo.txt")
+    code, terminal = _run_with_terminal_stderr(["demo", "--size", TINY, "--no-progress"], path)
+    assert code == 0, terminal
+    assert "demo (" not in terminal and ERASE not in terminal
+    assert_quiet(terminal)
+    with open(path, encoding="utf-8") as f:
+        assert f.read().startswith("xenheap demo: destroy a 16.0 MiB domain")
+
+
+def test_progress_asked_for_in_a_pipe_is_plain_lines_on_stderr() -> None:
+    proc = run_cli("demo", "--size", TINY, "--json", "--progress")
+    assert proc.returncode == 0, proc.stderr
+    json.loads(proc.stdout)  # stdout stays pure JSON
+    lines = proc.stderr.splitlines()
+    assert "demo (sync): populating and writing the domain" in lines
+    assert "demo (idle): highest-order allocation and leak check" in lines
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
+    assert_quiet(proc.stderr)
 
 
 # --- progress -------------------------------------------------------------------------------
@@ -252,7 +406,85 @@ def test_progress_only_on_a_terminal(tty: bool) -> None:
         guest.destroy()
         assert not measure.wait_until_clean(heap, progress)
     if tty:
-        assert "0 B of 16.0 MiB scrubbed" in stream.text
+        assert "0 B of 16.0 MiB scrubbed, rate -" in stream.text  # nothing done: no rate
         assert stream.text.endswith("\r\x1b[K")  # erased: the terminal keeps no trace
     else:
         assert stream.text == ""
+
+
+def test_progress_defaults_to_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _Terminal(True)
+    monkeypatch.setattr(sys, "stderr", fake)
+    progress = ScrubProgress()
+    assert progress.stream is fake and progress.enabled and progress.live
+    progress.stage("working")
+    assert fake.text == "\r\x1b[Kworking"
+
+
+def test_progress_forced_on_a_plain_stream_writes_lines() -> None:
+    stream = _Terminal(False)
+    progress = ScrubProgress(stream, enabled=True)
+    assert progress.enabled and not progress.live
+    progress.stage("one")
+    progress.stage("two")
+    progress.end()
+    assert stream.text == "one\ntwo\n"
+
+
+class _FakeHeap:
+    """Just enough of a Heap for the progress line: stats() as the test sets them."""
+
+    def __init__(self) -> None:
+        self.dirty = 4096
+        self.scrubbed = 0
+
+    def stats(self) -> dict:
+        return {"page_size": 4096, "dirty_pages": self.dirty,
+                "nodes": [{"scrubbed_pages": self.scrubbed, "alloc_scrubbed_pages": 0}]}
+
+
+def test_progress_shows_no_rate_over_a_tiny_interval() -> None:
+    """8 MiB scrubbed within 10 us would read as 839 GB/s: too short an interval to say."""
+    now = [100.0]
+    stream = _Terminal(True)
+    progress = ScrubProgress(stream, repaint_s=0.0, clock=lambda: now[0])
+    heap = _FakeHeap()
+    progress.begin(heap)  # 16 MiB dirty
+    heap.scrubbed, heap.dirty = 2048, 2048
+    now[0] += 10e-6
+    progress.update(heap)
+    assert stream.text.endswith("scrubbing: 8.0 MiB of 16.0 MiB scrubbed, rate -")
+    assert "GB/s" not in stream.text and "MB/s" not in stream.text
+    # Half a second on, the same bytes give a real rate and a time left.
+    now[0] += 0.5
+    progress.update(heap)
+    assert stream.text.endswith("8.0 MiB of 16.0 MiB scrubbed, 16.8 MB/s, 500 ms left")
+
+
+def test_rates_need_something_measured() -> None:
+    assert format_rate(None) == "-"
+    assert measure.rate(0, 1.0) is None  # nothing done
+    assert measure.rate(1 << 30, 0.0) is None
+    assert measure.rate(1 << 30, measure.MIN_TIMED_S / 10) is None  # too short to mean much
+    assert measure.rate(1 << 30, 1.0) == 1 << 30
+    assert MIN_RATE_INTERVAL_S >= measure.MIN_TIMED_S
+
+
+def test_tables_show_a_dash_for_a_missing_rate(demo_json: dict) -> None:
+    result = json.loads(json.dumps(demo_json))
+    result["modes"]["idle"]["clean_bytes_per_s"] = None
+    result["modes"]["sync"]["memset_bytes_per_s"] = None
+    rows = {re.split(r"\s{2,}", line.strip())[0]: re.split(r"\s{2,}", line.strip())[1:]
+            for line in cli.format_demo(result).splitlines()[4:]}
+    assert rows["zeroing rate, destroy to clean"][1] == "-"
+    assert rows["libc memset, same memory, same run"][0] == "-"
+
+
+def test_progress_stops_quietly_when_its_stream_breaks() -> None:
+    class Broken(_Terminal):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    progress = ScrubProgress(Broken(True))
+    progress.stage("working")  # must not raise
+    assert not progress.enabled

@@ -1,9 +1,15 @@
-"""The ``xenheap`` command: ``demo`` (the seed's experiment), ``bench`` (the comparisons), ``info``.
+"""The ``xenheap`` command: ``demo`` (destroy a domain with and without background
+scrubbing), ``bench`` (the comparisons), ``info`` (the machine).
 
 The command line only parses, checks, prints and plots; every figure comes from
-:mod:`xenheap.measure`. A mistake in the arguments (exit status 2), an error the library
-reports (XenHeapError) or one from the OS (exit status 1) ends in one line on stderr, never
-in a traceback; only a bug does that.
+:mod:`xenheap.measure`. Results go to stdout, and nothing else does: progress and errors go
+to stderr, so ``xenheap demo --json > f`` leaves ``f`` pure JSON. Progress is shown when
+stderr is a terminal, or when ``--progress`` asks for it.
+
+Exit statuses: 0 done; 1 an error the library (XenHeapError) or the OS reported; 2 a usage
+error (bad arguments, or no command at all: then the help goes to stderr); 130 interrupted;
+141 stdout was closed early (``xenheap demo | head -1``), ended quietly, as a program killed
+by SIGPIPE would. Every error is one line on stderr, never a traceback; only a bug does that.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numba
 import numpy as np
 
 import xenheap
+from native_kernels.layout import MAX_NODES
 from xenheap import measure, prim
 from xenheap.errors import XenHeapError
 from xenheap.progress import ScrubProgress, format_rate, format_seconds
@@ -28,6 +35,8 @@ from xenheap.topology import read_topology
 PROG = "xenheap"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + 13  # as if killed by SIGPIPE, which Python ignores
 # Per node, the smallest heap the experiments make sense on (room for their 2 MiB blocks).
 MIN_SIZE_PER_NODE = 4 * measure.MiB
 INFO_MEMSET_BYTES = 256 * measure.MiB
@@ -60,21 +69,32 @@ def _node_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if count < 1:
         raise argparse.ArgumentTypeError(f"a heap needs at least 1 node, got {count}")
+    if count > MAX_NODES:
+        raise argparse.ArgumentTypeError(f"a heap has at most {MAX_NODES} nodes, got {count}")
     return count
+
+
+def _bytes(nbytes: int) -> str:
+    """An exact byte count, with its rounded size beside it: ``"4194303 bytes (4.0 MiB)"``.
+
+    Errors about sizes quote bytes: a rounded figure alone may read like the limit it broke.
+    """
+    return f"{nbytes} bytes" if nbytes < 1024 else f"{nbytes} bytes ({format_size(nbytes)})"
 
 
 def _check_size(size: int, nodes: int, option: str) -> None:
     """Refuse sizes too small for the experiment or larger than the machine can spare."""
     smallest = MIN_SIZE_PER_NODE * nodes
     if size < smallest:
-        raise UsageError(f"{option} {format_size(size)}: the experiment needs at least "
-                         f"{format_size(smallest)} ({format_size(MIN_SIZE_PER_NODE)} per node)")
+        per_node = f", {_bytes(MIN_SIZE_PER_NODE)} per node" if nodes > 1 else ""
+        raise UsageError(f"{option} {_bytes(size)}: the experiment needs at least "
+                         f"{_bytes(smallest)}{per_node}")
     available = measure.available_memory()
     limit = measure.size_limit(available)
     if size > limit:
-        raise UsageError(f"{option} {format_size(size)}: larger than this machine can spare "
-                         f"({format_size(limit)}, 3/4 of the {format_size(available)} "
-                         "memory available)")
+        raise UsageError(f"{option} {_bytes(size)}: larger than this machine can spare: "
+                         f"at most {_bytes(limit)}, 3/4 of the {_bytes(available)} of "
+                         "memory available")
 
 
 def _check_plot_path(path: str) -> None:
@@ -137,7 +157,11 @@ def _seconds(value: float | None) -> str:
 
 
 def _rate(value: float | None) -> str:
-    return "-" if value is None else format_rate(value)
+    return format_rate(value)
+
+
+def _ops(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def _latency(summary: dict | None) -> str:
@@ -250,8 +274,9 @@ def format_bench(result: dict) -> str:
     base = result["alloc_threads"][0]["ops_per_s"]
     out.append(_table(
         ["threads", "ops/s", "vs 1 thread"],
-        [[str(r["threads"]), f"{r['ops_per_s']:,.0f}",
-          _ratio(r["ops_per_s"] / base if base else None)] for r in result["alloc_threads"]]))
+        [[str(r["threads"]), _ops(r["ops_per_s"]),
+          _ratio(r["ops_per_s"] / base if base and r["ops_per_s"] else None)]
+         for r in result["alloc_threads"]]))
     return "\n".join(out)
 
 
@@ -297,11 +322,16 @@ def _emit(result: dict, text: str, as_json: bool) -> None:
     print(json.dumps(result, indent=2) if as_json else text)
 
 
+def _progress(args: argparse.Namespace) -> ScrubProgress:
+    """Progress on stderr: when it is a terminal, or as ``--progress/--no-progress`` say."""
+    return ScrubProgress(sys.stderr, enabled=args.progress)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the seed's experiment and print its table (or JSON)."""
+    """Destroy a domain in "sync" and "idle" mode; print the table (or JSON)."""
     size = args.size if args.size is not None else measure.default_demo_size()
     _check_size(size, args.nodes or 1, "--size")
-    result = measure.demo(size, args.nodes, ScrubProgress(sys.stdout))
+    result = measure.demo(size, args.nodes, _progress(args))
     _emit(result, format_demo(result), args.json)
     return 0
 
@@ -330,7 +360,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sizes = _size_list(args.sizes) if args.sizes else measure.default_bench_sizes(args.quick)
     for size in sizes:
         _check_size(size, 1, "--sizes")
-    result = measure.bench(sizes, quick=args.quick, progress=ScrubProgress(sys.stdout))
+    result = measure.bench(sizes, quick=args.quick, progress=_progress(args))
     if plt is not None:
         plot_bench(result, args.plot, plt)
         result["plot"] = os.path.abspath(args.plot)
@@ -395,22 +425,31 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # --- entry point ----------------------------------------------------------------------------
+def _add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show scrub progress on stderr (default: only when stderr is a "
+                        "terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``xenheap`` argument parser with its three subcommands."""
     parser = _Parser(prog=PROG, description="xenheap: a page allocator that scrubs freed "
                      "memory from idle threads. Its experiment, benchmarks and a look at "
                      "the machine.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {xenheap.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Not required: with no command, main() prints the help (the list of commands) itself.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="destroy a domain in sync and idle scrub modes and "
-                          "compare (the seed's experiment)")
+                          "compare")
     demo.add_argument("--size", type=_size, default=None,
                       help="domain size, e.g. 2GiB (default: about 2 GiB, at most a quarter "
                       "of available memory)")
     demo.add_argument("--nodes", type=_node_count, default=None,
-                      help="emulate this many NUMA nodes (default: the machine's)")
+                      help=f"emulate this many NUMA nodes, 1 to {MAX_NODES} (default: the "
+                      "machine's)")
     demo.add_argument("--json", action="store_true", help="print the figures as JSON")
+    _add_progress_option(demo)
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="destroy latency vs size, zeroed buffers vs "
@@ -423,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"draw the destroy sweep and the buffer comparison "
                        f"(needs matplotlib: {PLOT_EXTRA_HINT})")
     bench.add_argument("--quick", action="store_true", help="a small, fast run")
+    _add_progress_option(bench)
     bench.set_defaults(func=cmd_bench)
 
     info_cmd = sub.add_parser("info", help="nodes, CPUs, distances, OS features, memset speed")
@@ -437,6 +477,20 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a closed pipe then goes
+    nowhere at exit, instead of failing again in the interpreter's final flush."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's StringIO)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
@@ -444,8 +498,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help and --version: printed, and done
+            sys.stdout.flush()
             return int(exc.code or 0)
-        return args.func(args)
+        if args.command is None:  # bare "xenheap": say what there is to run
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:  # "xenheap demo | head -1": the reader has all it wanted
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except XenHeapError as exc:
@@ -453,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, MemoryError) as exc:
         return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

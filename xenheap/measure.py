@@ -2,7 +2,9 @@
 
 Every figure the command line prints and every pytest-benchmark case is built from the
 functions here, so the two ways of measuring cannot drift apart. Results are plain dicts of
-ints, floats, strings and bools (JSON as they are); times are seconds, rates bytes/second.
+ints, floats, strings, bools and None (JSON as they are); times are seconds, rates
+bytes/second. A rate is None, never a made-up number, when nothing was done or the time it
+would be computed over is shorter than ``MIN_TIMED_S`` (see :func:`rate`).
 
 The peers a user would otherwise pick for a zeroed buffer are ``bytearray(n)``,
 ``numpy.zeros(n)`` and ``mmap.mmap(-1, n)``; the zeroing baselines are libc ``memset`` (the
@@ -28,6 +30,7 @@ import psutil
 from xenheap import prim
 from xenheap.errors import OutOfMemory, XenHeapError
 from xenheap.heap import Heap
+from xenheap.progress import rate_over
 from xenheap.topology import read_topology
 
 if TYPE_CHECKING:
@@ -52,6 +55,15 @@ BUFFER_SIZES = (4096, 2 * MiB)
 LATENCY_SAMPLES = 10_000
 CLEAN_TIMEOUT_S = 600.0
 _POLL_S = 0.05  # how often a waiting thread repaints progress while memory is still dirty
+# The shortest interval a measured rate is computed over: below it, reading the clock and
+# calling into the kernels are a visible part of the time, and the quotient means nothing.
+MIN_TIMED_S = 20e-6
+
+
+def rate(amount: float, seconds: float) -> float | None:
+    """``amount / seconds`` (bytes or operations a second), or None when ``amount`` is not
+    positive or ``seconds`` is below MIN_TIMED_S: too little was timed to give a rate."""
+    return rate_over(amount, seconds, MIN_TIMED_S)
 
 
 # --- the machine ----------------------------------------------------------------------------
@@ -196,24 +208,24 @@ def fill_zero(blocks: Sequence[Block]) -> None:
         blk.array("uint64").fill(0)
 
 
-def _best_rate(nbytes: int, op: Callable[[], None], repeats: int) -> float:
+def _best_rate(nbytes: int, op: Callable[[], None], repeats: int) -> float | None:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         op()
         best = min(best, time.perf_counter() - start)
-    return nbytes / best if best > 0 else 0.0
+    return rate(nbytes, best)
 
 
 def memset_bandwidth(regions: Sequence[tuple[int, int]], value: int = 0, threads: int = 1,
-                     repeats: int = 1) -> float:
-    """Bytes/s of :func:`memset_regions` (best of ``repeats``)."""
+                     repeats: int = 1) -> float | None:
+    """Bytes/s of :func:`memset_regions` (best of ``repeats``; None if too fast to time)."""
     return _best_rate(sum(n for _, n in regions),
                       lambda: memset_regions(regions, value, threads), repeats)
 
 
-def numpy_fill_bandwidth(blocks: Sequence[Block], repeats: int = 1) -> float:
-    """Bytes/s of :func:`fill_zero` (best of ``repeats``)."""
+def numpy_fill_bandwidth(blocks: Sequence[Block], repeats: int = 1) -> float | None:
+    """Bytes/s of :func:`fill_zero` (best of ``repeats``; None if too fast to time)."""
     return _best_rate(sum(blk.nbytes for blk in blocks), lambda: fill_zero(blocks), repeats)
 
 
@@ -296,11 +308,11 @@ def destroy_and_clean(heap: Heap, dom: Domain, progress: ScrubProgress | None = 
         "destroy_s": destroy_s,
         "clean_s": clean_s,
         "zeroed_bytes": zeroed,
-        "clean_bytes_per_s": zeroed / clean_s if clean_s > 0 else 0.0,
-        # The scrubbers' own rate: bytes over the time they spent zeroing (None in sync mode).
-        "scrubber_bytes_per_s": (delta["scrubbed_pages"] * heap.page_size
-                                 / delta["scrub_seconds"]
-                                 if delta["scrub_seconds"] > 0 else None),
+        "clean_bytes_per_s": rate(zeroed, clean_s),
+        # The scrubbers' own rate: bytes over the time they spent zeroing (None in sync mode,
+        # and when allocators zeroed everything before a scrubber got to it).
+        "scrubber_bytes_per_s": rate(delta["scrubbed_pages"] * heap.page_size,
+                                     delta["scrub_seconds"]),
     }
 
 
@@ -410,7 +422,7 @@ def leak_check(blocks: Sequence[Block]) -> dict:
 def demo_mode(mode: str, size: int, nodes: int | None = None,
               progress: ScrubProgress | None = None,
               latency_samples: int = LATENCY_SAMPLES) -> dict:
-    """The seed's experiment in one scrub mode: every figure ``xenheap demo`` prints.
+    """The experiment in one scrub mode: every figure ``xenheap demo`` prints.
 
     1. A domain takes all memory and writes a pattern into every page; libc memset and
        numpy fill(0) are timed on that same memory; it is destroyed: the destroy call and the
@@ -664,7 +676,7 @@ def alloc_throughput(heap: Heap, threads: int, ops_per_thread: int, order: int =
         raise errors[0]
     ops = threads * ops_per_thread
     return {"threads": threads, "ops": ops, "seconds": elapsed,
-            "ops_per_s": ops / elapsed if elapsed > 0 else 0.0}
+            "ops_per_s": rate(ops, elapsed)}
 
 
 def bench(sizes: Sequence[int] | None = None, quick: bool = False,
