@@ -143,7 +143,7 @@ def sched_yield(typingctx):
 
 @intrinsic
 def usleep(typingctx, usec):
-    """Sleep ``usec`` microseconds: the only back-off that lets a SCHED_IDLE holder run."""
+    """Sleep ``usec`` microseconds: the back-off that lets any preempted holder run."""
 
     def codegen(context, builder, sig, args):
         arg = context.cast(builder, args[0], sig.args[0], types.uint32)
@@ -181,9 +181,9 @@ SLEEP_USEC = 50
 def backoff(attempt):
     """One step of spin -> yield -> sleep back-off; ``attempt`` counts from 0.
 
-    Spinning alone starves a preempted SCHED_IDLE lock holder (docs/design.md, "Threads and
-    locks"): a normal thread's sched_yield does not hand the CPU to an idle-priority one, a
-    sleep does.
+    Spinning alone starves a preempted lock holder that shares the waiters' CPUs
+    (docs/design.md, "Threads and locks"); sched_yield hands the CPU only to threads of
+    equal or higher priority, a sleep to anyone.
     """
     if attempt < SPINS_BEFORE_YIELD:
         cpu_relax()

@@ -7,6 +7,7 @@ into high orders (Xen's fix for the original series' downside: high-order alloca
 failing while dirty memory waited, unmerged, to be scrubbed).
 """
 
+import numpy as np
 from numba import njit
 
 from native_kernels.atomics import (
@@ -38,12 +39,14 @@ from native_kernels.layout import (
     N_ADDR,
     N_ALLOC_SCRUBBED,
     N_BASE,
+    N_DIRTY_SINCE_NS,
     N_FREE,
     N_FREES,
     N_LOCK,
     N_NEED_SCRUB,
     N_PAGES,
     N_TAG,
+    N_UNMAPPED,
     NIL,
     PAGE_SHIFT,
     PG_FIRST_DIRTY,
@@ -59,6 +62,7 @@ from native_kernels.layout import (
     SCRUB_PATTERN,
 )
 from native_kernels.locks import spin_lock, spin_unlock
+from native_kernels.os_calls import MADV_DONTNEED, sys_madvise, sys_mincore
 from native_kernels.page_list import page_list_add_scrub, page_list_del
 from native_kernels.pages import fill_pages, pages_hold, stream_fill_pages
 from native_kernels.raw import fill_row
@@ -66,6 +70,9 @@ from native_kernels.raw import fill_row
 TAG_MASK = 0x7FFFFFFF
 FREE_BATCH = 64  # blocks a destroy frees per hold of a node's lock
 WAKE_DIRTY_PAGES = 256  # dirty pages (1 MiB) at which a free wakes the node's scrubber
+# Dirty runs from this length up are checked for residency (mincore) before zeroing: a
+# system call costs about what zeroing 16 pages does.
+RESIDENCY_MIN_PAGES = 16
 
 
 @njit(nogil=True, cache=True)
@@ -111,20 +118,36 @@ def check_and_stop_scrub(ft8, nodes, node, head):
 
 
 @njit(nogil=True, cache=True)
-def _get_free_buddy(ft32, lists, node, order, max_order, use_dirty):
+def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
     """Head of the first usable chunk of ``order`` or above on ``node``, and its order.
 
-    Clean chunks sit at a list's head, so one look per order decides whether the list has one.
+    Clean chunks sit at a list's head, so one look per order decides whether the list has
+    one. With ``use_dirty``, the chunk a scrubber is working on is the last resort.
     """
+    busy_head = -1
+    busy_order = -1
     for j in range(order, max_order + 1):
         link = lists[node, j, L_HEAD]
         if link == NIL:
             continue
         head = link - 1
         # A scrubber letting go of a chunk stores first_dirty without the lock.
-        if use_dirty or atomic_load(ft32, (PG_FIRST_DIRTY, head)) == INVALID_DIRTY_IDX:
+        if not use_dirty:
+            if atomic_load(ft32, (PG_FIRST_DIRTY, head)) == INVALID_DIRTY_IDX:
+                return head, j
+            continue
+        # Prefer a chunk no scrubber holds: taking that one means waiting for a thread the
+        # OS may have descheduled. At most one chunk per node is being scrubbed, so the
+        # next one on the list (or a higher order) never is.
+        if atomic_load(ft8, (PG_SCRUB_STATE, head)) == BUDDY_NOT_SCRUBBING:
             return head, j
-    return -1, -1
+        nxt = ft32[PG_NEXT, head]
+        if nxt != NIL:
+            return nxt - 1, j
+        if busy_head < 0:
+            busy_head = head
+            busy_order = j
+    return busy_head, busy_order
 
 
 @njit(nogil=True, cache=True)
@@ -172,7 +195,7 @@ def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exac
             if atomic_load(nodes, (node, N_FREE)) < (1 << order):
                 continue
             spin_lock(nodes, node, N_LOCK)
-            head, j = _get_free_buddy(ft32, lists, node, order, max_order, use_dirty)
+            head, j = _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty)
             if head >= 0:
                 mfn, tag = _take_chunk(ft32, ft8, nodes, lists, node, head, j, order)
                 spin_unlock(nodes, node, N_LOCK)
@@ -182,7 +205,7 @@ def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exac
 
 
 @njit(nogil=True, cache=True)
-def zero_dirty_runs(ft8, addr, head, lo, hi, value, streaming):
+def zero_dirty_runs(ft8, nodes, node, addr, head, lo, hi, value, streaming):
     """Fill the dirty pages among pages [lo, hi) of the chunk or block at ``head`` (whose
     memory starts at ``addr``) with ``value``, run by run, and clear their need_scrub.
 
@@ -200,13 +223,42 @@ def zero_dirty_runs(ft8, addr, head, lo, hi, value, streaming):
         while q < hi and ft8[PG_NEED_SCRUB, head + q] != 0:
             ft8[PG_NEED_SCRUB, head + q] = 0
             q += 1
-        if streaming:
+        if value == 0 and q - p >= RESIDENCY_MIN_PAGES:
+            _zero_resident_runs(nodes, node, addr + (p << PAGE_SHIFT), q - p, streaming)
+        elif streaming:
             stream_fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
         else:
             fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
         cleared += q - p
         p = q
     return cleared
+
+
+@njit(nogil=True, cache=True)
+def _zero_resident_runs(nodes, node, addr, npages, streaming):
+    """Zero the pages of a run that are in RAM; drop the others with MADV_DONTNEED.
+
+    Writing a page that is not in RAM would fault it in (and add to the process's RSS) only
+    to zero it; dropping it makes it read zero for the price of a page-table walk, also
+    when it was swapped out (it would read its old bytes back).
+    """
+    vector = np.empty(npages, dtype=np.uint8)
+    if sys_mincore(addr, npages << PAGE_SHIFT, vector.ctypes.data) != 0:
+        vector[:] = 1  # cannot tell: zero it all
+    p = 0
+    while p < npages:
+        resident = vector[p] & 1
+        q = p + 1
+        while q < npages and (vector[q] & 1) == resident:
+            q += 1
+        start = addr + (p << PAGE_SHIFT)
+        if resident == 0 and sys_madvise(start, (q - p) << PAGE_SHIFT, MADV_DONTNEED) == 0:
+            fetch_add(nodes, (node, N_UNMAPPED), q - p)
+        elif streaming:
+            stream_fill_pages(start, q - p, 0)
+        else:
+            fill_pages(start, q - p, 0)
+        p = q
 
 
 @njit(nogil=True, cache=True)
@@ -221,7 +273,8 @@ def scrub_taken_block(ft8, nodes, meta, mfn, order):
     addr = page_address(nodes, node, mfn)
     n = 1 << order
     # Cached stores: the caller touches the block next.
-    scrubbed = zero_dirty_runs(ft8, addr, mfn, 0, n, SCRUB_PATTERN if debug else 0, False)
+    scrubbed = zero_dirty_runs(ft8, nodes, node, addr, mfn, 0, n,
+                               SCRUB_PATTERN if debug else 0, False)
     if scrubbed:
         fetch_add(nodes, (node, N_NEED_SCRUB), -scrubbed)
         fetch_add(nodes, (node, N_ALLOC_SCRUBBED), scrubbed)
@@ -286,6 +339,8 @@ def _count_freed(nodes, node, pages, need_scrub):
         return False
     # The dirty count also drops without the lock (scrubbers): a real read-modify-write.
     before = fetch_add(nodes, (node, N_NEED_SCRUB), pages)
+    if before == 0:
+        atomic_store(nodes, (node, N_DIRTY_SINCE_NS), monotonic_ns())
     return before < WAKE_DIRTY_PAGES <= before + pages
 
 

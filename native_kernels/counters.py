@@ -23,3 +23,16 @@ def column_sum(rows, column, selected):
     for i in selected:
         total += atomic_load_relaxed(rows, (i, column))
     return total
+
+
+@njit(nogil=True, cache=True)
+def column_min_where(rows, column, nonzero_column, selected):
+    """Smallest ``rows[i, column]`` over the rows in ``selected`` whose ``nonzero_column`` is
+    not zero (-1 if none), read atomically: the oldest stamp of the nodes that are dirty."""
+    best = -1
+    for i in selected:
+        if atomic_load_relaxed(rows, (i, nonzero_column)) != 0:
+            value = atomic_load_relaxed(rows, (i, column))
+            if best < 0 or value < best:
+                best = value
+    return best

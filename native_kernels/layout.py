@@ -73,6 +73,10 @@ N_FREES = 16  # blocks freed to this node. Atomic.
 N_SCRUB_PASSES = 17  # chunks the scrubber finished and moved to the head as clean. Atomic.
 N_RELEASED = 18  # pages given back to the OS by release_unused (cumulative). Atomic.
 N_SCRUBBING = 19  # Xen's node_scrubbing: 1 while a scrubber works on the node. Atomic.
+N_DIRTY_SINCE_NS = 20  # CLOCK_MONOTONIC ns when N_NEED_SCRUB last rose from 0: the node has
+#                        held dirty pages since (the scrub deadline counts from it). Atomic.
+N_UNMAPPED = 21  # dirty pages made clean by MADV_DONTNEED, not zeroing: they were not in
+#                  RAM, so writing them would only have faulted them in. Atomic.
 N_ABORT_HIST = 24  # 32 buckets: abort waits by floor(log2(ns)). Atomic.
 ABORT_HIST_BUCKETS = 32
 NODE_FIELDS = N_ABORT_HIST + ABORT_HIST_BUCKETS

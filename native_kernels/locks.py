@@ -2,8 +2,8 @@
 
 A lock is ``words[row, col]`` (the next ticket) and ``words[row, col + 1]`` (the ticket being
 served). Tickets make the lock FIFO, so a stream of allocators cannot starve each other.
-Waiters back off spin -> yield -> sleep (atomics.backoff): the scrubber runs at SCHED_IDLE and
-may be preempted while it holds a lock; only a sleeping waiter lets it run again.
+Waiters back off spin -> yield -> sleep (atomics.backoff): a holder the OS preempted gets a
+CPU back even when its waiters share all of its CPUs.
 """
 
 from numba import njit

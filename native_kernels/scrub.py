@@ -110,7 +110,7 @@ def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     i = start
     while i < size:
         end = min(i + granule_pages, size)
-        cleared = zero_dirty_runs(ft8, addr, head, i, end, value, True)
+        cleared = zero_dirty_runs(ft8, nodes, node, addr, head, i, end, value, True)
         if cleared:
             fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
             fetch_add(nodes, (node, N_SCRUBBED), cleared)
@@ -140,14 +140,17 @@ def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
 
 
 @njit(nogil=True, cache=True)
-def scrub_nodes(ft32, ft8, nodes, lists, meta, node_list, stop, budget_pages, granule_pages):
+def scrub_nodes(ft32, ft8, nodes, lists, meta, node_list, stop, budget_pages, granule_pages,
+                until_ns):
     """Scrub the nodes of ``node_list`` in turn, one bounded step each, until none has a
-    dirty chunk or ``stop[0]`` is set: the scrubber thread needs the GIL only to sleep.
+    dirty chunk, ``stop[0]`` is set or CLOCK_MONOTONIC passes ``until_ns``: the scrubber
+    thread needs the GIL only between such slices.
 
     Returns the pages zeroed, or E_FAULT when an injected fault fired.
     """
     zeroed = 0
-    while atomic_load(stop, 0) == 0 and atomic_load(meta, M_CLOSED) == 0:
+    while (atomic_load(stop, 0) == 0 and atomic_load(meta, M_CLOSED) == 0
+           and monotonic_ns() < until_ns):
         busy = False
         for node in node_list:
             got = scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages,

@@ -15,7 +15,13 @@ from conftest import read_all_free_memory
 from numba import njit
 
 import xenheap
-from native_kernels.layout import D_LOCK, N_SCRUBBING, PAGE_SIZE
+from native_kernels.layout import (
+    BUDDY_SCRUBBING,
+    D_LOCK,
+    N_SCRUBBING,
+    PAGE_SIZE,
+    PG_SCRUB_STATE,
+)
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.scrub import NOTHING_DIRTY, scrub_free_pages
 from xenheap import prim
@@ -218,7 +224,11 @@ def test_scrubber_stalling_while_holding_a_chunk_only_delays_the_allocator():
         for blk in [dom.alloc(heap.max_order - 2) for _ in range(4)]:
             blk.array()[:] = 0xEE
         dom.destroy()
-        time.sleep(0.02)  # let the scrubber take a chunk and stall on it
+        scrub_state = heap._state["ft8"][PG_SCRUB_STATE]
+        deadline = time.monotonic() + WAIT_S
+        while not (scrub_state == BUDDY_SCRUBBING).any():  # it took a chunk and stalls on it
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
         clean, held = read_all_free_memory(heap)
         assert clean and held == heap.total_pages
         assert heap.stats()["nodes"][0]["abort_wait_ns_max"] > 0

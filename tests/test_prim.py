@@ -209,29 +209,6 @@ def test_set_current_thread_idle_in_that_thread_only() -> None:
     assert ok is prim.capabilities()["sched_idle"]
 
 
-def test_set_thread_normal_lifts_another_thread_out_of_sched_idle() -> None:
-    went_idle = threading.Event()
-    lifted = threading.Event()
-    seen: list[int] = []
-
-    def body() -> None:
-        if prim.set_current_thread_idle():
-            went_idle.set()
-            lifted.wait(10)
-        seen.append(os.sched_getscheduler(0))
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    if not went_idle.wait(10):
-        thread.join(10)
-        pytest.skip("SCHED_IDLE is not available here")
-    assert prim.set_thread_normal(thread.native_id)
-    lifted.set()
-    thread.join(10)
-    assert seen == [os.SCHED_OTHER]
-    assert not prim.set_thread_normal(2**31 - 1)  # no such thread: refused, not raised
-
-
 def test_current_cpu() -> None:
     cpu = prim.current_cpu()
     assert cpu == -1 or cpu in os.sched_getaffinity(0)

@@ -26,7 +26,7 @@ import numpy as np
 
 import xenheap
 from native_kernels.layout import MAX_NODES
-from xenheap import measure, prim
+from xenheap import busy, measure, prim
 from xenheap.errors import XenHeapError
 from xenheap.progress import ScrubProgress, format_rate, format_seconds
 from xenheap.sizes import format_size, parse_size
@@ -41,6 +41,7 @@ EXIT_BROKEN_PIPE = 128 + 13  # as if killed by SIGPIPE, which Python ignores
 MIN_SIZE_PER_NODE = 4 * measure.MiB
 INFO_MEMSET_BYTES = 256 * measure.MiB
 PLOT_EXTRA_HINT = "pip install -e '.[plot]'"
+MAX_HOGS = 256  # demo --busy: more CPU-bound processes than that is a mistake, not a test
 
 
 class UsageError(Exception):
@@ -327,8 +328,27 @@ def _progress(args: argparse.Namespace) -> ScrubProgress:
     return ScrubProgress(sys.stderr, enabled=args.progress)
 
 
+def _hog_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= count <= MAX_HOGS:
+        raise argparse.ArgumentTypeError(f"needs 1 to {MAX_HOGS} busy processes, got {count}")
+    return count
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Destroy a domain in "sync" and "idle" mode; print the table (or JSON)."""
+    """Destroy a domain in "sync" and "idle" mode; print the table (or JSON).
+
+    With ``--busy N``: the busy-machine experiment instead (:mod:`xenheap.busy`).
+    """
+    if args.busy is not None:
+        size = args.size if args.size is not None else busy.DEFAULT_SIZE
+        _check_size(size, args.nodes or 1, "--size")
+        result = busy.run(size, args.busy, args.nodes, progress=_progress(args))
+        _emit(result, busy.format_result(result), args.json)
+        return 0
     size = args.size if args.size is not None else measure.default_demo_size()
     _check_size(size, args.nodes or 1, "--size")
     result = measure.demo(size, args.nodes, _progress(args))
@@ -448,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nodes", type=_node_count, default=None,
                       help=f"emulate this many NUMA nodes, 1 to {MAX_NODES} (default: the "
                       "machine's)")
+    demo.add_argument("--busy", type=_hog_count, default=None, metavar="N",
+                      help="instead: the busy-machine experiment, idle-scrub heap (default "
+                      "--size 1GiB) on an idle machine and beside N CPU-bound processes")
     demo.add_argument("--json", action="store_true", help="print the figures as JSON")
     _add_progress_option(demo)
     demo.set_defaults(func=cmd_demo)

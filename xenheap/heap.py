@@ -83,6 +83,7 @@ FAULTS = {None: FAULT_NONE, "scrub_fail": FAULT_SCRUB_FAIL, "scrub_stall": FAULT
           "populate_fail": FAULT_POPULATE_FAIL}
 RELEASE_BATCH = 4096  # chunks claimed per release_unused step
 DEFAULT_MAX_DOMAINS = 4096
+DEFAULT_SCRUB_DEADLINE_S = 1.0
 FORKED_REASON = ("this heap belongs to the parent process (inherited across fork); create a "
                  "new Heap in the child")
 # Every heap not yet collected, closed ones too: the fork hook marks them all, and exit
@@ -98,18 +99,26 @@ class Heap:
     CPU lists (a list may be empty: a node without CPUs). ``scrub``: "idle" (background
     scrubbers, the default), "sync" (zero on free and destroy) or "alloc" (zero on
     allocation only). ``debug``: Xen's SCRUB_DEBUG (pattern 0xc2 instead of zeros, freed pages
-    poisoned, every allocation verified). Thread-safe; the heap work runs without the GIL.
+    poisoned, every allocation verified). ``scrub_deadline``: seconds a node may stay dirty
+    before its scrubber cleans it at normal priority even though no CPU is idle (scrub="idle"
+    only). Thread-safe; the heap work runs without the GIL.
     """
 
     def __init__(self, size: int | str = "1GiB", nodes: int | Sequence[Sequence[int]] | None
                  = None, scrub: str = "idle", debug: bool = False,
-                 max_domains: int = DEFAULT_MAX_DOMAINS) -> None:
+                 max_domains: int = DEFAULT_MAX_DOMAINS,
+                 scrub_deadline: float = DEFAULT_SCRUB_DEADLINE_S) -> None:
         if scrub not in SCRUB_MODES:
             raise InvalidArgument(f"scrub must be one of {sorted(SCRUB_MODES)}, got {scrub!r}")
         if not isinstance(debug, bool):
             raise InvalidArgument(f"debug must be a bool, got {debug!r}")
         if isinstance(max_domains, bool) or not isinstance(max_domains, int) or max_domains < 1:
             raise InvalidArgument(f"max_domains must be a positive int, got {max_domains!r}")
+        if (isinstance(scrub_deadline, bool) or not isinstance(scrub_deadline, (int, float))
+                or not 0 < scrub_deadline < float("inf")):
+            raise InvalidArgument("scrub_deadline must be a positive number of seconds, got "
+                                  f"{scrub_deadline!r}")
+        self.scrub_deadline = float(scrub_deadline)
         nbytes = parse_size(size)
         self.topology = resolve_topology(nodes)
         nr_nodes = len(self.topology.nodes)
@@ -177,7 +186,7 @@ class Heap:
 
     def _start_scrubbers(self) -> None:
         for node_ids, cpus in plan_scrubbers(self.topology):
-            scrubber = Scrubber(self._state, node_ids, cpus, self._arenas)
+            scrubber = Scrubber(self._state, node_ids, cpus, self._arenas, self.scrub_deadline)
             for node in node_ids:
                 self._scrubber_of[node] = len(self._scrubbers)
             self._scrubbers.append(scrubber)

@@ -223,20 +223,6 @@ def set_current_thread_idle() -> bool:
     return True
 
 
-def set_thread_normal(native_id: int) -> bool:
-    """Move thread ``native_id`` of this process back to SCHED_OTHER; False where refused.
-
-    Linux lets a thread change another thread's policy by its id: a stopping scrubber must
-    get the CPU even on a machine too busy to ever run an idle-priority thread.
-    """
-    try:
-        os.sched_setscheduler(native_id, os.SCHED_OTHER, os.sched_param(0))
-    except (AttributeError, OSError) as exc:
-        log.debug("cannot move thread %d to SCHED_OTHER: %s", native_id, exc)
-        return False
-    return True
-
-
 def runnable_threads() -> int:
     """Threads runnable on the whole machine right now, the caller included (the kernel's
     nr_running, from /proc/loadavg). Host-wide: a container sees its host's count."""

@@ -1,11 +1,22 @@
-"""The background scrubbers: one idle-priority thread per node with CPUs (Xen's idle loop).
+"""The background scrubbers: one thread per node with CPUs, the userspace form of Xen's idle loop.
 
-Each thread pins itself to its node's CPUs, asks for SCHED_IDLE, and calls the nogil kernel
-``scrub_nodes`` for its node and the CPU-less nodes nearest to it. That kernel takes one
-bounded step (``scrub_free_pages``) on each node in turn until none is dirty, checking an
-atomic stop flag between steps, so it needs the GIL only to return and a stop request is
-seen within milliseconds. The thread then sleeps on an event, set by a free that leaves one
-of its nodes with 1 MiB or more of dirty pages, and looks again every 0.1 s regardless.
+Each thread pins itself to its node's CPUs and scrubs its node and the CPU-less nodes nearest
+to it, calling the nogil kernel ``scrub_nodes`` for one time slice at a time. It runs at
+normal priority, never SCHED_IDLE: a SCHED_IDLE thread that the kernel preempts while it
+holds a chunk or a node lock (or the GIL) can keep it for seconds on a busy machine, and an
+unprivileged thread can never leave SCHED_IDLE again, so close() could not stop it. Idle
+priority is decided instead before each slice:
+
+- "idle" work: a slice runs when some CPU is idle, i.e. fewer other threads are runnable
+  (``prim.runnable_threads``) than this process may use CPUs; the scrubber then uses CPU
+  time nobody else wants, as Xen's idle loop does.
+- "deadline" work: when a node has been dirty for ``scrub_deadline`` seconds, slices run
+  whatever else is runnable, at normal priority, until the node is clean. The CPU this costs
+  is counted apart (``deadline_cpu_seconds``).
+
+Otherwise the thread sleeps on an event (set by a free that leaves one of its nodes 1 MiB
+dirty), looking again every IDLE_WAIT_S when its nodes are clean and every BUSY_POLL_S
+while they are dirty but no CPU is idle.
 """
 
 from __future__ import annotations
@@ -17,7 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from native_kernels.layout import E_FAULT
+from native_kernels.counters import column_min_where
+from native_kernels.layout import E_FAULT, N_DIRTY_SINCE_NS, N_NEED_SCRUB
 from native_kernels.scrub import scrub_nodes
 from native_kernels.switches import set_switch
 from xenheap import prim
@@ -32,11 +44,11 @@ log = logging.getLogger(__name__)
 # near memset's speed and zeroes in about 3 us: that bounds how long an aborting allocator
 # waits for a running scrubber.
 GRANULE_PAGES = 64
-# Pages one step may scan before it looks at the stop flag again: about 0.3 ms of zeroing.
+# Pages one step may scan before it looks at the stop flag and the clock again.
 BUDGET_PAGES = 4096
-# How often an idle scrubber looks for dirty pages by itself: frees wake it only once a
-# node holds buddy.WAKE_DIRTY_PAGES dirty pages (and numpy's frees cannot wake it at all).
-IDLE_WAIT_S = 0.1
+SLICE_S = 0.01  # one kernel call: then the GIL, the stop request and idleness are looked at
+IDLE_WAIT_S = 0.1  # clean nodes: look again this often even without a wake-up
+BUSY_POLL_S = 0.005  # dirty nodes, no idle CPU: look again this often
 ERROR_BACKOFF_S = 0.05
 MAX_ERROR_BACKOFF_S = 1.0
 
@@ -45,20 +57,24 @@ class Scrubber(threading.Thread):
     """Scrubs ``nodes`` (its own first) from a daemon thread pinned to ``cpus``."""
 
     def __init__(self, state: dict, nodes: Sequence[int], cpus: Sequence[int],
-                 arenas: Sequence[object]) -> None:
+                 arenas: Sequence[object], deadline_s: float) -> None:
         super().__init__(name=f"xenheap-scrub-node{nodes[0]}", daemon=True)
         self.nodes = tuple(nodes)
         self._node_array = np.array(self.nodes, dtype=np.int64)
         self.cpus = tuple(cpus)
+        self.deadline_ns = int(deadline_s * 1e9)
         self.wakeup = threading.Event()
         self.errors = 0
         self.last_error: str | None = None
         self.state = "starting"
         self.pinned = False
-        self.idle_priority = False
+        self.idle_cpu_seconds = 0.0  # CPU time of slices run because a CPU was idle
+        self.deadline_cpu_seconds = 0.0  # ... because a node was overdue
+        self.cpu_seconds = 0.0  # the thread's whole CPU time, as the OS counts it
         self._stop_requested = threading.Event()
         self._stop_flag = np.zeros(1, dtype=np.int64)  # what the kernel polls
         self._arenas = tuple(arenas)  # the memory it writes stays mapped while it runs
+        self._nodes_rows = state["nodes"]
         self._arrays = (state["ft32"], state["ft8"], state["nodes"], state["lists"],
                         state["meta"])
 
@@ -66,31 +82,53 @@ class Scrubber(threading.Thread):
         """Ask the thread to stop; it finishes its current bounded step first."""
         self._stop_requested.set()
         set_switch(self._stop_flag, 0, 1)
-        if self.idle_priority and self.native_id is not None:
-            prim.set_thread_normal(self.native_id)  # so it runs, and sees the flag, at once
         self.wakeup.set()
 
-    def _scrub(self) -> None:
-        """Scrub until the nodes are clean or a stop is requested."""
-        if scrub_nodes(*self._arrays, self._node_array, self._stop_flag, BUDGET_PAGES,
-                       GRANULE_PAGES) == E_FAULT:
+    def _next_step(self) -> tuple[str | None, float]:
+        """What to do now: ("idle" | "deadline", 0) to scrub a slice, or (None, seconds to
+        wait)."""
+        oldest = column_min_where(self._nodes_rows, N_DIRTY_SINCE_NS, N_NEED_SCRUB,
+                                  self._node_array)
+        if oldest < 0:  # every node clean
+            return None, IDLE_WAIT_S
+        overdue_in = (oldest + self.deadline_ns - time.monotonic_ns()) / 1e9
+        if overdue_in <= 0:
+            return "deadline", 0.0
+        if prim.runnable_threads() - 1 < prim.usable_cpus():  # minus this thread
+            return "idle", 0.0
+        return None, min(BUSY_POLL_S, overdue_in)
+
+    def _scrub(self, kind: str) -> None:
+        """One slice of scrubbing, its CPU time charged to ``kind``."""
+        before = time.thread_time()
+        until = time.monotonic_ns() + int(SLICE_S * 1e9)
+        got = scrub_nodes(*self._arrays, self._node_array, self._stop_flag, BUDGET_PAGES,
+                          GRANULE_PAGES, until)
+        spent = time.thread_time() - before
+        if kind == "deadline":
+            self.deadline_cpu_seconds += spent
+        else:
+            self.idle_cpu_seconds += spent
+        if got == E_FAULT:
             raise XenHeapError(f"injected scrubber fault on nodes {self.nodes}")
 
     def run(self) -> None:
         if self.cpus:
             self.pinned = prim.pin_current_thread(self.cpus)
-        self.idle_priority = prim.set_current_thread_idle()
         backoff = ERROR_BACKOFF_S
         while not self._stop_requested.is_set():
             try:
-                self.state = "scrubbing"
-                self.wakeup.clear()
                 # A free that dirties a node after the clear sets the event again, so the
                 # wait below cannot miss it.
-                self._scrub()
+                self.wakeup.clear()
+                kind, wait_s = self._next_step()
+                if kind is None:
+                    self.state = "idle"
+                    self.wakeup.wait(wait_s)
+                else:
+                    self.state = "scrubbing"
+                    self._scrub(kind)
                 backoff = ERROR_BACKOFF_S
-                self.state = "idle"
-                self.wakeup.wait(IDLE_WAIT_S)
             except Exception as exc:
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -99,6 +137,8 @@ class Scrubber(threading.Thread):
                               self.nodes)
                 self._stop_requested.wait(backoff)
                 backoff = min(backoff * 2, MAX_ERROR_BACKOFF_S)
+            finally:
+                self.cpu_seconds = time.thread_time()
         self.state = "stopped"
 
 

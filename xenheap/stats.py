@@ -14,6 +14,11 @@ released_bytes             bytes given back to the OS by release_unused (cumulat
 resident_bytes             the process's resident set size (RSS), all memory included
 bad_array_frees            numpy frees of memory the heap did not give out (ignored)
 frame_table_bytes          bytes of per-page metadata (the frame table)
+scrub_cpu_seconds          CPU time of the scrubber threads as the OS counts it
+                           (time.thread_time), polling included
+scrub_idle_cpu_seconds     the part spent scrubbing because a CPU was idle
+scrub_deadline_cpu_seconds the part spent scrubbing at normal priority because a node
+                           stayed dirty past scrub_deadline (no CPU was idle)
 =========================  ===========================================================
 
 Per node:
@@ -27,6 +32,8 @@ allocations, frees         blocks allocated from / freed to the node
 scrubbed_pages             pages zeroed by the background scrubber
 alloc_scrubbed_pages       pages zeroed by allocators (scrub-on-allocate)
 sync_scrubbed_pages        pages zeroed on the free path in "sync" mode
+unmapped_pages             dirty pages made clean with MADV_DONTNEED instead of zeroing,
+                           because they were not in RAM (scrubber or allocator)
 released_pages             pages given back to the OS by release_unused (cumulative)
 scrub_passes               chunks the scrubber finished and moved to the clean head
 aborts                     scrubs stopped because an allocator, a merge or check() claimed
@@ -72,6 +79,7 @@ from native_kernels.layout import (
     N_SCRUB_PASSES,
     N_SCRUBBED,
     N_SYNC_SCRUBBED,
+    N_UNMAPPED,
 )
 
 if TYPE_CHECKING:
@@ -132,6 +140,7 @@ def node_stats(heap: Heap, rows: np.ndarray, counts: np.ndarray) -> list[dict]:
             "scrubbed_pages": int(row[N_SCRUBBED]),
             "alloc_scrubbed_pages": int(row[N_ALLOC_SCRUBBED]),
             "sync_scrubbed_pages": int(row[N_SYNC_SCRUBBED]),
+            "unmapped_pages": int(row[N_UNMAPPED]),
             "released_pages": int(row[N_RELEASED]),
             "scrub_passes": int(row[N_SCRUB_PASSES]),
             "aborts": int(row[N_ABORTS]),
@@ -174,6 +183,9 @@ def heap_stats(heap: Heap) -> dict:
         "released_bytes": sum(n["released_pages"] for n in nodes) * heap.page_size,
         "resident_bytes": psutil.Process().memory_info().rss,
         "bad_array_frees": int(snapshot(heap._state["meta"].reshape(1, -1))[0, M_BAD_ARRAY_FREES]),
+        "scrub_cpu_seconds": sum(s.cpu_seconds for s in heap.scrubbers),
+        "scrub_idle_cpu_seconds": sum(s.idle_cpu_seconds for s in heap.scrubbers),
+        "scrub_deadline_cpu_seconds": sum(s.deadline_cpu_seconds for s in heap.scrubbers),
         "nodes": nodes,
     }
 
