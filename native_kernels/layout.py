@@ -162,15 +162,18 @@ E_FAULT = -6  # an injected fault fired
 E_CLOSED = -7  # the heap is closed
 
 
-def new_state(nr_nodes: int, pages_per_node: int, max_domains: int) -> dict[str, np.ndarray]:
-    """Zeroed state arrays for a heap; ``numpy.zeros`` maps them lazily."""
+def new_state(nr_nodes: int, pages_per_node: int, max_domains: int,
+              zeros=np.zeros) -> dict[str, np.ndarray]:
+    """Zeroed state arrays for a heap, made by ``zeros(shape, dtype)``: the heap passes one
+    that maps them lazily in 4 KiB pages (xenheap.prim.zeroed_array), so a heap of any
+    size costs only the chunk heads it links."""
     nr_pages = nr_nodes * pages_per_node
     return {
-        "ft32": np.zeros((FT32_FIELDS, nr_pages), dtype=np.uint32),
-        "ft8": np.zeros((FT8_FIELDS, nr_pages), dtype=np.uint8),
-        "nodes": np.zeros((nr_nodes, NODE_FIELDS), dtype=np.int64),
-        "lists": np.zeros((nr_nodes, MAX_ORDER_LIMIT + 1, LIST_FIELDS), dtype=np.int64),
-        "doms": np.zeros((max_domains, DOM_FIELDS), dtype=np.int64),
-        "zone": np.zeros((nr_nodes, nr_nodes), dtype=np.int64),
-        "meta": np.zeros(META_FIELDS, dtype=np.int64),
+        "ft32": zeros((FT32_FIELDS, nr_pages), np.uint32),
+        "ft8": zeros((FT8_FIELDS, nr_pages), np.uint8),
+        "nodes": zeros((nr_nodes, NODE_FIELDS), np.int64),
+        "lists": zeros((nr_nodes, MAX_ORDER_LIMIT + 1, LIST_FIELDS), np.int64),
+        "doms": zeros((max_domains, DOM_FIELDS), np.int64),
+        "zone": zeros((nr_nodes, nr_nodes), np.int64),
+        "meta": zeros(META_FIELDS, np.int64),
     }

@@ -760,3 +760,17 @@ def test_destroy_on_the_64th_node_succeeds_and_retires_the_domain():
         assert heap.wait_clean(30)
         assert heap.stats()["domains"] == 0
         heap.check()
+
+
+# --- issue 12: metadata paid as used ----------------------------------------------------
+def test_a_one_tib_virtual_heap_costs_only_the_chunk_heads_it_links():
+    import psutil
+
+    process = psutil.Process()
+    rss = process.memory_info().rss
+    with xenheap.Heap("1TiB", scrub="alloc") as heap:  # 6 GiB of frame table, virtually
+        grown = process.memory_info().rss - rss
+        assert grown < 64 * MiB, f"creating it made {grown / MiB:.0f} MiB resident"
+        blk = heap.create_domain().alloc(0)
+        blk.array()[:] = 1
+        assert heap.stats()["free_pages"] == heap.total_pages - 1

@@ -221,3 +221,13 @@ def test_capabilities() -> None:
     caps["mbind"] = not caps["mbind"]
     assert prim.capabilities()["mbind"] is not caps["mbind"]  # a fresh copy each call
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # probing left the caller alone
+
+
+def test_zeroed_array_is_lazy_zeroed_and_page_aligned() -> None:
+    arr = prim.zeroed_array((4, 1 << 20), np.uint32)  # 16 MiB, never touched
+    assert arr.shape == (4, 1 << 20) and arr.dtype == np.uint32 and arr.flags.writeable
+    assert arr.ctypes.data % prim.PAGE_SIZE == 0
+    assert prim.resident_pages(arr.ctypes.data, arr.nbytes) == 0
+    arr[1, 12345] = 7  # one write: one 4 KiB page, not a 2 MiB huge page
+    assert prim.resident_pages(arr.ctypes.data, arr.nbytes) == 1
+    assert int(arr.sum()) == 7

@@ -140,7 +140,7 @@ class Heap:
 
         self._arenas = [Arena(node, pages_per_node * PAGE_SIZE) for node in self.topology.nodes]
         with default_numpy_memory():  # never from a domain's handler the caller installed
-            self._state = new_state(nr_nodes, pages_per_node, max_domains)
+            self._state = new_state(nr_nodes, pages_per_node, max_domains, prim.zeroed_array)
             self._all_nodes = np.arange(nr_nodes, dtype=np.int64)
         self._fill_state(max_domains)
         s = self._state

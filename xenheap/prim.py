@@ -46,6 +46,7 @@ HUGE_PAGE_SIZE = 2 * 1024 * 1024  # x86_64 and arm64 (4 KiB granule) PMD size
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
 MPOL_PREFERRED = 1
 _SYS_MBIND = {"x86_64": 237, "amd64": 237, "aarch64": 235, "arm64": 235}.get(
     platform.machine().lower()
@@ -100,6 +101,22 @@ def map_anonymous(nbytes: int) -> mmap.mmap:
         if exc.errno == errno.ENOMEM:
             raise OutOfMemory(f"cannot map {nbytes} bytes of address space: {exc}") from exc
         raise
+
+
+def zeroed_array(shape: int | tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """A zeroed numpy array in its own anonymous mapping, in 4 KiB pages: only the pages
+    written cost memory.
+
+    numpy.zeros asks for transparent huge pages on large arrays, so one write into a sparse
+    array (the frame table of a large heap, where only chunk heads are written) would
+    fault in and zero 2 MiB. The mapping is page-aligned, so rows of a multiple of 64 bytes
+    sit on their own cache lines.
+    """
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    mapping = map_anonymous(max(count * dt.itemsize, 1))
+    _madvise_call(address_of(mapping), len(mapping), MADV_NOHUGEPAGE)  # refused: harmless
+    return np.frombuffer(mapping, dtype=dt, count=count).reshape(shape)
 
 
 def address_of(buf: object) -> int:
