@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-from xenheap import measure
 from xenheap.sizes import format_size
+from xenheap.tools.workload import MiB
 
 QUICK = os.environ.get("XENHEAP_BENCH_QUICK", "") not in ("", "0")
-MiB = measure.MiB
 
 # Domain sizes for destroy and scrub cases: enough to see the trend, small enough for CI.
 SIZES = [16 * MiB] if QUICK else [64 * MiB, 256 * MiB]

@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterator
 import pytest
 from benchconf import SERVICE_HEAP
 
-from xenheap import Heap, measure
+from xenheap import Heap
+from xenheap.tools.workload import warm_kernels, warm_up
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _kernels_loaded() -> None:
     # numba loads each kernel at its first call, holding the GIL: never inside a timing.
-    measure.warm_kernels()
+    warm_kernels()
 
 
 @pytest.fixture
@@ -41,5 +42,5 @@ def make_heap() -> Iterator[Callable[..., Heap]]:
 def service_heap() -> Iterator[Heap]:
     """An idle-mode heap that has served a while: every page faulted in and clean."""
     with Heap(SERVICE_HEAP, scrub="idle") as heap:
-        measure.warm_up(heap)
+        warm_up(heap)
         yield heap

@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 from benchconf import ALLOC_OPS, ROUNDS
 
-from xenheap import measure
+from xenheap.tools.bench import alloc_throughput
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_alloc_free_threads(benchmark, service_heap, threads: int) -> None:
     benchmark.group = f"alloc+free 4 KiB, {ALLOC_OPS} per thread"
-    result = benchmark.pedantic(measure.alloc_throughput,
+    result = benchmark.pedantic(alloc_throughput,
                                 args=(service_heap, threads, ALLOC_OPS), rounds=ROUNDS)
-    benchmark.extra_info["ops_per_s"] = result["ops_per_s"]
-    assert result["ops"] == threads * ALLOC_OPS
+    benchmark.extra_info["ops_per_s"] = result.ops_per_s
+    assert result.ops == threads * ALLOC_OPS

@@ -8,17 +8,18 @@ from __future__ import annotations
 import pytest
 from benchconf import size_id
 
-from xenheap import measure
+from xenheap.tools.baselines import buffer_peers
+from xenheap.tools.bench import BUFFER_SIZES
 
 PEERS = ["xenheap", "bytearray", "numpy.zeros", "mmap"]
 
 
 @pytest.mark.parametrize("peer", PEERS)
-@pytest.mark.parametrize("nbytes", measure.BUFFER_SIZES, ids=size_id)
+@pytest.mark.parametrize("nbytes", BUFFER_SIZES, ids=size_id)
 def test_zeroed_buffer(benchmark, service_heap, nbytes: int, peer: str) -> None:
     benchmark.group = f"zeroed buffer {size_id(nbytes)}: obtain, write once, release"
     dom = service_heap.create_domain(f"buffers-{peer}")
     try:
-        benchmark(measure.buffer_peers(dom)[peer], nbytes)
+        benchmark(buffer_peers(dom)[peer], nbytes)
     finally:
         dom.destroy()

@@ -8,15 +8,15 @@ from __future__ import annotations
 import pytest
 from benchconf import ROUNDS, SIZES, size_id
 
-from xenheap import measure
+from xenheap.tools.workload import populated_domain, wait_until_clean
 
 MODES = ["sync", "idle"]
 
 
 def _populated(heap):
     def setup():
-        measure.wait_until_clean(heap)  # every round starts from a clean heap
-        dom, _, _ = measure.populated_domain(heap, "guest")
+        wait_until_clean(heap)  # every round starts from a clean heap
+        dom, _, _ = populated_domain(heap, "guest")
         return (dom,), {}
 
     return setup
@@ -28,7 +28,7 @@ def test_destroy(benchmark, make_heap, size: int, mode: str) -> None:
     benchmark.group = f"destroy {size_id(size)}"
     heap = make_heap(size, scrub=mode)
     benchmark.pedantic(lambda dom: dom.destroy(), setup=_populated(heap), rounds=ROUNDS)
-    assert measure.wait_until_clean(heap)
+    assert wait_until_clean(heap)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -39,6 +39,6 @@ def test_destroy_until_clean(benchmark, make_heap, size: int, mode: str) -> None
 
     def destroy_and_wait(dom) -> None:
         dom.destroy()
-        assert measure.wait_until_clean(heap)
+        assert wait_until_clean(heap)
 
     benchmark.pedantic(destroy_and_wait, setup=_populated(heap), rounds=ROUNDS)

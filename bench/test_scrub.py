@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from benchconf import ROUNDS, SIZES, size_id
 
-from xenheap import measure
+from xenheap.tools.baselines import block_regions, coalesce, fill_zero, memset_regions
+from xenheap.tools.workload import populated_domain, wait_until_clean, write_pattern
 
 WAYS = ["scrubbers", "memset", "memset-threads", "numpy-fill0"]
 
@@ -21,30 +22,30 @@ def test_zero_memory(benchmark, make_heap, size: int, nodes: int, way: str) -> N
     benchmark.group = f"zero {size_id(size)}, {nodes} node(s)"
     heap = make_heap(size, nodes=nodes, scrub="idle")
     threads = len(heap.scrubbers)
-    guest, blocks, _ = measure.populated_domain(heap, "guest")
+    guest, blocks, _ = populated_domain(heap, "guest")
     if way == "scrubbers":
         def setup():
-            measure.wait_until_clean(heap)
-            dom, _, _ = measure.populated_domain(heap, "guest")
+            wait_until_clean(heap)
+            dom, _, _ = populated_domain(heap, "guest")
             return (dom,), {}
 
         def destroy_and_wait(dom) -> None:
             dom.destroy()
-            assert measure.wait_until_clean(heap)
+            assert wait_until_clean(heap)
 
         guest.destroy()
         benchmark.pedantic(destroy_and_wait, setup=setup, rounds=ROUNDS)
         return
-    regions = measure.coalesce(measure.block_regions(blocks))
+    regions = coalesce(block_regions(blocks))
 
     def rewrite():
-        measure.write_pattern(blocks)  # dirty again, as a destroyed domain's memory is
+        write_pattern(blocks)  # dirty again, as a destroyed domain's memory is
         return (), {}
 
     op = {
-        "memset": lambda: measure.memset_regions(regions),
-        "memset-threads": lambda: measure.memset_regions(regions, threads=threads),
-        "numpy-fill0": lambda: measure.fill_zero(blocks),
+        "memset": lambda: memset_regions(regions),
+        "memset-threads": lambda: memset_regions(regions, threads=threads),
+        "numpy-fill0": lambda: fill_zero(blocks),
     }[way]
     benchmark.pedantic(op, setup=rewrite, rounds=ROUNDS)
     guest.destroy()

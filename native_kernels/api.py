@@ -11,6 +11,7 @@ from numba import njit
 from native_kernels.atomics import fetch_add, fetch_or
 from native_kernels.domain import alloc_block, destroy_domain, free_block, populate
 from native_kernels.layout import E_CLOSED, M_CLOSED, M_IN_FLIGHT
+from native_kernels.parked import flush_parked
 
 
 @njit(nogil=True, cache=True)
@@ -90,13 +91,24 @@ def heap_free_short(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, orde
 
 
 @njit(nogil=True, cache=True)
-def heap_populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order,
-                  node_pref, exact):
-    """domain.populate for the Python API."""
+def heap_alloc_many(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order,
+                    node_pref, exact, out):
+    """domain.populate for the Python API, each block's (mfn, tag) written to ``out``
+    (``out`` without rows: populate, handles not wanted)."""
     if not enter_heap(meta):
         return E_CLOSED
     result = populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order,
-                      node_pref, exact)
+                      node_pref, exact, out)
+    leave_heap(meta)
+    return result
+
+
+@njit(nogil=True, cache=True)
+def heap_flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+    """parked.flush_parked for the Python API: the blocks freed."""
+    if not enter_heap(meta):
+        return E_CLOSED
+    result = flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)
     leave_heap(meta)
     return result
 

@@ -25,6 +25,11 @@ from native_kernels.layout import (
     BUDDY_NOT_SCRUBBING,
     BUDDY_SCRUB_ABORT,
     BUDDY_SCRUBBING,
+    CH_ID,
+    CH_NS,
+    CH_PAGES,
+    CHARGE_SLOTS,
+    CHARGE_WORDS,
     E_NOMEM,
     INVALID_DIRTY_IDX,
     L_HEAD,
@@ -39,6 +44,9 @@ from native_kernels.layout import (
     N_ADDR,
     N_ALLOC_SCRUBBED,
     N_BASE,
+    N_CHARGE_LOST_NS,
+    N_CHARGE_LOST_PAGES,
+    N_CHARGES,
     N_DIRTY_SINCE_NS,
     N_FREE,
     N_FREES,
@@ -205,15 +213,20 @@ def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exac
 
 
 @njit(nogil=True, cache=True)
-def zero_dirty_runs(ft8, nodes, node, addr, head, lo, hi, value, streaming):
+def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming, charges):
     """Fill the dirty pages among pages [lo, hi) of the chunk or block at ``head`` (whose
     memory starts at ``addr``) with ``value``, run by run, and clear their need_scrub.
 
     Returns how many. The caller holds the pages alone (a scrubber while BUDDY_SCRUBBING,
     an allocator after taking the block), so need_scrub is written with plain stores.
-    ``streaming`` bypasses the caches, for memory nobody reads next.
+    ``streaming`` bypasses the caches, for memory nobody reads next. The work is charged
+    to the domains that dirtied the pages (PG_TAG of a dirty free page): pages into the
+    caller's ``charges`` table of (id, pages) rows (a scrubber's, see charge_pages), or,
+    when ``charges`` is ``nodes`` itself (an allocator), pages and nanoseconds into the
+    node's charge slots.
     """
     cleared = 0
+    shared = charges.shape[1] != 2
     p = lo
     while p < hi:
         if ft8[PG_NEED_SCRUB, head + p] == 0:
@@ -223,15 +236,97 @@ def zero_dirty_runs(ft8, nodes, node, addr, head, lo, hi, value, streaming):
         while q < hi and ft8[PG_NEED_SCRUB, head + q] != 0:
             ft8[PG_NEED_SCRUB, head + q] = 0
             q += 1
+        started = monotonic_ns() if shared else 0
         if value == 0 and q - p >= RESIDENCY_MIN_PAGES:
             _zero_resident_runs(nodes, node, addr + (p << PAGE_SHIFT), q - p, streaming)
         elif streaming:
             stream_fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
         else:
             fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
+        _charge_run(ft32, nodes, node, head + p, q - p,
+                    monotonic_ns() - started if shared else 0, charges)
         cleared += q - p
         p = q
     return cleared
+
+
+@njit(nogil=True, cache=True)
+def _charge_run(ft32, nodes, node, first, npages, ns, charges):
+    """Charge zeroing pages [first, first + npages), which took ``ns``, to whoever dirtied
+    them, a stretch of pages with the same dirtier at a time (see zero_dirty_runs)."""
+    i = 0
+    while i < npages:
+        dirtier = ft32[PG_TAG, first + i]
+        j = i + 1
+        while j < npages and ft32[PG_TAG, first + j] == dirtier:
+            j += 1
+        if charges.shape[1] != 2:
+            record_alloc_charge(nodes, node, dirtier, j - i, ns * (j - i) // npages)
+        else:
+            charge_pages(charges, dirtier, j - i)
+        i = j
+
+
+@njit(nogil=True, cache=True)
+def charge_pages(charges, dirtier, pages):
+    """Add ``pages`` for domain ``dirtier`` to a thread's own table of (id, pages) rows; the
+    last row takes what finds no room (id -1)."""
+    last = charges.shape[0] - 1
+    for r in range(last):
+        if charges[r, 1] == 0 or charges[r, 0] == dirtier:
+            charges[r, 0] = dirtier
+            charges[r, 1] += pages
+            return
+    charges[last, 0] = -1
+    charges[last, 1] += pages
+
+
+@njit(nogil=True, cache=True)
+def record_alloc_charge(nodes, node, dirtier, pages, ns):
+    """Add an allocator's scrub work for domain ``dirtier`` to the node's charge slots
+    (layout.N_CHARGES), claiming a slot by CAS; without a slot (or a domain), to
+    N_CHARGE_LOST_*."""
+    if dirtier > 0:
+        for k in range(CHARGE_SLOTS):
+            slot = N_CHARGES + ((dirtier + k) % CHARGE_SLOTS) * CHARGE_WORDS
+            owner = atomic_load(nodes, (node, slot + CH_ID))
+            if owner == 0 and atomic_cas(nodes, (node, slot + CH_ID), 0, dirtier):
+                owner = dirtier
+            elif owner == 0:
+                owner = atomic_load(nodes, (node, slot + CH_ID))  # lost the race: whose?
+            if owner == dirtier:
+                fetch_add(nodes, (node, slot + CH_PAGES), pages)
+                fetch_add(nodes, (node, slot + CH_NS), ns)
+                return
+    fetch_add(nodes, (node, N_CHARGE_LOST_PAGES), pages)
+    fetch_add(nodes, (node, N_CHARGE_LOST_NS), ns)
+
+
+@njit(nogil=True, cache=True)
+def drain_charges(nodes, node, out):
+    """Move the node's allocator charges into ``out`` rows (id, pages, ns); returns the rows.
+
+    Atomic subtractions, so work recorded meanwhile is kept for the next drain; a slot that
+    had nothing since the last drain is freed for another domain.
+    """
+    rows = 0
+    for k in range(CHARGE_SLOTS):
+        slot = N_CHARGES + k * CHARGE_WORDS
+        owner = atomic_load(nodes, (node, slot + CH_ID))
+        if owner == 0:
+            continue
+        pages = atomic_load(nodes, (node, slot + CH_PAGES))
+        ns = atomic_load(nodes, (node, slot + CH_NS))
+        if pages == 0 and ns == 0:
+            atomic_cas(nodes, (node, slot + CH_ID), owner, 0)
+            continue
+        fetch_add(nodes, (node, slot + CH_PAGES), -pages)
+        fetch_add(nodes, (node, slot + CH_NS), -ns)
+        out[rows, 0] = owner
+        out[rows, 1] = pages
+        out[rows, 2] = ns
+        rows += 1
+    return rows
 
 
 @njit(nogil=True, cache=True)
@@ -262,7 +357,7 @@ def _zero_resident_runs(nodes, node, addr, npages, streaming):
 
 
 @njit(nogil=True, cache=True)
-def scrub_taken_block(ft8, nodes, meta, mfn, order):
+def scrub_taken_block(ft32, ft8, nodes, meta, mfn, order):
     """Zero the dirty pages of a block just taken (scrub-on-allocate), without the lock.
 
     Returns the pages zeroed, or -1 if debug mode found a page without the scrub pattern:
@@ -273,8 +368,8 @@ def scrub_taken_block(ft8, nodes, meta, mfn, order):
     addr = page_address(nodes, node, mfn)
     n = 1 << order
     # Cached stores: the caller touches the block next.
-    scrubbed = zero_dirty_runs(ft8, nodes, node, addr, mfn, 0, n,
-                               SCRUB_PATTERN if debug else 0, False)
+    scrubbed = zero_dirty_runs(ft32, ft8, nodes, node, addr, mfn, 0, n,
+                               SCRUB_PATTERN if debug else 0, False, nodes)
     if scrubbed:
         fetch_add(nodes, (node, N_NEED_SCRUB), -scrubbed)
         fetch_add(nodes, (node, N_ALLOC_SCRUBBED), scrubbed)
@@ -291,15 +386,18 @@ def disown(ft32, mfn):
 
 
 @njit(nogil=True, cache=True)
-def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub):
+def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier):
     """Put block (mfn, order) on the free lists, merging with free buddies of either
-    cleanliness; the caller holds the node's lock and updates its counters."""
+    cleanliness; the caller holds the node's lock and updates its counters. Dirty pages
+    record ``dirtier`` (a domain id, 0 for none) in PG_TAG: whoever scrubs them charges
+    the work to it."""
     base = nodes[node, N_BASE]
     npages = nodes[node, N_PAGES]
     max_order = meta[M_MAX_ORDER]
     fill_row(ft8, PG_STATE, mfn, 1 << order, PGS_FREE)
     if need_scrub:
         fill_row(ft8, PG_NEED_SCRUB, mfn, 1 << order, 1)
+        ft32[PG_TAG, mfn:mfn + (1 << order)] = dirtier
     first_dirty = 1 if need_scrub else INVALID_DIRTY_IDX
     rel = mfn - base
     while order < max_order:
@@ -345,21 +443,22 @@ def _count_freed(nodes, node, pages, need_scrub):
 
 
 @njit(nogil=True, cache=True)
-def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub):
-    """Return one block to the free lists (Xen's free_heap_pages).
+def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub, dirtier):
+    """Return one block to the free lists (Xen's free_heap_pages); dirty ones are charged
+    to domain ``dirtier`` when scrubbed.
 
     Returns True if the node's scrubber should wake up (see _count_freed).
     """
     node = node_of(meta, mfn)
     spin_lock(nodes, node, N_LOCK)
-    _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub)
+    _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier)
     woke = _count_freed(nodes, node, 1 << order, need_scrub)
     spin_unlock(nodes, node, N_LOCK)
     return woke
 
 
 @njit(nogil=True, cache=True)
-def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub):
+def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub, dirtier):
     """Free every block of a chain linked through PG_NEXT, owner and all, without writing
     their memory: a destroy. Each node's lock is taken once per FREE_BATCH blocks, not per
     block. Returns the bit mask of nodes whose scrubber should wake up."""
@@ -375,7 +474,7 @@ def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub):
             link = ft32[PG_NEXT, mfn]
             order = ft8[PG_ORDER, mfn]
             disown(ft32, mfn)
-            _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub)
+            _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier)
             pages += 1 << order
             blocks += 1
         if _count_freed(nodes, node, pages, need_scrub):

@@ -22,6 +22,7 @@ from native_kernels.buddy import (
 from native_kernels.layout import (
     D_ALLOCS,
     D_BLOCKS,
+    D_DIRTIED_PAGES,
     D_FREES,
     D_HEAD,
     D_ID,
@@ -29,10 +30,16 @@ from native_kernels.layout import (
     D_MAX_PAGES,
     D_NUMPY_PAGES,
     D_PAGES,
+    D_PARKED,
+    D_PARKED_COUNT,
+    D_PARKS,
     D_PEAK,
+    D_REUSED,
+    D_REUSED_PAGES,
     D_SLABS,
     D_STATE,
     D_TAIL,
+    D_TOTAL_PAGES,
     DOM_ALIVE,
     DOM_DEAD,
     DOM_DYING,
@@ -51,11 +58,15 @@ from native_kernels.layout import (
     M_MODE,
     M_NR_NODES,
     M_NR_PAGES,
+    M_PEAK_PAGES,
+    M_TOTAL_PAGES,
+    M_USED_PAGES,
     MODE_SYNC,
     N_ALLOCS,
     N_FREES,
     N_SYNC_SCRUBBED,
     NIL,
+    NUMPY_PARK_ORDERS,
     OWNER_PINNED,
     PG_NEXT,
     PG_ORDER,
@@ -99,7 +110,7 @@ def _over_quota(doms, slot, extra_pages):
 
 
 @njit(nogil=True, cache=True)
-def _link_chain(ft32, doms, slot, dom_id, first, last, nblocks, npages, pinned):
+def _link_chain(ft32, doms, meta, slot, dom_id, first, last, nblocks, npages, pinned):
     """Splice a chain of blocks (linked first..last) onto the domain's list.
 
     Returns 0, E_DEAD if the domain died meanwhile or E_QUOTA if the chain no longer fits.
@@ -121,6 +132,9 @@ def _link_chain(ft32, doms, slot, dom_id, first, last, nblocks, npages, pinned):
     doms[slot, D_HEAD] = first + 1
     pages = fetch_add(doms, (slot, D_PAGES), npages) + npages
     atomic_max(doms, (slot, D_PEAK), pages)
+    fetch_add(doms, (slot, D_TOTAL_PAGES), npages)
+    fetch_add(meta, M_TOTAL_PAGES, npages)
+    atomic_max(meta, M_PEAK_PAGES, fetch_add(meta, M_USED_PAGES, npages) + npages)
     fetch_add(doms, (slot, D_BLOCKS), nblocks)
     fetch_add(doms, (slot, D_ALLOCS), nblocks)
     if pinned:
@@ -130,7 +144,7 @@ def _link_chain(ft32, doms, slot, dom_id, first, last, nblocks, npages, pinned):
 
 
 @njit(nogil=True, cache=True)
-def _unlink(ft32, doms, slot, mfn, order):
+def _unlink(ft32, doms, meta, slot, mfn, order):
     """Take block ``mfn`` off its domain's list and counters; caller holds the domain lock."""
     nxt = ft32[PG_NEXT, mfn]
     prv = ft32[PG_PREV, mfn]
@@ -143,6 +157,7 @@ def _unlink(ft32, doms, slot, mfn, order):
     else:
         ft32[PG_PREV, nxt - 1] = prv
     fetch_add(doms, (slot, D_PAGES), -(1 << order))
+    fetch_add(meta, M_USED_PAGES, -(1 << order))
     fetch_add(doms, (slot, D_BLOCKS), -1)
     fetch_add(doms, (slot, D_FREES), 1)
 
@@ -155,8 +170,8 @@ def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exa
         return packed, 0
     mfn = packed & MFN_MASK
     tag = packed >> 32
-    if scrub_taken_block(ft8, nodes, meta, mfn, order) < 0:
-        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True)
+    if scrub_taken_block(ft32, ft8, nodes, meta, mfn, order) < 0:
+        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True, 0)
         return E_CORRUPT, 0
     fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), 1)
     atomic_store(ft32, (PG_TAG, mfn), tag)
@@ -165,11 +180,12 @@ def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exa
 
 
 @njit(nogil=True, cache=True)
-def _release_block(ft32, ft8, nodes, lists, meta, mfn, order):
-    """Free a block that no domain owns any more; returns True if a scrubber should wake.
+def _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order):
+    """Free a block that domain ``slot`` no longer owns; True if a scrubber should wake.
 
     "sync" mode zeroes it here, before returning (the behaviour the series replaced);
-    otherwise it goes back dirty, poisoned first in debug mode.
+    otherwise it goes back dirty, poisoned first in debug mode, its scrub charged to the
+    domain (D_DIRTIED_PAGES, and PG_TAG of its pages).
     """
     disown(ft32, mfn)
     node = node_of(meta, mfn)
@@ -179,10 +195,11 @@ def _release_block(ft32, ft8, nodes, lists, meta, mfn, order):
     if meta[M_MODE] == MODE_SYNC:
         stream_fill_pages(addr, 1 << order, SCRUB_PATTERN if debug else 0)
         fetch_add(nodes, (node, N_SYNC_SCRUBBED), 1 << order)
-        return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, False)
+        return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, False, 0)
     if debug:
         stream_fill_pages(addr, 1 << order, POISON_PATTERN)
-    return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True)
+    fetch_add(doms, (slot, D_DIRTIED_PAGES), 1 << order)
+    return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True, dom_id)
 
 
 @njit(nogil=True, cache=True)
@@ -195,24 +212,27 @@ def _undo_take(ft32, ft8, nodes, lists, meta, first):
         link = ft32[PG_NEXT, mfn]
         disown(ft32, mfn)
         fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), -1)
-        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, ft8[PG_ORDER, mfn], False)
+        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, ft8[PG_ORDER, mfn], False, 0)
 
 
 @njit(nogil=True, cache=True)
-def _release_chain(ft32, ft8, nodes, lists, meta, first):
-    """Release every block of a chain linked through PG_NEXT; returns the nodes to wake.
+def _release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, first, pages):
+    """Release every block of a chain of ``pages`` pages linked through PG_NEXT, which
+    domain ``slot`` no longer owns; returns the nodes to wake.
 
     Unless the blocks must be written first ("sync" zeroing, debug poisoning), they go back
     in node-lock batches: a destroy then costs a few atomics per block, not a dozen.
     """
     if meta[M_MODE] != MODE_SYNC and meta[M_DEBUG] == 0:
-        return free_heap_chain(ft32, ft8, nodes, lists, meta, first, True)
+        fetch_add(doms, (slot, D_DIRTIED_PAGES), pages)
+        return free_heap_chain(ft32, ft8, nodes, lists, meta, first, True, dom_id)
     wake = 0
     link = first
     while link != NIL:
         mfn = link - 1
         link = ft32[PG_NEXT, mfn]
-        if _release_block(ft32, ft8, nodes, lists, meta, mfn, ft8[PG_ORDER, mfn]):
+        if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
+                          ft8[PG_ORDER, mfn]):
             wake |= 1 << node_of(meta, mfn)
     return wake
 
@@ -232,7 +252,7 @@ def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, 
                            pinned)
     if mfn < 0:
         return mfn
-    status = _link_chain(ft32, doms, slot, dom_id, mfn, mfn, 1, 1 << order, pinned)
+    status = _link_chain(ft32, doms, meta, slot, dom_id, mfn, mfn, 1, 1 << order, pinned)
     if status < 0:
         ft32[PG_NEXT, mfn] = NIL
         _undo_take(ft32, ft8, nodes, lists, meta, mfn + 1)
@@ -242,12 +262,13 @@ def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, 
 
 @njit(nogil=True, cache=True)
 def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order, node_pref,
-             exact):
+             exact, out):
     """Allocate ``count`` blocks of 2^order pages in one call, all or nothing.
 
     Checks the free lists' chunk counts first, so that a request that cannot fit fails
     without touching the heap; if a concurrent allocation still wins the race, every block
-    taken so far goes back. Returns ``count`` or a negative error.
+    taken so far goes back. Returns ``count`` or a negative error. If ``out`` has rows,
+    row i gets (mfn, tag) of the i-th block.
     """
     if not is_alive(doms, slot, dom_id):
         return E_DEAD
@@ -269,11 +290,14 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
         if taken == fail_after:
             status = E_FAULT
             break
-        mfn, _tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref,
-                                exact, False)
+        mfn, tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref,
+                               exact, False)
         if mfn < 0:
             status = mfn
             break
+        if taken < out.shape[0]:
+            out[taken, 0] = mfn
+            out[taken, 1] = tag
         if first < 0:
             ft32[PG_NEXT, mfn] = NIL
             last = mfn
@@ -282,7 +306,7 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
             ft32[PG_PREV, first] = mfn + 1
         first = mfn
     if status == 0 and count > 0:
-        status = _link_chain(ft32, doms, slot, dom_id, first, last, count, count << order,
+        status = _link_chain(ft32, doms, meta, slot, dom_id, first, last, count, count << order,
                              False)
     if status < 0:
         if first >= 0:
@@ -311,11 +335,12 @@ def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, ta
             or atomic_load(ft32, (PG_TAG, mfn)) != tag):
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
-    _unlink(ft32, doms, slot, mfn, order)
+    _unlink(ft32, doms, meta, slot, mfn, order)
     # Clear ownership before dropping the lock: a racing free of the same handle must fail.
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     spin_unlock(doms, slot, D_LOCK)
-    return 1 if _release_block(ft32, ft8, nodes, lists, meta, mfn, order) else 0
+    return 1 if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
+                               order) else 0
 
 
 @njit(nogil=True, cache=True)
@@ -331,14 +356,15 @@ def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
     order = ft8[PG_ORDER, mfn]
-    _unlink(ft32, doms, slot, mfn, order)
+    _unlink(ft32, doms, meta, slot, mfn, order)
     fetch_add(doms, (slot, D_NUMPY_PAGES), -(1 << order))
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     if (atomic_load(doms, (slot, D_STATE)) == DOM_DYING
             and atomic_load(doms, (slot, D_BLOCKS)) == 0):
         atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     spin_unlock(doms, slot, D_LOCK)
-    return 1 if _release_block(ft32, ft8, nodes, lists, meta, mfn, order) else 0
+    return 1 if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
+                               order) else 0
 
 
 @njit(nogil=True, cache=True)
@@ -356,15 +382,19 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
         return E_DEAD, 0
     atomic_store(doms, (slot, D_STATE), DOM_DYING)
+    _forget_parked(doms, slot)  # parked blocks are unpinned: freed below with the rest
     if atomic_load(doms, (slot, D_NUMPY_PAGES)) == 0:  # nothing pinned: detach it all
+        detached_pages = atomic_load(doms, (slot, D_PAGES))
         detached = doms[slot, D_HEAD]
         doms[slot, D_HEAD] = NIL
         doms[slot, D_TAIL] = NIL
         fetch_add(doms, (slot, D_FREES), atomic_load(doms, (slot, D_BLOCKS)))
+        fetch_add(meta, M_USED_PAGES, -atomic_load(doms, (slot, D_PAGES)))
         atomic_store(doms, (slot, D_PAGES), 0)
         atomic_store(doms, (slot, D_BLOCKS), 0)
         link = NIL
     else:
+        detached_pages = 0
         detached = NIL
         link = doms[slot, D_HEAD]
     while link != NIL:
@@ -372,24 +402,37 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
         link = ft32[PG_NEXT, mfn]
         if atomic_load(ft32, (PG_OWNER, mfn)) & OWNER_PINNED:
             continue
-        _unlink(ft32, doms, slot, mfn, ft8[PG_ORDER, mfn])
+        _unlink(ft32, doms, meta, slot, mfn, ft8[PG_ORDER, mfn])
+        detached_pages += 1 << ft8[PG_ORDER, mfn]
         ft32[PG_NEXT, mfn] = detached
         detached = mfn + 1
     pinned = atomic_load(doms, (slot, D_BLOCKS)) != 0
     spin_unlock(doms, slot, D_LOCK)
-    wake = _release_chain(ft32, ft8, nodes, lists, meta, detached)
+    wake = _release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, detached,
+                          detached_pages)
     if not pinned:
         atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     return 0, wake
 
 
 @njit(nogil=True, cache=True)
+def _forget_parked(doms, slot):
+    """Empty the domain's stacks of parked numpy blocks (native_kernels.parked) without
+    touching the blocks; caller holds the domain lock or owns the slot."""
+    for order in range(NUMPY_PARK_ORDERS):
+        doms[slot, D_PARKED + order] = NIL
+        doms[slot, D_PARKED_COUNT + order] = 0
+
+
+@njit(nogil=True, cache=True)
 def open_domain(doms, slot, dom_id, max_pages):
     """Start a new domain in a free (or dead) slot; alive only once every field is set."""
-    for field in (D_PAGES, D_BLOCKS, D_PEAK, D_ALLOCS, D_FREES, D_NUMPY_PAGES):
+    for field in (D_PAGES, D_BLOCKS, D_PEAK, D_ALLOCS, D_FREES, D_NUMPY_PAGES, D_TOTAL_PAGES,
+                  D_REUSED, D_REUSED_PAGES, D_PARKS, D_DIRTIED_PAGES):
         atomic_store(doms, (slot, field), 0)
     for cls in range(SLAB_CLASSES):
         doms[slot, D_SLABS + cls] = NIL
+    _forget_parked(doms, slot)
     doms[slot, D_HEAD] = NIL
     doms[slot, D_TAIL] = NIL
     doms[slot, D_MAX_PAGES] = max_pages

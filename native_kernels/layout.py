@@ -12,6 +12,26 @@ Encodings that make zero mean "nothing":
 
 Frame table ``ft32``: uint32[FT32_FIELDS, nr_pages]; ``ft8``: uint8[FT8_FIELDS, nr_pages].
 Together 24 bytes per 4 KiB page (Xen's ``struct page_info`` is 32).
+
+Rows and cache lines. A node's row and a domain's row are whole 64-byte cache lines
+(NODE_FIELDS and DOM_FIELDS are multiples of LINE_WORDS), and the heap makes every state
+array page-aligned (xenheap.prim.zeroed_array), so each row starts on a cache line of its
+own: one node's or domain's lock and counters never share a line with another's.
+
+Locks come first. In a row with a lock (N_LOCK, D_LOCK), "before the data it guards" means:
+the lock's two words lie in the row's first cache line, and the only fields at lower
+indices are those LOCK_PRECEDED_BY names for it: the node's geometry (N_BASE, N_PAGES,
+N_ADDR: written before any thread runs, read-only afterwards), and the domain's identity
+(D_ID, D_STATE: read without the lock) and block-list ends (D_HEAD, D_TAIL: guarded by the
+lock, and in its cache line, so taking the lock brings them along). Every other field,
+guarded or atomic, comes after the lock.
+
+Field counts are derived, never literal: each ``*_FIELDS`` is the end of its group's last
+field (index + width), rounded up to whole cache lines for the nodes, domains and meta rows.
+
+The layout checks itself: ``check_layout(globals())`` at the bottom of this file runs at
+import and raises LayoutError (an ImportError) naming the first broken rule, as a C
+header's ``#error`` would; tests/test_layout.py breaks each rule once.
 """
 
 import numpy as np
@@ -22,6 +42,43 @@ MAX_ORDER_LIMIT = 20  # Xen's MAX_ORDER: chunks of up to 4 GiB
 MAX_NODES = 64  # the scrubber wake-up mask is one int64
 NIL = 0
 INVALID_DIRTY_IDX = 0
+CACHE_LINE_BYTES = 64
+LINE_WORDS = CACHE_LINE_BYTES // 8  # int64 fields in a cache line
+LOCK_WORDS = 2  # a ticket lock (native_kernels.locks): "next" at the field, "owner" after it
+XEN_PAGE_INFO_BYTES = 32  # Xen's struct page_info (x86_64): the frame table costs less
+
+
+def round_to_lines(words: int) -> int:
+    """``words`` int64 fields rounded up to whole cache lines."""
+    return -(-words // LINE_WORDS) * LINE_WORDS
+
+
+# --- the life of a chunk: 2^order free or allocated pages, described by its head page -----
+#
+#  state      PG_STATE   PG_NEED_SCRUB      PG_FIRST_DIRTY     PG_SCRUB_STATE       on list
+#  clean      PGS_FREE   0 on every page    INVALID_DIRTY_IDX  BUDDY_NOT_SCRUBBING  free, head
+#  dirty      PGS_FREE   1 on some, none    offset + 1 of the  BUDDY_NOT_SCRUBBING  free, tail
+#                        before first_dirty first maybe-dirty
+#  scrubbing  PGS_FREE   cleared as zeroed  the scrubber's     BUDDY_SCRUBBING      free (stays)
+#  abort      PGS_FREE   as scrubbing       progress (atomic)  BUDDY_SCRUB_ABORT    free (stays)
+#  in use     PGS_INUSE  0 on every page    -                  -                    domain's
+#                        (the allocator zeroes a dirty block before handing it out)
+#
+#  from -> to               who
+#  in use -> dirty          free_heap_pages: a free or a destroy ("sync" mode zeroes: -> clean)
+#  dirty -> scrubbing       scrub_free_pages picks the dirty chunk at a list tail (node lock)
+#  scrubbing -> clean       scrub_free_pages zeroed it all, takes the lock, moves it to the head
+#  scrubbing -> dirty       scrub_free_pages ran out of budget: records progress in first_dirty
+#  scrubbing -> abort       check_and_stop_scrub: a lock holder (alloc, merging free, checker)
+#                           wants the chunk, CASes the state and waits
+#  abort -> dirty           scrub_free_pages notices after its granule, records progress, lets
+#                           go (never back to scrubbing); check_and_stop_scrub then has it
+#  clean, dirty -> in use   alloc_heap_pages (pass 1 clean, pass 2 dirty); zeroes the dirty
+#                           pages after dropping the lock, before the domain gets the block
+#  clean, dirty -> merged   free_heap_pages, when the buddy is freed (first_dirty combined)
+#  clean -> clean           release_unused: claimed (marked in use), madvised, freed back
+#
+# A parked numpy block (D_PARKED below) is "in use": on its domain's list, owner unpinned.
 
 # --- ft32 rows -------------------------------------------------------------------------
 PG_NEXT = 0  # link to the next chunk/block on whichever list holds it (free list or domain's)
@@ -31,7 +88,8 @@ PG_FIRST_DIRTY = 2  # free chunk head: first possibly-dirty page; a lower bound.
 PG_OWNER = 3  # allocated block head: owning domain slot + 1, with OWNER_PINNED set while
 #               numpy arrays use the block (it then outlives a destroy); 0 elsewhere. Atomic.
 PG_TAG = 4  # allocated block head: allocation tag, so a stale handle is told from a new block.
-FT32_FIELDS = 5
+FT32_FIELDS = PG_TAG + 1  # 5
+FT32_ROWS = ("PG_NEXT", "PG_PREV", "PG_FIRST_DIRTY", "PG_OWNER", "PG_TAG")
 
 # --- ft8 rows --------------------------------------------------------------------------
 PG_STATE = 0  # every page: PGS_FREE (inside a free chunk) or PGS_INUSE (inside a block)
@@ -40,7 +98,8 @@ PG_NEED_SCRUB = 2  # every page: 1 = dirty. Authoritative. Cleared without the l
 #                    whoever holds the chunk exclusively (a scrubber while BUDDY_SCRUBBING, an
 #                    allocator after taking the block); the abort handshake orders the rest.
 PG_SCRUB_STATE = 3  # free chunk head: BUDDY_NOT_SCRUBBING / _SCRUBBING / _SCRUB_ABORT. Atomic.
-FT8_FIELDS = 4
+FT8_FIELDS = PG_SCRUB_STATE + 1  # 4
+FT8_ROWS = ("PG_STATE", "PG_ORDER", "PG_NEED_SCRUB", "PG_SCRUB_STATE")
 
 PGS_FREE = 0
 PGS_INUSE = 1
@@ -54,10 +113,12 @@ OWNER_PINNED = 1 << 31
 FRAME_TABLE_BYTES_PER_PAGE = FT32_FIELDS * 4 + FT8_FIELDS
 
 # --- nodes: int64[nr_nodes, NODE_FIELDS], one row per node (own cache lines) -----------------
-N_BASE = 0  # first mfn of the node
+N_BASE = 0  # first mfn of the node (N_BASE..N_ADDR: set before any thread runs, read-only)
 N_PAGES = 1  # pages in the node
 N_ADDR = 2  # arena start address
-N_LOCK = 3  # heap lock: ticket "next" at N_LOCK, "owner" at N_LOCK + 1. Atomic.
+N_LOCK = 3  # heap lock, LOCK_WORDS: ticket "next" at N_LOCK, "owner" at N_LOCK + 1. Guards
+#             the node's free lists (``lists``), N_TAG, and the frame table of its free
+#             chunks; the first field after the read-only ones. Atomic.
 N_FREE = 5  # free pages (on the free lists). Atomic.
 N_NEED_SCRUB = 6  # Xen's node_need_scrub: pages with need_scrub inside free chunks. Atomic.
 N_TAG = 7  # allocation tag counter (under the lock)
@@ -77,22 +138,37 @@ N_DIRTY_SINCE_NS = 20  # CLOCK_MONOTONIC ns when N_NEED_SCRUB last rose from 0: 
 #                        held dirty pages since (the scrub deadline counts from it). Atomic.
 N_UNMAPPED = 21  # dirty pages made clean by MADV_DONTNEED, not zeroing: they were not in
 #                  RAM, so writing them would only have faulted them in. Atomic.
+N_CHARGE_LOST_PAGES = 22  # allocators' scrub work whose domain found no CHARGE_SLOTS slot
+N_CHARGE_LOST_NS = 23  # (pages, ns). Atomic.
 N_ABORT_HIST = 24  # 32 buckets: abort waits by floor(log2(ns)). Atomic.
 ABORT_HIST_BUCKETS = 32
-NODE_FIELDS = N_ABORT_HIST + ABORT_HIST_BUCKETS
+# Scrub-on-allocate work charged to the domains that dirtied the pages: CHARGE_SLOTS slots
+# of CHARGE_WORDS words, (domain id, pages zeroed, ns spent), claimed by CAS on the id, a
+# slot per domain found by probing from id % CHARGE_SLOTS. Drained into the Python-side
+# totals (and freed) by xenheap.charges. Atomic.
+N_CHARGES = 56
+CHARGE_SLOTS = 32
+CHARGE_WORDS = 3
+CH_ID = 0
+CH_PAGES = 1
+CH_NS = 2
+CHARGE_SPAN = CHARGE_SLOTS * CHARGE_WORDS
+NODE_FIELDS = round_to_lines(N_CHARGES + CHARGE_SLOTS * CHARGE_WORDS)  # 152: 19 lines
 
 # --- lists: int64[nr_nodes, MAX_ORDER_LIMIT + 1, LIST_FIELDS] (under the node lock) --------
 L_HEAD = 0  # first chunk (clean ones come first), mfn + 1
 L_TAIL = 1  # last chunk (dirty ones come last), mfn + 1
 L_COUNT = 2  # chunks on the list; read without the lock for statistics. Atomic.
-LIST_FIELDS = 3
+LIST_FIELDS = L_COUNT + 1  # 3
 
-# --- domains: int64[max_domains, DOM_FIELDS], one row per slot -----------------------------
+# --- domains: int64[max_domains, DOM_FIELDS], one row per slot (own cache lines) -----------
 D_ID = 0  # the domain's unique id; 0 = slot unused
 D_STATE = 1  # DOM_* below. Atomic.
 D_HEAD = 2  # block list, mfn + 1 (under the domain lock)
 D_TAIL = 3
-D_LOCK = 4  # the domain's page_alloc_lock: ticket next/owner at D_LOCK, D_LOCK + 1. Atomic.
+D_LOCK = 4  # the domain's page_alloc_lock, LOCK_WORDS: ticket next/owner at D_LOCK, D_LOCK + 1.
+#             Guards D_HEAD/D_TAIL (before it, in its cache line) and the list fields after
+#             it (slabs, parked stacks). Atomic.
 D_PAGES = 6  # pages held. Atomic.
 D_BLOCKS = 7  # blocks held. Atomic.
 D_MAX_PAGES = 8  # quota in pages; 0 = none
@@ -100,9 +176,35 @@ D_PEAK = 9  # most pages ever held at once. Atomic.
 D_ALLOCS = 10  # blocks allocated. Atomic.
 D_FREES = 11  # blocks freed (by free or destroy). Atomic.
 D_NUMPY_PAGES = 12  # pages in blocks pinned by numpy arrays (slabs included). Atomic.
+D_TOTAL_PAGES = 13  # pages ever allocated to the domain (cumulative). Atomic.
+D_DIRTIED_PAGES = 14  # pages the domain gave back dirty (cumulative): its scrub bill. Atomic.
 D_SLABS = 16  # SLAB_CLASSES heads of the lists of slabs with a free object (under the lock)
-DOM_FIELDS = 24
+D_PARKED = 24  # NUMPY_PARK_ORDERS heads (mfn + 1) of the stacks of blocks numpy freed that
+#                the domain keeps for its next arrays, by order (under the lock); a parked
+#                block stays on the domain's list, unpinned, and holds the next link in its
+#                first 8 bytes
+D_PARKED_COUNT = 28  # NUMPY_PARK_ORDERS counts of those stacks (under the lock)
+D_PARKED_NS = 32  # CLOCK_MONOTONIC ns of the last park: idle stacks go back to the heap
+D_REUSED = 33  # parked blocks taken back for new arrays. Atomic.
+D_REUSED_PAGES = 34  # their pages. Atomic.
+D_PARKS = 35  # blocks numpy freed that were parked. Atomic.
+DOM_FIELDS = round_to_lines(D_PARKS + 1)  # 40: 5 cache lines
 
+NUMPY_PARK_ORDERS = 4  # numpy blocks of up to 32 KiB are parked for reuse
+NUMPY_PARK_MAX = 16  # at most this many per order and domain
+
+# --- the life of a domain (D_STATE) --------------------------------------------------------
+#
+#  from -> to               who
+#  DOM_FREE -> DOM_ALIVE    open_domain, in a never-used slot (all-zero row)
+#  DOM_DEAD -> DOM_ALIVE    open_domain, reusing the slot (a new D_ID; old handles refused)
+#  DOM_ALIVE -> DOM_DYING   destroy_domain, under D_LOCK: forgets the parked stacks and
+#                           detaches every unpinned block (parked ones included)
+#  DOM_DYING -> DOM_DEAD    destroy_domain itself, when no numpy array pinned a block; else
+#                           free_pinned_block, when numpy frees the last pinned block
+#
+# Only DOM_ALIVE allocates and frees with free(); numpy's frees of pinned blocks also work
+# while DOM_DYING. Parked blocks (D_PARKED) stay on the domain's list, unpinned, in use.
 DOM_FREE = 0
 DOM_ALIVE = 1
 DOM_DYING = 2  # destroyed, but numpy arrays still use some of its blocks
@@ -124,7 +226,13 @@ M_BAD_ARRAY_FREES = 11  # numpy frees of memory this heap did not give out (coun
 #                         C callback cannot raise). Atomic.
 M_FORKED = 12  # 1 in a forked child's copy: numpy frees of inherited arrays do nothing
 #                (a lock may have been held at the fork). Atomic.
-META_FIELDS = 16
+M_USED_PAGES = 13  # pages in blocks held by domains, heap-wide. Atomic.
+M_PEAK_PAGES = 14  # the most M_USED_PAGES ever was. Atomic.
+M_TOTAL_PAGES = 15  # pages ever handed to domains, parked numpy blocks taken back included.
+#                    Atomic.
+M_REUSED = 16  # parked numpy blocks taken back for new arrays (native_kernels.parked). Atomic.
+M_PARKS = 17  # blocks numpy freed that were parked instead of freed. Atomic.
+META_FIELDS = round_to_lines(M_PARKS + 1)  # 24: 3 cache lines
 
 FAULT_NONE = 0
 FAULT_SCRUB_FAIL = 1  # the scrubber gives up after M_FAULT_ARG pages of a chunk and fails
@@ -142,12 +250,13 @@ MODE_ALLOC = 2
 SLAB_CLASSES = 8
 SLAB_MIN_OBJECT = 16
 SLAB_MAX_OBJECT = SLAB_MIN_OBJECT << (SLAB_CLASSES - 1)  # 2048
-SLAB_HEADER_BYTES = 64
 SH_CLASS = 0  # size class + 1
 SH_USED = 1  # objects handed out
 SH_NEXT = 2  # next slab with a free object, mfn + 1
 SH_PREV = 3
-SH_BITMAP = 4  # 4 words: bit i set = object i in use (at most 252 objects a slab)
+SH_BITMAP = 4  # SLAB_BITMAP_WORDS: bit i set = object i in use (at most 252 objects a slab)
+SLAB_BITMAP_WORDS = 4
+SLAB_HEADER_BYTES = round_to_lines(SH_BITMAP + SLAB_BITMAP_WORDS) * 8  # 64: one cache line
 
 SCRUB_PATTERN = 0xC2  # Xen's SCRUB_PATTERN byte
 POISON_PATTERN = 0x3D  # ~SCRUB_PATTERN: what a freed page holds in debug mode
@@ -177,3 +286,190 @@ def new_state(nr_nodes: int, pages_per_node: int, max_domains: int,
         "zone": zeros((nr_nodes, nr_nodes), np.int64),
         "meta": zeros(META_FIELDS, np.int64),
     }
+
+
+# --- the layout checks itself ------------------------------------------------------------
+# Field groups: (array, its fields: a tuple of names, or every name with this prefix, the
+# count of fields its rows hold, True if its rows are whole cache lines).
+FIELD_GROUPS = (
+    ("ft32", "FT32_ROWS", "FT32_FIELDS", False),
+    ("ft8", "FT8_ROWS", "FT8_FIELDS", False),
+    ("nodes", "N_", "NODE_FIELDS", True),
+    ("lists", "L_", "LIST_FIELDS", False),
+    ("doms", "D_", "DOM_FIELDS", True),
+    ("meta", "M_", "META_FIELDS", True),
+    ("slab header", "SH_", "SLAB_HEADER_BYTES", True),  # counted in bytes, not words
+)
+# Fields that span more than one word: field -> the constant that says how many.
+FIELD_WIDTHS = {
+    "N_LOCK": "LOCK_WORDS",
+    "N_ABORT_HIST": "ABORT_HIST_BUCKETS",
+    "N_CHARGES": "CHARGE_SPAN",
+    "D_LOCK": "LOCK_WORDS",
+    "D_SLABS": "SLAB_CLASSES",
+    "D_PARKED": "NUMPY_PARK_ORDERS",
+    "D_PARKED_COUNT": "NUMPY_PARK_ORDERS",
+    "SH_BITMAP": "SLAB_BITMAP_WORDS",
+}
+# The only fields a row may hold before its lock (see "Locks come first" above).
+LOCK_PRECEDED_BY = {
+    "N_LOCK": ("N_BASE", "N_PAGES", "N_ADDR"),
+    "D_LOCK": ("D_ID", "D_STATE", "D_HEAD", "D_TAIL"),
+}
+# Values stored in the frame table's uint8 rows, and other codes that must be told apart.
+ENUMS = (("PGS_", True), ("BUDDY_", True), ("DOM_", False), ("MODE_", False),
+         ("FAULT_", False), ("E_", False))
+# What an all-zero state array means: the encodings that make zero "nothing".
+ZERO_ENCODINGS = ("NIL", "INVALID_DIRTY_IDX", "PGS_FREE", "BUDDY_NOT_SCRUBBING", "DOM_FREE")
+FRAME_TABLE_BUDGET = 24  # bytes a page: what docs/design.md promises
+
+
+class LayoutError(ImportError):
+    """The layout breaks one of its own rules (raised at import, like C's ``#error``)."""
+
+
+def _fields(ns: dict, spec: str) -> list[str]:
+    """The field names of a group: a tuple named ``spec``, or every int named ``spec*``."""
+    if not spec.endswith("_"):
+        return list(ns[spec])
+    return sorted((k for k, v in ns.items() if k.startswith(spec) and type(v) is int),
+                  key=lambda k: ns[k])
+
+
+def _width(ns: dict, field: str) -> int:
+    width = ns[FIELD_WIDTHS[field]] if field in FIELD_WIDTHS else 1
+    if type(width) is not int or width < 1:
+        raise LayoutError(f"{field} spans {FIELD_WIDTHS[field]} = {width!r} words; "
+                          "a field spans at least one")
+    return width
+
+
+def _check_group(ns: dict, array: str, spec: str, count_name: str, lines: bool) -> None:
+    names = _fields(ns, spec)
+    count = ns[count_name]
+    if count_name.endswith("_BYTES"):
+        if count % 8:
+            raise LayoutError(f"{count_name} = {count} is not a whole number of int64 words")
+        count //= 8
+    spans = []
+    for name in names:
+        first = ns[name]
+        if type(first) is not int or first < 0:
+            raise LayoutError(f"{name} = {first!r} in {array}: a field index is an int >= 0")
+        end = first + _width(ns, name)
+        for other, o_first, o_end in spans:
+            if first < o_end and o_first < end:
+                raise LayoutError(f"{name} (words {first}..{end - 1}) overlaps {other} "
+                                  f"(words {o_first}..{o_end - 1}) in {array}")
+        if end > count:
+            raise LayoutError(f"{name} (words {first}..{end - 1}) does not fit {array}'s "
+                              f"{count_name} = {ns[count_name]}")
+        spans.append((name, first, end))
+    need = max(end for _, _, end in spans)
+    if lines:
+        if (count * 8) % ns["CACHE_LINE_BYTES"]:
+            raise LayoutError(f"{array} rows are {count * 8} bytes ({count_name} = "
+                              f"{ns[count_name]}): not whole {ns['CACHE_LINE_BYTES']}-byte "
+                              "cache lines, so rows would share lines")
+        need = -(-need // ns["LINE_WORDS"]) * ns["LINE_WORDS"]
+    if count != need:
+        unit = " words" if count_name.endswith("_BYTES") else ""
+        raise LayoutError(f"{count_name} = {ns[count_name]}, but {array}'s fields need "
+                          f"{need}{unit}{' (whole cache lines)' if lines else ''}: derive it "
+                          "from the last field, do not write a literal")
+
+
+def check_layout(ns: dict) -> None:
+    """Raise LayoutError naming the first rule that the layout in namespace ``ns`` breaks.
+
+    Called at import with this module's ``globals()``; tests pass a copy with one value
+    broken.
+    """
+    if ns["PAGE_SIZE"] != 1 << ns["PAGE_SHIFT"]:
+        raise LayoutError(f"PAGE_SIZE = {ns['PAGE_SIZE']} is not 1 << PAGE_SHIFT "
+                          f"({1 << ns['PAGE_SHIFT']})")
+    if ns["LINE_WORDS"] * 8 != ns["CACHE_LINE_BYTES"]:
+        raise LayoutError(f"LINE_WORDS = {ns['LINE_WORDS']} int64 do not make a "
+                          f"{ns['CACHE_LINE_BYTES']}-byte cache line")
+
+    # Every field in one group, and each group's fields distinct, inside its rows, and
+    # counted by a derived *_FIELDS.
+    frame_rows = set(ns["FT32_ROWS"]) | set(ns["FT8_ROWS"])
+    for name in sorted(k for k in ns if k.startswith("PG_")):
+        if (name in ns["FT32_ROWS"]) == (name in ns["FT8_ROWS"]):
+            raise LayoutError(f"{name} must be in exactly one of FT32_ROWS and FT8_ROWS")
+    undefined = sorted(frame_rows - set(ns))
+    if undefined:
+        raise LayoutError(f"{', '.join(undefined)} listed as frame-table rows, not defined")
+    for group in ns["FIELD_GROUPS"]:
+        _check_group(ns, *group)
+    for field in ns["FIELD_WIDTHS"]:
+        if field not in ns:
+            raise LayoutError(f"FIELD_WIDTHS names {field}, which is not defined")
+
+    # The frame table: 24 bytes a page, never more than Xen's struct page_info.
+    cost = ns["FT32_FIELDS"] * 4 + ns["FT8_FIELDS"]
+    if ns["FRAME_TABLE_BYTES_PER_PAGE"] != cost:
+        raise LayoutError(f"FRAME_TABLE_BYTES_PER_PAGE = {ns['FRAME_TABLE_BYTES_PER_PAGE']}, "
+                          f"but {ns['FT32_FIELDS']} uint32 and {ns['FT8_FIELDS']} uint8 rows "
+                          f"take {cost}")
+    if cost > ns["XEN_PAGE_INFO_BYTES"]:
+        raise LayoutError(f"the frame table costs {cost} bytes a page, more than Xen's "
+                          f"struct page_info ({ns['XEN_PAGE_INFO_BYTES']})")
+    if cost != ns["FRAME_TABLE_BUDGET"]:
+        raise LayoutError(f"the frame table costs {cost} bytes a page, not "
+                          f"{ns['FRAME_TABLE_BUDGET']} (docs/design.md says "
+                          f"{ns['FRAME_TABLE_BUDGET']}: change both, knowingly)")
+
+    # Locks come first: in the row's first cache line, after only the fields allowed.
+    for lock, allowed in ns["LOCK_PRECEDED_BY"].items():
+        first = ns[lock]
+        end = first + _width(ns, lock)
+        if end > ns["LINE_WORDS"]:
+            raise LayoutError(f"{lock} (words {first}..{end - 1}) is not in its row's first "
+                              f"cache line (words 0..{ns['LINE_WORDS'] - 1})")
+        prefix = lock.split("_")[0] + "_"
+        early = [k for k in _fields(ns, prefix) if ns[k] < first and k not in allowed]
+        if early:
+            raise LayoutError(f"{', '.join(early)} come(s) before {lock}; only "
+                              f"{', '.join(allowed)} may precede the lock")
+
+    # Limits that types impose.
+    if not 1 <= ns["MAX_NODES"] <= 64:
+        raise LayoutError(f"MAX_NODES = {ns['MAX_NODES']}: the scrubber wake-up mask is one "
+                          "int64, so 1 to 64 nodes")
+    max_order = ns["MAX_ORDER_LIMIT"]
+    if not 0 <= max_order <= 0xFF:
+        raise LayoutError(f"MAX_ORDER_LIMIT = {max_order} does not fit PG_ORDER (uint8)")
+    if (1 << max_order) > 0xFFFF_FFFF:
+        raise LayoutError(f"MAX_ORDER_LIMIT = {max_order}: PG_FIRST_DIRTY (uint32) holds "
+                          "offset + 1, up to 2**MAX_ORDER_LIMIT, so at most 31")
+    pinned = ns["OWNER_PINNED"]
+    if not 0 < pinned <= 0xFFFF_FFFF or pinned & (pinned - 1):
+        raise LayoutError(f"OWNER_PINNED = {pinned:#x} is not one bit of PG_OWNER (uint32)")
+    objects = (ns["PAGE_SIZE"] - ns["SLAB_HEADER_BYTES"]) // ns["SLAB_MIN_OBJECT"]
+    if objects > 64 * ns["SLAB_BITMAP_WORDS"]:
+        raise LayoutError(f"a one-page slab holds {objects} objects of SLAB_MIN_OBJECT bytes "
+                          f"but its bitmap (SLAB_BITMAP_WORDS = {ns['SLAB_BITMAP_WORDS']}) "
+                          f"has {64 * ns['SLAB_BITMAP_WORDS']} bits")
+
+    # Codes: an all-zero array is a valid state, and no two codes of a kind are equal.
+    for name in ns["ZERO_ENCODINGS"]:
+        if ns[name] != 0:
+            raise LayoutError(f"{name} = {ns[name]}: it must be 0, so that an all-zero state "
+                              "array is a valid, empty heap")
+    for prefix, in_uint8 in ns["ENUMS"]:
+        codes = {k: v for k, v in ns.items() if k.startswith(prefix) and type(v) is int
+                 and not k.endswith("_FIELDS")}
+        seen: dict[int, str] = {}
+        for name, value in sorted(codes.items(), key=lambda kv: kv[1]):
+            if value in seen:
+                raise LayoutError(f"{name} and {seen[value]} are both {value}")
+            if in_uint8 and not 0 <= value <= 0xFF:
+                raise LayoutError(f"{name} = {value} does not fit the frame table's uint8")
+            if prefix == "E_" and value >= 0:
+                raise LayoutError(f"{name} = {value}: kernel error codes are negative")
+            seen[value] = name
+
+
+check_layout(globals())

@@ -22,7 +22,6 @@ from native_kernels.layout import (
     MAX_ORDER_LIMIT,
     META_FIELDS,
     NODE_FIELDS,
-    SLAB_MAX_OBJECT,
 )
 from native_kernels.raw import (
     address_to_voidptr,
@@ -30,7 +29,7 @@ from native_kernels.raw import (
     pointer_to,
     voidptr_to_address,
 )
-from native_kernels.small import array_alloc, array_free, array_realloc
+from native_kernels.small import OLD_BYTES, array_alloc, array_free, array_realloc
 
 CTX_FT32 = 0  # addresses of the state arrays
 CTX_FT8 = 1
@@ -88,7 +87,8 @@ def _null_or(addr):
 
 @cfunc(_MALLOC_SIG, nopython=True, cache=True)
 def heap_malloc(ctx, size):
-    return _null_or(_alloc(ctx, types.int64(size)))
+    addr = _alloc(ctx, types.int64(size))
+    return _null_or(addr & ~OLD_BYTES if addr > 0 else addr)
 
 
 @cfunc(_CALLOC_SIG, nopython=True, cache=True)
@@ -100,9 +100,11 @@ def heap_calloc(ctx, nelem, elsize):
     if addr > 0:
         c = _context(ctx)
         meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
-        # Large blocks come zeroed, so clean memory is not zeroed twice; a slab object may
-        # hold the domain's earlier bytes, and debug mode hands out the scrub pattern.
-        if nbytes <= SLAB_MAX_OBJECT or meta[M_DEBUG] != 0:
+        # Fresh blocks come zeroed, so clean memory is not zeroed twice; a slab object or a
+        # parked block may hold the domain's earlier bytes, and debug mode hands out the
+        # scrub pattern.
+        if addr & OLD_BYTES or meta[M_DEBUG] != 0:
+            addr &= ~OLD_BYTES
             memset_bytes(addr, 0, nbytes)
     return _null_or(addr)
 

@@ -11,6 +11,19 @@ from numba.extending import intrinsic
 
 
 @intrinsic
+def trailing_zeros(typingctx, word):
+    """The index of the lowest set bit of a uint64 (64 if none): one instruction (tzcnt)."""
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 0)])
+
+    return types.int64(types.uint64), codegen
+
+
+@intrinsic
 def pointer_to(typingctx, addr, dtype):
     """``addr`` (int64) as a typed pointer, for ``numba.carray(pointer_to(a, t), n)``."""
     target = dtype.dtype if isinstance(dtype, types.NumberClass) else dtype.instance_type

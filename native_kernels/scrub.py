@@ -65,8 +65,10 @@ def _let_go(ft32, ft8, head, progress, size):
 
 
 @njit(nogil=True, cache=True)
-def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages):
-    """Scrub up to about ``budget_pages`` of one dirty chunk of ``node``.
+def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages,
+                     charges):
+    """Scrub up to about ``budget_pages`` of one dirty chunk of ``node``, adding the pages
+    zeroed to ``charges`` by the domain that dirtied them (buddy.charge_pages).
 
     Returns the pages zeroed (possibly 0), NOTHING_DIRTY when no free list of the node
     has a dirty chunk at its tail or another thread is scrubbing the node, or E_FAULT when
@@ -77,13 +79,14 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     if not atomic_cas(nodes, (node, N_SCRUBBING), 0, 1):
         return NOTHING_DIRTY
     result = _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages,
-                              granule_pages)
+                              granule_pages, charges)
     atomic_store(nodes, (node, N_SCRUBBING), 0)
     return result
 
 
 @njit(nogil=True, cache=True)
-def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages):
+def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages,
+                     charges):
     spin_lock(nodes, node, N_LOCK)
     head = -1
     order = 0
@@ -110,7 +113,8 @@ def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     i = start
     while i < size:
         end = min(i + granule_pages, size)
-        cleared = zero_dirty_runs(ft8, nodes, node, addr, head, i, end, value, True)
+        cleared = zero_dirty_runs(ft32, ft8, nodes, node, addr, head, i, end, value, True,
+                                  charges)
         if cleared:
             fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
             fetch_add(nodes, (node, N_SCRUBBED), cleared)
@@ -141,10 +145,11 @@ def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
 
 @njit(nogil=True, cache=True)
 def scrub_nodes(ft32, ft8, nodes, lists, meta, node_list, stop, budget_pages, granule_pages,
-                until_ns):
+                until_ns, charges):
     """Scrub the nodes of ``node_list`` in turn, one bounded step each, until none has a
     dirty chunk, ``stop[0]`` is set or CLOCK_MONOTONIC passes ``until_ns``: the scrubber
-    thread needs the GIL only between such slices.
+    thread needs the GIL only between such slices. The pages zeroed go into ``charges``
+    by the domain that dirtied them.
 
     Returns the pages zeroed, or E_FAULT when an injected fault fired.
     """
@@ -154,7 +159,7 @@ def scrub_nodes(ft32, ft8, nodes, lists, meta, node_list, stop, budget_pages, gr
         busy = False
         for node in node_list:
             got = scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages,
-                                   granule_pages)
+                                   granule_pages, charges)
             if got == E_FAULT:
                 return E_FAULT
             if got != NOTHING_DIRTY:

@@ -19,6 +19,7 @@ from native_kernels.layout import (
     E_BAD_FREE,
     E_DEAD,
     E_NOMEM,
+    E_QUOTA,
     M_CLOSED,
     M_MAX_ORDER,
     M_NR_NODES,
@@ -36,15 +37,18 @@ from native_kernels.layout import (
     SH_NEXT,
     SH_PREV,
     SH_USED,
+    SLAB_BITMAP_WORDS,
     SLAB_CLASSES,
     SLAB_HEADER_BYTES,
     SLAB_MAX_OBJECT,
     SLAB_MIN_OBJECT,
 )
 from native_kernels.locks import spin_lock, spin_unlock
-from native_kernels.raw import memcpy_bytes, pointer_to
+from native_kernels.parked import flush_parked, park_block, take_parked
+from native_kernels.raw import memcpy_bytes, pointer_to, trailing_zeros
 
 MAX_SLAB_ORDER = SLAB_CLASSES - 5
+OLD_BYTES = 1  # flag in an address from array_alloc: the memory may hold old bytes
 
 
 @njit(nogil=True, cache=True)
@@ -125,16 +129,19 @@ def _take_object(nodes, meta, doms, slot, cls):
     mfn = link - 1
     hdr = _header(nodes, meta, mfn)
     capacity = slab_capacity(cls)
-    for i in range(capacity):
-        word = SH_BITMAP + (i >> 6)
-        bit = types.uint64(1) << types.uint64(i & 63)
-        if hdr[word] & bit == 0:
-            hdr[word] |= bit
-            hdr[SH_USED] += 1
-            if hdr[SH_USED] == capacity:
-                _slab_remove(nodes, meta, doms, slot, cls, mfn)
-            return (page_address(nodes, node_of(meta, mfn), mfn) + SLAB_HEADER_BYTES
-                    + i * (SLAB_MIN_OBJECT << cls))
+    # A listed slab has room, so its lowest clear bit is below its capacity.
+    for word in range(SH_BITMAP, SH_BITMAP + SLAB_BITMAP_WORDS):
+        free = ~hdr[word]
+        if free == 0:
+            continue
+        bit = trailing_zeros(free)
+        hdr[word] |= types.uint64(1) << types.uint64(bit)
+        hdr[SH_USED] += 1
+        if hdr[SH_USED] == capacity:
+            _slab_remove(nodes, meta, doms, slot, cls, mfn)
+        i = (word - SH_BITMAP) * 64 + bit
+        return (page_address(nodes, node_of(meta, mfn), mfn) + SLAB_HEADER_BYTES
+                + i * (SLAB_MIN_OBJECT << cls))
     return 0
 
 
@@ -231,8 +238,8 @@ def _small_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
 def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
     """Memory for ``nbytes`` of array data owned by the domain; an address, or an error < 0.
 
-    Large data comes zeroed (scrub-on-allocate); a small object may hold the domain's own
-    earlier bytes, as malloc's would.
+    The address has OLD_BYTES set when the memory may hold the domain's own earlier bytes,
+    as malloc's would (a slab object, a parked block); otherwise it comes zeroed.
     """
     if atomic_load(meta, M_CLOSED):
         return E_DEAD
@@ -240,13 +247,21 @@ def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
         return E_NOMEM
     nbytes = max(nbytes, 1)
     if nbytes <= SLAB_MAX_OBJECT:
-        return _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
+        addr = _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
                             node_pref)
+        return addr | OLD_BYTES if addr > 0 else addr
     order = order_for_bytes(meta, nbytes)
     if order < 0:
         return E_NOMEM
+    addr = take_parked(ft32, nodes, doms, meta, slot, dom_id, order)
+    if addr:
+        return addr | OLD_BYTES
     packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
                          node_pref, False, True)
+    if packed in (E_QUOTA, E_NOMEM) and flush_parked(
+            ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+        packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                             node_pref, False, True)
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
@@ -261,6 +276,8 @@ def array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
     page = _page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
+    if park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, page):
+        return 0
     return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, page)
 
 
@@ -289,8 +306,9 @@ def array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, addr,
     """Resize array data keeping its bytes: in place while the new size fits and uses more
     than half the room; else allocate, copy, free. An address, or an error < 0."""
     if addr == 0:
-        return array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
-                           node_pref)
+        new = array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
+                          node_pref)
+        return new & ~OLD_BYTES if new > 0 else new
     room = array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
     if room < 0:
         return room
@@ -300,6 +318,7 @@ def array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, addr,
                       node_pref)
     if new < 0:
         return new
+    new &= ~OLD_BYTES
     memcpy_bytes(new, addr, min(room, nbytes))
     array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr)
     return new

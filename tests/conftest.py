@@ -13,6 +13,10 @@ import pytest
 import xenheap
 from native_kernels.layout import D_HEAD, NIL, PG_NEXT, PG_ORDER, SCRUB_PATTERN
 
+# The first-use line ("compiling its kernels") would show on a cold numba cache in tests
+# that want a quiet stderr; the tests of that line clear this.
+os.environ.setdefault("XENHEAP_QUIET", "1")
+
 JOIN_TIMEOUT_S = 30.0  # generous: threads on a loaded 2-core machine
 
 MiB = 1024 * 1024
@@ -55,7 +59,7 @@ def assert_zero(block: xenheap.Block, debug: bool = False) -> None:
 def stats_snapshot(heap: xenheap.Heap) -> dict:
     """heap.stats() without the fields that move by themselves (scrubber state, RSS)."""
     st = heap.stats()
-    st.pop("resident_bytes", None)  # the process's RSS: not the heap's to keep still
+    st.pop("process_resident_bytes", None)  # the process's RSS: not the heap's to keep still
     for node in st["nodes"]:
         for key in ("scrubber", "scrub_seconds", "scrub_bytes_per_second"):
             node.pop(key, None)
@@ -85,11 +89,13 @@ def pages_read(heap: xenheap.Heap, mfn: int, npages: int) -> np.ndarray:
 
 @pytest.fixture
 def heap_factory() -> Iterator[Callable[..., xenheap.Heap]]:
-    """Build ``xenheap.Heap(**kwargs)`` (default 8 MiB, scrub="alloc"); closed after the test."""
+    """Build ``xenheap.Heap(**kwargs)`` (default 8 MiB, scrub="alloc", no reuse: every free
+    reaches the buddy lists, which is what these tests look at); closed after the test."""
     heaps: list[xenheap.Heap] = []
 
     def make(size: int | str = 8 * MiB, **kwargs: object) -> xenheap.Heap:
         kwargs.setdefault("scrub", "alloc")
+        kwargs.setdefault("reuse_bytes", 0)
         heap = xenheap.Heap(size=size, **kwargs)
         heaps.append(heap)
         return heap

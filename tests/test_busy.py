@@ -1,4 +1,4 @@
-"""``xenheap demo --busy N``: the busy-machine experiment (xenheap/busy.py).
+"""``xenheap demo --busy N``: the busy-machine experiment (xenheap/tools/busy.py).
 
 One bounded real run on a small heap (its JSON has both sides, every field, and the checks
 passed; no hog and no child outlives it), usage errors, and the hog bookkeeping on an
@@ -7,6 +7,7 @@ interrupt. Timings are never asserted, only that they exist.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ import sys
 import psutil
 import pytest
 
-from xenheap import busy, cli
+from xenheap.tools import busy, cli, report
+from xenheap.tools.machine import MachineInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_TIMEOUT_S = 240  # two children, each capped by busy.CHILD_TIMEOUT_S of its own
@@ -32,7 +34,7 @@ def gone(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def busy_run() -> dict:
     """``xenheap demo --busy 2 --size 64MiB --json``, run once for the module."""
-    proc = subprocess.run([sys.executable, "-m", "xenheap.cli", "demo", "--busy", "2",
+    proc = subprocess.run([sys.executable, "-m", "xenheap.tools.cli", "demo", "--busy", "2",
                            "--size", "64MiB", "--json"], capture_output=True, text=True,
                           timeout=RUN_TIMEOUT_S, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -80,8 +82,22 @@ def test_busy_run_leaves_no_hog_or_child_behind(busy_run: dict) -> None:
     assert busy_run["_children_after"] == []
 
 
+def typed(result: dict) -> busy.BusyResult:
+    """The experiment's JSON read back into its dataclasses."""
+    fields = {k: v for k, v in result.items() if not k.startswith("_")}
+    fields.update(machine=MachineInfo(**result["machine"]),
+                  sides={k: busy.SideSummary(**v) for k, v in result["sides"].items()},
+                  runs=[busy.SideRun(**r) for r in result["runs"]])
+    return busy.BusyResult(**fields)
+
+
+def test_busy_json_is_the_typed_result(busy_run: dict) -> None:
+    fields = {k: v for k, v in busy_run.items() if not k.startswith("_")}
+    assert dataclasses.asdict(typed(busy_run)) == fields
+
+
 def test_busy_table_has_every_row_and_both_columns(busy_run: dict) -> None:
-    text = busy.format_result(busy_run)
+    text = report.format_busy(typed(busy_run))
     header = text.splitlines()[2]
     assert "idle" in header and "busy (2 hogs)" in header
     for label in ("destroy ms", "clean-after ms", "longest abort wait ms",
@@ -103,7 +119,7 @@ def test_busy_usage_errors_exit_2(value: str, capsys: pytest.CaptureFixture[str]
 
 
 def test_busy_usage_error_from_the_command_line() -> None:
-    proc = subprocess.run([sys.executable, "-m", "xenheap.cli", "demo", "--busy", "-1"],
+    proc = subprocess.run([sys.executable, "-m", "xenheap.tools.cli", "demo", "--busy", "-1"],
                           capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
 
@@ -121,7 +137,7 @@ def test_hogs_are_stopped_when_the_measured_side_is_interrupted(monkeypatch) -> 
     def interrupted(cmd, label, timeout=busy.CHILD_TIMEOUT_S):
         if label == "busy":
             raise KeyboardInterrupt
-        return {"side": label}
+        return busy.SideResult(**{f.name: None for f in dataclasses.fields(busy.SideResult)})
 
     monkeypatch.setattr(busy, "start_hogs", start)
     monkeypatch.setattr(busy, "run_child", interrupted)

@@ -18,6 +18,7 @@ import pytest
 
 import xenheap
 from native_kernels.layout import BUDDY_SCRUBBING, PG_SCRUB_STATE
+from xenheap.faults import inject_fault
 
 MiB = 2**20
 _HOG = "import time\nend = time.monotonic() + {secs}\nwhile time.monotonic() < end: pass\n"
@@ -109,7 +110,7 @@ def test_scrubbing_never_faults_untouched_memory_in():
 
 def test_a_frozen_scrubber_holding_a_chunk_does_not_make_allocators_wait():
     with xenheap.Heap("64MiB") as heap:
-        heap.inject_fault("scrub_stall", 5_000_000)  # parks it 5 s mid-chunk, deaf to aborts
+        inject_fault(heap, "scrub_stall", 5_000_000)  # parks it 5 s mid-chunk, deaf to aborts
         order = heap.max_order - 3
         dom = heap.create_domain()
         blocks = [dom.alloc(order) for _ in range(8)]
@@ -126,7 +127,7 @@ def test_a_frozen_scrubber_holding_a_chunk_does_not_make_allocators_wait():
         assert (ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING).any(), "the stall ended early"
         assert heap.stats()["nodes"][0]["aborts"] == 0  # nobody waited for the frozen one
         assert not any(b.array().any() for b in taken)
-        heap.inject_fault(None)
+        inject_fault(heap, None)
         tenant.destroy()
         assert heap.wait_clean(60)
         heap.check()
@@ -156,3 +157,44 @@ def test_scrub_deadline_is_validated():
         with pytest.raises(xenheap.InvalidArgument):
             xenheap.Heap("4MiB", scrub_deadline=bad)
     assert np.isfinite(xenheap.Heap("4MiB", scrub="alloc", scrub_deadline=0.5).scrub_deadline)
+
+
+# --- scrub work charged to the domain that dirtied the memory --------------------------------
+def test_scrubber_cpu_is_charged_to_the_domains_that_dirtied_the_memory():
+    with xenheap.Heap("512MiB") as heap:
+        doms = [heap.create_domain(f"tenant{i}") for i in range(3)]
+        for i, dom in enumerate(doms):
+            for blk in [dom.alloc(9) for _ in range(16 * (i + 1))]:
+                blk.array()[:] = 1
+        for dom in doms:
+            dom.destroy()
+        assert heap.wait_clean(60)
+        st = heap.stats()
+        for i, dom in enumerate(doms):
+            ds = dom.stats()
+            assert ds["dirtied_bytes"] == ds["scrubbed_bytes"] == 16 * (i + 1) * 2 * MiB
+        charged = {c["name"]: c for c in st["domain_charges"]}
+        cpu = [charged[f"tenant{i}"]["idle_cpu_seconds"]
+               + charged[f"tenant{i}"]["deadline_cpu_seconds"] for i in range(3)]
+        assert 0 < cpu[0] < cpu[1] < cpu[2]  # by pages: 1 : 2 : 3
+        total = sum(c["idle_cpu_seconds"] + c["deadline_cpu_seconds"]
+                    for c in st["domain_charges"])
+        # All the thread's CPU time is charged, less its polling since its last slice.
+        assert st["scrub_cpu_seconds"] * 0.95 <= total <= st["scrub_cpu_seconds"]
+
+
+def test_scrub_on_allocate_is_charged_to_the_dirtier_and_outlives_its_slot():
+    with xenheap.Heap("16MiB", scrub="alloc", max_domains=1) as heap:
+        dirty = heap.create_domain("dirty")
+        for blk in [dirty.alloc(4) for _ in range(16)]:  # 1 MiB, written
+            blk.array()[:] = 3
+        dirty.destroy()
+        heir = heap.create_domain("heir")  # the only slot: the destroyed domain's
+        heir.populate(heap.total_pages * 4096, order=4)  # zeroes the dirt as it allocates
+        ds = dirty.stats()
+        assert ds["dirtied_bytes"] == ds["scrubbed_bytes"] == 1 * MiB
+        assert ds["scrub_alloc_cpu_seconds"] > 0
+        assert heir.stats()["scrubbed_bytes"] == 0
+        names = [c["name"] for c in heap.stats()["domain_charges"]]
+        assert "dirty" in names and "heir" in names
+        heap.check()

@@ -10,6 +10,7 @@ Sizes are small (16-64 MiB) so the whole module runs in seconds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -21,9 +22,11 @@ import threading
 
 import pytest
 
-from xenheap import cli, measure
+from xenheap import Heap
 from xenheap.errors import InvalidArgument
-from xenheap.progress import MIN_RATE_INTERVAL_S, ScrubProgress, format_rate
+from xenheap.tools import bench, cli, demo, machine, report, workload
+from xenheap.tools.progress import MIN_RATE_INTERVAL_S, ScrubProgress, format_rate
+from xenheap.tools.workload import MiB
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = "64MiB"
@@ -41,8 +44,8 @@ UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m xenheap.cli ARGS`` with stdout and stderr piped (so not a terminal)."""
-    return subprocess.run([sys.executable, "-m", "xenheap.cli", *args], capture_output=True,
+    """``python -m xenheap.tools.cli ARGS`` with stdout and stderr piped (so not a terminal)."""
+    return subprocess.run([sys.executable, "-m", "xenheap.tools.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO, check=False)
 
 
@@ -67,28 +70,56 @@ def main_ok(argv: list[str]) -> str:
     return out
 
 
+def run_typed(module, argv: list[str], function: str = "run") -> tuple[dict, object]:
+    """``cli.main(argv)``, which must succeed: its JSON and the typed result behind it (kept
+    from ``module.function`` as the command called it)."""
+    kept = []
+    real = getattr(module, function)
+
+    def run(*args, **kwargs):
+        kept.append(real(*args, **kwargs))
+        return kept[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, function, run)
+        result = json.loads(main_ok(argv))
+    assert len(kept) == 1
+    return result, kept[0]
+
+
 @pytest.fixture(scope="module")
-def demo_json() -> dict:
-    return json.loads(main_ok(["demo", "--size", SMALL, "--json"]))
+def demo_run() -> tuple[dict, demo.DemoResult]:
+    return run_typed(demo, ["demo", "--size", SMALL, "--json"])
+
+
+@pytest.fixture(scope="module")
+def demo_json(demo_run: tuple[dict, demo.DemoResult]) -> dict:
+    return demo_run[0]
 
 
 # --- demo -----------------------------------------------------------------------------------
+def test_demo_json_is_the_typed_result(demo_run: tuple[dict, demo.DemoResult]) -> None:
+    result, typed = demo_run
+    assert isinstance(typed, demo.DemoResult)
+    assert result == json.loads(json.dumps(dataclasses.asdict(typed)))
+
+
 def test_demo_json_figures(demo_json: dict) -> None:
-    assert demo_json["size_bytes"] == 64 * measure.MiB
+    assert demo_json["size_bytes"] == 64 * MiB
     sync, idle = demo_json["modes"]["sync"], demo_json["modes"]["idle"]
     assert demo_json["destroy_ratio"] == pytest.approx(sync["destroy_s"] / idle["destroy_s"])
     for mode in (sync, idle):
-        assert mode["domain_bytes"] == mode["heap_bytes"] == 64 * measure.MiB
+        assert mode["domain_bytes"] == mode["heap_bytes"] == 64 * MiB
         assert 0 < mode["destroy_s"] <= mode["clean_s"]
         assert mode["zeroed_bytes"] >= mode["domain_bytes"]
         assert mode["memset_bytes_per_s"] > 0 and mode["numpy_fill_bytes_per_s"] > 0
         assert mode["alloc_idle"]["n"] > 0
         assert mode["alloc_idle"]["p50_us"] <= mode["alloc_idle"]["p99_us"]
         assert mode["max_order_alloc"]["ok"], "dirty and clean buddies must merge"
-        assert mode["max_order_alloc"]["bytes"] == 64 * measure.MiB
+        assert mode["max_order_alloc"]["bytes"] == 64 * MiB
         leak = mode["leak_check"]
         assert leak["ok"] and leak["nonzero_bytes"] == 0 and leak["all_memory"]
-        assert leak["bytes_checked"] == 64 * measure.MiB
+        assert leak["bytes_checked"] == 64 * MiB
     # Only "idle" has scrubbers: a busy phase, a scrubber rate, aborts counted.
     assert sync["alloc_busy"] is None and sync["scrubber_bytes_per_s"] is None
     assert idle["alloc_busy"]["n"] > 0 and idle["busy_aborts"] >= 0
@@ -128,32 +159,40 @@ def test_demo_with_emulated_nodes_is_accepted(monkeypatch: pytest.MonkeyPatch) -
         seen.update(size=size, nodes=nodes)
         raise InvalidArgument("stop here")  # the library's refusal: reported in one line
 
-    monkeypatch.setattr(measure, "demo", fake_demo)
+    monkeypatch.setattr(demo, "run", fake_demo)
     code, _, err = call_main(["demo", "--size", "128MiB", "--nodes", "2"])
-    assert seen == {"size": 128 * measure.MiB, "nodes": 2}
+    assert seen == {"size": 128 * MiB, "nodes": 2}
     assert code == 1 and err == "xenheap: error: stop here\n"
 
 
 # --- bench ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def bench_json(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str | None]:
+def bench_run(tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[dict, bench.BenchResult, str | None]:
     try:
         import matplotlib  # noqa: F401
         plot = str(tmp_path_factory.mktemp("plot") / "bench.png")
     except ImportError:
         plot = None
     args = ["bench", "--quick", "--json"] + (["--plot", plot] if plot else [])
-    return json.loads(main_ok(args)), plot
+    result, typed = run_typed(bench, args)
+    assert isinstance(typed, bench.BenchResult)
+    return result, typed, plot
+
+
+@pytest.fixture(scope="module")
+def bench_json(bench_run: tuple[dict, bench.BenchResult, str | None]) -> tuple[dict, str | None]:
+    return bench_run[0], bench_run[2]
 
 
 def test_bench_json_figures(bench_json: tuple[dict, str | None]) -> None:
     result, _ = bench_json
-    assert [r["size_bytes"] for r in result["destroy"]] == measure.default_bench_sizes(True)
+    assert [r["size_bytes"] for r in result["destroy"]] == bench.default_sizes(True)
     for row in result["destroy"]:
         assert row["destroy_ratio"] == pytest.approx(row["sync_destroy_s"]
                                                      / row["idle_destroy_s"])
         assert row["idle_clean_s"] >= row["idle_destroy_s"] > 0
-    assert [r["size_bytes"] for r in result["buffers"]] == list(measure.BUFFER_SIZES)
+    assert [r["size_bytes"] for r in result["buffers"]] == list(bench.BUFFER_SIZES)
     for row in result["buffers"]:
         assert set(row["us"]) == {"xenheap", "bytearray", "numpy.zeros", "mmap"}
         for peer, ratio in row["vs_xenheap"].items():
@@ -165,8 +204,18 @@ def test_bench_json_figures(bench_json: tuple[dict, str | None]) -> None:
     assert all(r["ops_per_s"] > 0 for r in result["alloc_threads"])
 
 
-def test_bench_tables_print_every_section(bench_json: tuple[dict, str | None]) -> None:
-    text = cli.format_bench(bench_json[0])
+def test_bench_json_is_the_typed_result_and_the_plot(
+        bench_run: tuple[dict, bench.BenchResult, str | None]) -> None:
+    result, typed, plot = bench_run
+    expected = json.loads(json.dumps(dataclasses.asdict(typed)))
+    if plot is not None:
+        expected["plot"] = plot  # the one key the command adds: where the plot went
+    assert result == expected
+
+
+def test_bench_tables_print_every_section(
+        bench_run: tuple[dict, bench.BenchResult, str | None]) -> None:
+    text = report.format_bench(bench_run[1])
     for heading in ("Destroy latency", "Zeroed buffer", "Scrub throughput",
                     "Allocation throughput"):
         assert heading in text
@@ -193,11 +242,13 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch
 
 # --- info -----------------------------------------------------------------------------------
 def test_info() -> None:
-    result = json.loads(main_ok(["info", "--json"]))
+    result, typed = run_typed(machine, ["info", "--json"], "info")
+    assert isinstance(typed, machine.Info)
+    assert result == json.loads(json.dumps(dataclasses.asdict(typed)))
     assert set(result["capabilities"]) == {"mbind", "madv_hugepage", "sched_idle"}
     assert result["nodes"] and all("cpus" in n and "distances" in n for n in result["nodes"])
     assert result["memset_bytes_per_s"] > 0 and result["numba"]
-    text = cli.format_info(result)
+    text = report.format_info(typed)
     assert "MADV_HUGEPAGE" in text and "SCHED_IDLE" in text and "mbind" in text
 
 
@@ -280,7 +331,7 @@ def test_size_errors_quote_bytes(argv: list[str], quoted: list[str]) -> None:
 # --- pipes and files ------------------------------------------------------------------------
 def test_a_closed_stdout_ends_quietly() -> None:
     """``xenheap demo | head -1`` where the reader is gone before the table is written."""
-    proc = subprocess.Popen([sys.executable, "-m", "xenheap.cli", "demo", "--size", TINY],
+    proc = subprocess.Popen([sys.executable, "-m", "xenheap.tools.cli", "demo", "--size", TINY],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     proc.stdout.close()  # the reader leaves at once: the first write finds no reader
     try:
@@ -295,7 +346,7 @@ def test_a_closed_stdout_ends_quietly() -> None:
 
 def test_head_reads_the_first_line_and_all_ends_well() -> None:
     proc = subprocess.run(
-        ["sh", "-c", f'"{sys.executable}" -m xenheap.cli demo --size {TINY} | head -1'],
+        ["sh", "-c", f'"{sys.executable}" -m xenheap.tools.cli demo --size {TINY} | head -1'],
         capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert proc.returncode == 0
     assert proc.stdout.startswith("xenheap demo: destroy a 16.0 MiB domain")
@@ -305,7 +356,7 @@ def test_head_reads_the_first_line_and_all_ends_well() -> None:
 
 
 def _run_with_terminal_stderr(args: list[str], stdout_path: str) -> tuple[int, str]:
-    """Run ``python -m xenheap.cli ARGS`` with stdout to a file and stderr on a terminal
+    """Run ``python -m xenheap.tools.cli ARGS`` with stdout to a file and stderr on a terminal
     (a pseudo-terminal); returns the exit status and what the terminal received."""
     master, slave = pty.openpty()
     chunks: list[bytes] = []
@@ -324,7 +375,7 @@ def _run_with_terminal_stderr(args: list[str], stdout_path: str) -> tuple[int, s
     reader.start()
     try:
         with open(stdout_path, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "xenheap.cli", *args],
+            proc = subprocess.Popen([sys.executable, "-m", "xenheap.tools.cli", *args],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=slave,
                                     cwd=REPO)
         os.close(slave)
@@ -345,7 +396,7 @@ def test_json_to_a_file_is_pure_and_progress_still_shows_on_a_terminal(tmp_path)
     with open(path, encoding="utf-8") as f:
         text = f.read()
     result = json.loads(text)  # the whole file is one JSON document
-    assert result["size_bytes"] == 16 * measure.MiB
+    assert result["size_bytes"] == 16 * MiB
     assert "\r" not in text and "\x1b" not in text
     # The progress went to the terminal, one line rewritten in place, and was erased.
     assert ERASE + "demo (sync): populating and writing the domain" in terminal
@@ -401,10 +452,10 @@ def test_progress_only_on_a_terminal(tty: bool) -> None:
     progress = ScrubProgress(stream, repaint_s=0.0)
     # scrub="alloc": nothing cleans in the background, so the dirty pages are still there
     # when the progress line starts (no race with a fast scrubber), and the wait gives up.
-    with measure.Heap("16MiB", scrub="alloc") as heap:
-        guest, _, _ = measure.populated_domain(heap, "guest")
+    with Heap("16MiB", scrub="alloc") as heap:
+        guest, _, _ = workload.populated_domain(heap, "guest")
         guest.destroy()
-        assert not measure.wait_until_clean(heap, progress)
+        assert not workload.wait_until_clean(heap, progress)
     if tty:
         assert "0 B of 16.0 MiB scrubbed, rate -" in stream.text  # nothing done: no rate
         assert stream.text.endswith("\r\x1b[K")  # erased: the terminal keeps no trace
@@ -463,19 +514,20 @@ def test_progress_shows_no_rate_over_a_tiny_interval() -> None:
 
 def test_rates_need_something_measured() -> None:
     assert format_rate(None) == "-"
-    assert measure.rate(0, 1.0) is None  # nothing done
-    assert measure.rate(1 << 30, 0.0) is None
-    assert measure.rate(1 << 30, measure.MIN_TIMED_S / 10) is None  # too short to mean much
-    assert measure.rate(1 << 30, 1.0) == 1 << 30
-    assert MIN_RATE_INTERVAL_S >= measure.MIN_TIMED_S
+    assert workload.rate(0, 1.0) is None  # nothing done
+    assert workload.rate(1 << 30, 0.0) is None
+    assert workload.rate(1 << 30, workload.MIN_TIMED_S / 10) is None  # too short to mean much
+    assert workload.rate(1 << 30, 1.0) == 1 << 30
+    assert MIN_RATE_INTERVAL_S >= workload.MIN_TIMED_S
 
 
-def test_tables_show_a_dash_for_a_missing_rate(demo_json: dict) -> None:
-    result = json.loads(json.dumps(demo_json))
-    result["modes"]["idle"]["clean_bytes_per_s"] = None
-    result["modes"]["sync"]["memset_bytes_per_s"] = None
+def test_tables_show_a_dash_for_a_missing_rate(demo_run: tuple[dict, demo.DemoResult]) -> None:
+    typed = demo_run[1]
+    modes = {"idle": dataclasses.replace(typed.modes["idle"], clean_bytes_per_s=None),
+             "sync": dataclasses.replace(typed.modes["sync"], memset_bytes_per_s=None)}
+    result = dataclasses.replace(typed, modes=modes)
     rows = {re.split(r"\s{2,}", line.strip())[0]: re.split(r"\s{2,}", line.strip())[1:]
-            for line in cli.format_demo(result).splitlines()[4:]}
+            for line in report.format_demo(result).splitlines()[4:]}
     assert rows["zeroing rate, destroy to clean"][1] == "-"
     assert rows["libc memset, same memory, same run"][0] == "-"
 
@@ -488,3 +540,23 @@ def test_progress_stops_quietly_when_its_stream_breaks() -> None:
     progress = ScrubProgress(Broken(True))
     progress.stage("working")  # must not raise
     assert not progress.enabled
+
+
+# --- the library apart from its tools -------------------------------------------------------
+def test_the_library_never_imports_its_tools() -> None:
+    """xenheap/tools/ builds on the library; no library module imports it (xenheap/serve.py,
+    the old name of ``python -m xenheap.tools.serve``, is not library but a forwarding shim)."""
+    library = os.path.join(REPO, "xenheap")
+    imports_tools = re.compile(r"^\s*(from|import)\s+(xenheap\.tools|\.tools)\b"
+                               r"|^\s*from\s+(xenheap|\.)\s+import\s+[^#\n]*\btools\b", re.M)
+    offenders = []
+    for name in sorted(os.listdir(library)):
+        if name.endswith(".py") and name != "serve.py":
+            with open(os.path.join(library, name), encoding="utf-8") as f:
+                if imports_tools.search(f.read()):
+                    offenders.append(name)
+    assert offenders == []
+    proc = subprocess.run([sys.executable, "-c", "import sys, xenheap; print(sorted(m for m in "
+                           "sys.modules if m.startswith('xenheap.tools')))"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc

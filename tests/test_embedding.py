@@ -25,6 +25,7 @@ from native_kernels.layout import (
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.scrub import NOTHING_DIRTY, scrub_free_pages
 from xenheap import prim
+from xenheap.faults import inject_fault
 
 WAIT_S = 30
 
@@ -41,7 +42,7 @@ def release_lock(words, row, col):
 
 def _snapshot(heap):
     stats = heap.stats()
-    stats.pop("resident_bytes")  # the process's RSS moves with everything else
+    stats.pop("process_resident_bytes")  # the process's RSS moves with everything else
     return stats
 
 
@@ -67,7 +68,7 @@ def test_quota_refuses_past_the_limit_naming_the_domain_and_changes_nothing():
 
 
 def test_domain_stats_track_pages_peak_allocations_frees():
-    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+    with xenheap.Heap("16MiB", scrub="alloc", reuse_bytes=0) as heap:  # frees reach the heap
         dom = heap.create_domain()
         a, b = dom.alloc(3), dom.alloc(1)
         a.free()
@@ -75,12 +76,12 @@ def test_domain_stats_track_pages_peak_allocations_frees():
         stats = dom.stats()
         assert stats["pages"] == 2 + 3 == dom.pages
         assert stats["peak_pages"] == 8 + 2
-        assert stats["allocations"] == 2 + 3
-        assert stats["frees"] == 1
+        assert stats["num_allocations"] == 2 + 3
+        assert stats["num_frees"] == 1
         assert stats["blocks"] == 4
         dom.destroy()
         after = dom.stats()
-        assert after["pages"] == 0 and after["frees"] == 5 and after["peak_pages"] == 10
+        assert after["pages"] == 0 and after["num_frees"] == 5 and after["peak_pages"] == 10
         del b
 
 
@@ -202,7 +203,7 @@ def test_fork_child_gets_a_clear_error_and_the_parent_is_unaffected():
 # --- injected faults ---------------------------------------------------------------------
 def test_scrubber_failing_part_way_through_a_chunk_loses_nothing():
     with xenheap.Heap("64MiB") as heap:
-        heap.inject_fault("scrub_fail", 100)
+        inject_fault(heap, "scrub_fail", 100)
         dom = heap.create_domain()
         dom.populate(heap.total_pages * PAGE_SIZE, order=4)
         dom.destroy()
@@ -213,13 +214,13 @@ def test_scrubber_failing_part_way_through_a_chunk_loses_nothing():
         heap.check()  # progress recorded, chunk handed back
         clean, held = read_all_free_memory(heap)
         assert clean and held == heap.total_pages
-        heap.inject_fault(None)
+        inject_fault(heap, None)
         heap.check()
 
 
 def test_scrubber_stalling_while_holding_a_chunk_only_delays_the_allocator():
     with xenheap.Heap("64MiB") as heap:
-        heap.inject_fault("scrub_stall", 200_000)  # 0.2 s, deaf to aborts
+        inject_fault(heap, "scrub_stall", 200_000)  # 0.2 s, deaf to aborts
         dom = heap.create_domain()
         for blk in [dom.alloc(heap.max_order - 2) for _ in range(4)]:
             blk.array()[:] = 0xEE
@@ -231,8 +232,8 @@ def test_scrubber_stalling_while_holding_a_chunk_only_delays_the_allocator():
             time.sleep(0.001)
         clean, held = read_all_free_memory(heap)
         assert clean and held == heap.total_pages
-        assert heap.stats()["nodes"][0]["abort_wait_ns_max"] > 0
-        heap.inject_fault(None)
+        assert heap.stats()["nodes"][0]["abort_wait_max_seconds"] > 0
+        inject_fault(heap, None)
         assert heap.wait_clean(WAIT_S)
         heap.check()
 
@@ -242,15 +243,15 @@ def test_populate_failing_in_the_middle_gives_everything_back():
         dom = heap.create_domain()
         dom.populate("1MiB")
         before = _snapshot(heap)
-        heap.inject_fault("populate_fail", 50)
+        inject_fault(heap, "populate_fail", 50)
         with pytest.raises(MemoryError):
             dom.populate("2MiB")
-        heap.inject_fault(None)
+        inject_fault(heap, None)
         after = _snapshot(heap)
         assert dom.pages == 256
         assert after["free_pages"] == before["free_pages"]
         assert after["dirty_pages"] == before["dirty_pages"]
-        assert after["nodes"][0]["allocations"] == before["nodes"][0]["allocations"]
+        assert after["nodes"][0]["num_allocations"] == before["nodes"][0]["num_allocations"]
         heap.check()
         assert dom.populate("2MiB") == 512
 
@@ -258,9 +259,9 @@ def test_populate_failing_in_the_middle_gives_everything_back():
 def test_inject_fault_rejects_unknown_kinds():
     with xenheap.Heap("4MiB", scrub="alloc") as heap:
         with pytest.raises(xenheap.InvalidArgument):
-            heap.inject_fault("meteor")
+            inject_fault(heap, "meteor")
         with pytest.raises(xenheap.InvalidArgument):
-            heap.inject_fault("scrub_fail", -1)
+            inject_fault(heap, "scrub_fail", -1)
 
 
 # --- regressions found in review -----------------------------------------------------------
@@ -287,8 +288,9 @@ def test_release_unused_releases_each_chunk_once_on_a_fragmented_heap():
 def test_close_with_a_stalled_scrubber_leaves_the_memory_mapped():
     code = """
 import time, xenheap
+from xenheap.faults import inject_fault
 heap = xenheap.Heap('64MiB')
-heap.inject_fault('scrub_stall', 2_000_000)
+inject_fault(heap, 'scrub_stall', 2_000_000)
 dom = heap.create_domain()
 blk = dom.alloc(10)
 blk.array()[:] = 1
@@ -310,16 +312,18 @@ print('survived')
 
 
 def test_only_one_thread_scrubs_a_node_at_a_time():
-    with xenheap.Heap("8MiB", scrub="alloc") as heap:
+    with xenheap.Heap("8MiB", scrub="alloc", reuse_bytes=0) as heap:  # the free makes dirt
         dom = heap.create_domain()
         dom.alloc(4).free()
         s = heap._state
-        args = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"], 0, 4096, 64)
+        charges = np.zeros((8, 2), dtype=np.int64)
+        args = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"], 0, 4096, 64, charges)
         s["nodes"][0, N_SCRUBBING] = 1  # as if another scrubber were working on node 0
         assert scrub_free_pages(*args) == NOTHING_DIRTY
         assert heap.stats()["dirty_pages"] == 16
         s["nodes"][0, N_SCRUBBING] = 0
         assert scrub_free_pages(*args) == 16
+        assert charges[0].tolist() == [dom.id, 16]  # charged to the domain that freed them
         assert heap.stats()["dirty_pages"] == 0
         heap.check()
 

@@ -1,4 +1,4 @@
-"""The example service (xenheap.serve) over real sockets: tenant isolation under load, the
+"""The example service (xenheap.tools.serve) over real sockets: tenant isolation under load, the
 error replies, clean-up at disconnect, the loopback-only rule, and the command line."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import xenheap
-from xenheap.serve import MAX_LINE, NotLoopback, Service, main, serve
+from xenheap.tools.serve import MAX_LINE, NotLoopback, Service, main, serve
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,8 @@ def tenant(cid: int, port: int, deadline: float, budget: Budget, tally: Tally) -
                     deliberate += 1
                 else:
                     st = client.stats()
-                    pages = sum(len(buf) // 4096 for buf in expected.values())
-                    assert st["domain"]["pages"] == pages, (st, pages)
+                    held = sum(len(buf) for buf in expected.values())
+                    assert st["domain"]["bytes_allocated"] == held, (st, held)
                     assert st["buffers"] == len(expected), st
             # Leave politely, by closing, or by crashing in the middle of a WRITE payload.
             ending = rng.random()
@@ -411,8 +411,8 @@ def test_error_replies_keep_the_connection(server: ServerThread) -> None:
         assert "no buffer 1" in c.err("WRITE 1 0 1", b"z")
         st = c.stats()
         assert st["domain"]["name"].startswith("conn-")
-        assert st["domain"]["pages"] == 0 and st["buffers"] == 0
-        assert st["domain"]["allocations"] == 1 and st["domain"]["frees"] == 1
+        assert st["domain"]["bytes_allocated"] == 0 and st["buffers"] == 0
+        assert st["domain"]["num_allocations"] == 1 and st["domain"]["num_frees"] == 1
         assert isinstance(st["dirty_pages"], int)
         assert c.alloc("64K") == (2, 64 * KiB)  # ids are never reused; size strings work
         expected_errors = len(refused) + 5
@@ -516,7 +516,7 @@ def test_no_request_runs_while_a_read_reply_is_queued(server: ServerThread,
         assert rfile.readline() == f"OK {size}\n".encode()
         assert rfile.read(size).count(0x5A) == size
         assert rfile.readline() == b"OK\n"
-        assert json.loads(rfile.readline()[3:])["domain"]["pages"] == 0
+        assert json.loads(rfile.readline()[3:])["domain"]["bytes_allocated"] == 0
         rfile.close()
     assert queued_at_free == [0]
 
@@ -566,6 +566,7 @@ def test_serve_refuses_non_loopback(heap: xenheap.Heap, host: str) -> None:
 
 
 def test_command_line_refuses_non_loopback() -> None:
+    # By its old name, which still works: ``python -m xenheap.serve``.
     proc = subprocess.run([sys.executable, "-m", "xenheap.serve", "--host", "0.0.0.0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc
@@ -575,9 +576,9 @@ def test_command_line_refuses_non_loopback() -> None:
 
 
 def test_command_line_serves_and_stops_cleanly() -> None:
-    """``python -m xenheap.serve --port 0``: read the port, serve tenants, SIGTERM, exit 0."""
+    """``python -m xenheap.tools.serve --port 0``: read the port, serve tenants, SIGTERM, exit 0."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xenheap.serve", "--port", "0", "--size", "32MiB",
+        [sys.executable, "-m", "xenheap.tools.serve", "--port", "0", "--size", "32MiB",
          "--nodes", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:

@@ -71,8 +71,10 @@ class HeapMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        # No reuse: the model follows every free to the buddy lists (tests/test_reuse.py
+        # covers a domain's reuse of its own blocks).
         self.heap = xenheap.Heap(size=HEAP_SIZE, nodes=self.nodes, scrub=self.mode,
-                                 debug=self.debug)
+                                 debug=self.debug, reuse_bytes=0)
         # node=None prefers the calling CPU's node: stay on one CPU so that every run of an
         # example (hypothesis replays them) makes the same choices. Restored in teardown.
         self.saved_affinity = os.sched_getaffinity(0)

@@ -8,6 +8,7 @@
 See README.md for the whole API and the scrub modes.
 """
 
+from xenheap import firstuse  # noqa: F401  (first: says so when numba compiles the kernels)
 from xenheap.domain import Block, Domain
 from xenheap.errors import (
     DomainDead,

@@ -8,21 +8,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from native_kernels import api
-from native_kernels import domain as kernels
+from native_kernels.domain import domain_row
 from native_kernels.layout import (
-    D_ALLOCS,
-    D_BLOCKS,
-    D_FREES,
     D_ID,
-    D_MAX_PAGES,
-    D_NUMPY_PAGES,
-    D_PAGES,
-    D_PEAK,
+    D_PARKED_COUNT,
+    D_PARKED_NS,
     E_BAD_FREE,
     E_CORRUPT,
     E_DEAD,
     E_FAULT,
+    E_NOMEM,
     E_QUOTA,
+    NUMPY_PARK_ORDERS,
+    PAGE_SHIFT,
 )
 from xenheap.errors import (
     DomainDead,
@@ -32,7 +30,10 @@ from xenheap.errors import (
     InvalidFree,
     OutOfMemory,
 )
+from xenheap.numpy_api import default_numpy_memory
+from xenheap.reuse import FREED_ALREADY, NOT_ISSUED, PARKED, REUSE_MAX_ORDER, ReuseCache
 from xenheap.sizes import format_size, parse_size
+from xenheap.stats import DomainStats, domain_stats
 
 if TYPE_CHECKING:
     from xenheap.heap import Heap
@@ -41,6 +42,7 @@ _MFN_MASK = 0xFFFFFFFF
 # From this order up (256 KiB) a call may zero enough memory to be worth releasing the GIL
 # for (native_kernels/api.py says why small calls keep it).
 LONG_ORDER = 6
+_NO_ROWS = np.empty((0, 2), dtype=np.int64)  # populate: no handles wanted
 
 
 class Block:
@@ -78,8 +80,22 @@ class Block:
         self._check_usable()
         return self.domain.heap._view(self.mfn, self.nbytes)
 
+    def _bytes(self) -> np.ndarray:
+        """The block's bytes as a uint8 array: made once per block while the domain reuses
+        its blocks (kept by its cache, never by the handle, so that a live handle does not
+        keep a closed heap's memory mapped)."""
+        reuse = self.domain._reuse
+        if reuse is None:
+            return self.domain.heap._bytes(self.mfn, self.nbytes)
+        return reuse.view(self.mfn, self.order)
+
     def array(self, dtype: object = "uint8") -> np.ndarray:
         """A writable numpy view of the block (zero-copy) with the given dtype."""
+        dom = self.domain
+        if self._freed or dom._destroyed or dom.heap._closed:
+            self._check_usable()
+        if dtype == "uint8":  # the default: no dtype to parse or check
+            return self._bytes().view()
         try:
             dt = np.dtype(dtype)
         except (TypeError, ValueError) as exc:
@@ -87,11 +103,20 @@ class Block:
         if dt.itemsize == 0 or self.nbytes % dt.itemsize or dt.hasobject:
             raise InvalidArgument(f"dtype {dt} does not tile a block of {self.nbytes} bytes")
         self._check_usable()
-        return self.domain.heap._bytes(self.mfn, self.nbytes).view(dt)
+        return self._bytes().view(dt)
 
     def free(self) -> None:
         """Give the block back to the heap; its pages become dirty (zeroed first in "sync")."""
         self.domain.free(self)
+
+    def __enter__(self) -> Block:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Free the block, unless it was freed already or went with its domain or heap."""
+        dom = self.domain
+        if not self._freed and not dom._destroyed and not dom.heap._closed:
+            dom.free(self)
 
     def __repr__(self) -> str:
         return f"<Block mfn={self.mfn} order={self.order} of domain {self.domain.id}>"
@@ -118,7 +143,11 @@ class Domain:
         self._max_pages = max_pages
         self._destroyed = False
         self._capsule: object | None = None
-        self._final_stats: dict[str, int] | None = None
+        self._final_stats: DomainStats | None = None
+        # Freed blocks parked for reuse (xenheap.reuse); none where frees must write the
+        # memory ("sync" zeroes, debug poisons).
+        self._reuse = ReuseCache(heap.reuse_bytes, self._view_of) if heap._reuse_blocks \
+            else None
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -136,23 +165,12 @@ class Domain:
         """The domain's quota in bytes, or None."""
         return self._max_pages * self.heap.page_size if self._max_pages else None
 
-    def stats(self) -> dict[str, int]:
-        """Pages held now and at the peak, blocks, allocations, frees, the quota in pages,
-        and pages held by live numpy arrays (which outlive a destroy until numpy frees
-        them)."""
-        self.heap._refuse_if_forked()
-        row = kernels.domain_row(self.heap._state["doms"], self._slot)
-        if row[D_ID] != self.id:  # the slot went to another domain after this one died
-            return dict(self._final_stats or {})
-        return {
-            "pages": int(row[D_PAGES]),
-            "peak_pages": int(row[D_PEAK]),
-            "blocks": int(row[D_BLOCKS]),
-            "allocations": int(row[D_ALLOCS]),
-            "frees": int(row[D_FREES]),
-            "max_pages": int(row[D_MAX_PAGES]),
-            "numpy_pages": int(row[D_NUMPY_PAGES]),
-        }
+    def stats(self) -> DomainStats:
+        """Bytes held now, at the peak and ever (pyarrow's names), allocations, frees, pages
+        and blocks held, the quota in pages, and pages held by live numpy arrays (which
+        outlive a destroy until numpy frees them). A destroyed domain keeps its figures.
+        Every field is in xenheap.stats."""
+        return domain_stats(self)
 
     # --- allocation ----------------------------------------------------------------------
     def _raise_for(self, code: int, what: str) -> None:
@@ -173,20 +191,67 @@ class Domain:
             )
         raise OutOfMemory(f"{what}: no free memory large enough")
 
-    def alloc(self, order: int = 0, node: int | None = None) -> Block:
-        """A zeroed block of 2**order contiguous pages (from ``node`` only, if given)."""
+    def alloc(self, order: int = 0, node: int | None = None, zero: bool = True) -> Block:
+        """A block of 2**order contiguous pages (from ``node`` only, if given).
+
+        Zeroed, unless ``zero=False`` (Xen's MEMF_no_scrub): then a block this domain freed
+        may come back holding its old bytes. It never holds another domain's.
+        """
         heap = self.heap
+        reuse = self._reuse
+        if (reuse is not None and node is None and type(order) is int
+                and 0 <= order <= REUSE_MAX_ORDER):
+            if heap._closed:  # before the lock: a forked child's copy may be held
+                raise HeapClosed(heap._closed_reason)
+            entry = reuse.take(order, zero)
+            if entry is not None:
+                return Block(self, entry[0], order, entry[1])
         order = heap._check_order(order)
         pref, exact = heap._placement(node)
         kernel = api.heap_alloc if order >= LONG_ORDER else api.heap_alloc_short
-        packed = heap._call(kernel, heap._zone, self._slot, self.id, order, pref,
-                            exact)
+        packed = self._call_making_room(kernel, heap._zone, self._slot, self.id, order, pref,
+                                        exact)
         if packed < 0:
             self._raise_for(packed, f"alloc(order={order})")
-        return Block(self, packed & _MFN_MASK, order, packed >> 32)
+        mfn = packed & _MFN_MASK
+        if reuse is not None:
+            reuse.issue(mfn, order, packed >> 32)
+        return Block(self, mfn, order, packed >> 32)
+
+    def _call_making_room(self, kernel, *args):
+        """heap._call(kernel, *args); if the quota or the heap was short, give parked blocks
+        back (this domain's, or every domain's) and try once more."""
+        heap = self.heap
+        got = heap._call(kernel, *args)
+        if got in (E_QUOTA, E_NOMEM) and heap._flush_reuse(self if got == E_QUOTA else None):
+            got = heap._call(kernel, *args)
+        return got
+
+    def alloc_many(self, count: int, order: int = 0, node: int | None = None) -> list[Block]:
+        """``count`` zeroed blocks of 2**order pages in one call, all or nothing."""
+        heap = self.heap
+        order = heap._check_order(order)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidArgument(f"count must be a positive int, got {count!r}")
+        if count << order > heap.total_pages:
+            raise OutOfMemory(f"alloc_many({count}, order={order}) exceeds the whole heap")
+        pref, exact = heap._placement(node)
+        with default_numpy_memory():
+            out = np.empty((count, 2), dtype=np.int64)
+        got = self._call_making_room(api.heap_alloc_many, heap._zone, self._slot, self.id,
+                                     count, order, pref, exact, out)
+        if got < 0:
+            self._raise_for(got, f"alloc_many({count}, order={order})")
+        rows = out.tolist()
+        if self._reuse is not None:
+            for mfn, tag in rows:
+                self._reuse.issue(mfn, order, tag)
+        return [Block(self, mfn, order, tag) for mfn, tag in rows]
 
     def order_for(self, nbytes: int) -> int:
         """The smallest order whose block holds ``nbytes`` bytes."""
+        if type(nbytes) is int and 0 < nbytes <= self.heap._max_block_bytes:  # nothing to parse
+            return ((nbytes - 1) >> PAGE_SHIFT).bit_length()
         size = parse_size(nbytes, what="nbytes")
         if size == 0:
             raise InvalidArgument("nbytes must be positive")
@@ -194,9 +259,9 @@ class Domain:
         self.heap._check_order(order, what=f"nbytes={size}")
         return order
 
-    def alloc_bytes(self, nbytes: int, node: int | None = None) -> Block:
-        """A zeroed block of the smallest order that holds ``nbytes`` bytes."""
-        return self.alloc(self.order_for(nbytes), node)
+    def alloc_bytes(self, nbytes: int, node: int | None = None, zero: bool = True) -> Block:
+        """A block of the smallest order that holds ``nbytes`` bytes (see alloc)."""
+        return self.alloc(self.order_for(nbytes), node, zero)
 
     def populate(self, nbytes: int, order: int = 0, node: int | None = None) -> int:
         """Allocate enough 2**order blocks to hold ``nbytes``, in one call, all or nothing.
@@ -214,8 +279,8 @@ class Domain:
             raise OutOfMemory(f"populate({format_size(size)}) exceeds the whole heap "
                               f"({format_size(heap.total_pages * heap.page_size)})")
         pref, exact = heap._placement(node)
-        got = heap._call(api.heap_populate, heap._zone, self._slot, self.id, count, order, pref,
-                         exact)
+        got = self._call_making_room(api.heap_alloc_many, heap._zone, self._slot, self.id,
+                                     count, order, pref, exact, _NO_ROWS)
         if got < 0:
             self._raise_for(got, f"populate({format_size(size)}, order={order})")
         return got
@@ -226,9 +291,20 @@ class Domain:
             raise InvalidFree(f"not a Block: {blk!r}")
         if blk.domain is not self:
             raise InvalidFree(f"{blk!r} belongs to domain {blk.domain.id}, not {self.id}")
+        heap = self.heap
+        reuse = self._reuse
+        if reuse is not None and not heap._closed:
+            parked = reuse.give(blk)
+            if parked == PARKED:
+                return
+            if parked == FREED_ALREADY:
+                raise InvalidFree(f"double free of {blk!r}")
+            if parked == NOT_ISSUED:
+                if self._destroyed:
+                    raise InvalidFree(f"{blk!r} belongs to destroyed {self!r}")
+                raise InvalidFree(f"{blk!r} is stale: it is no longer a block of {self!r}")
         if blk._freed:
             raise InvalidFree(f"double free of {blk!r}")
-        heap = self.heap
         # Only "sync" and debug mode write the block on free.
         long = blk.order >= LONG_ORDER and (heap.scrub_mode == "sync" or heap.debug)
         kernel = api.heap_free if long else api.heap_free_short
@@ -241,21 +317,61 @@ class Domain:
         if code:
             heap._wake(1 << heap._node_of(blk.mfn))
 
+    def _view_of(self, mfn: int, order: int) -> np.ndarray:
+        return self.heap._bytes(mfn, self.heap.page_size << order)
+
+    def _return_parked(self, close: bool = False) -> int:
+        """Give the blocks parked for reuse (by the Python API and by numpy) back to the
+        heap, dirty; returns how many. ``close``: park none afterwards (the heap closes)."""
+        heap = self.heap
+        entries = self._reuse.drain(close) if self._reuse is not None else []
+        if close or heap._closed or self._destroyed:
+            return len(entries)  # a closing heap's memory is gone with it; so is a dead domain's
+        numpy_blocks = heap._call(api.heap_flush_parked, self._slot, self.id) \
+            if self._capsule is not None else 0
+        wake = 0
+        for order, (mfn, tag) in entries:
+            # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
+            if heap._call(api.heap_free_short, self._slot, self.id, mfn, order, tag) > 0:
+                wake |= 1 << heap._node_of(mfn)
+        if wake:
+            heap._wake(wake)
+        return len(entries) + max(numpy_blocks, 0)
+
+    def _parked_numpy_since(self, stale: float) -> bool:
+        """numpy blocks are parked and none was parked after ``stale`` (time.monotonic)."""
+        if self._capsule is None:
+            return False
+        row = domain_row(self.heap._state["doms"], self._slot)
+        return bool(row[D_ID] == self.id and row[D_PARKED_NS] < stale * 1e9
+                    and row[D_PARKED_COUNT:D_PARKED_COUNT + NUMPY_PARK_ORDERS].any())
+
     def destroy(self) -> None:
         """Free all the domain's memory. Returns at once, leaving the pages dirty for the
         scrubbers, except in "sync" mode, which zeroes every page before returning."""
         heap = self.heap
+        reuse = self._reuse
+        if reuse is not None:
+            reuse.drain(close=True)  # parked blocks are on the list: freed below
+        with heap._lock:  # off the heap's live list, once; its reuse counters move there
+            if self in heap._domains:
+                heap._domains.discard(self)
+                if reuse is not None:
+                    hits, pages, parks = heap._reuse_retired
+                    heap._reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
+                                           parks + reuse.parks)
         status, wake = heap._call(api.heap_destroy, self._slot, self.id)
         if status < 0:
             raise DomainDead(f"{self!r} was already destroyed")
         self._destroyed = True
         self._capsule = None  # arrays made with it hold their own reference
         self._final_stats = self.stats()
+        heap._charges.destroyed(self.id)
         heap._retire_slot(self._slot)
         if wake:
             heap._wake(wake)
 
-    def numpy_allocator(self) -> contextlib.AbstractContextManager[None]:
+    def numpy_allocator(self) -> contextlib.AbstractContextManager[Domain]:
         """``with dom.numpy_allocator():`` numpy arrays created in this thread or asyncio
         task take their data from this domain (numpy's NEP 49 handler, a context variable).
 

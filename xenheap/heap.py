@@ -24,14 +24,8 @@ from native_kernels.layout import (
     DOM_DEAD,
     DOM_FREE,
     E_CLOSED,
-    FAULT_NONE,
-    FAULT_POPULATE_FAIL,
-    FAULT_SCRUB_FAIL,
-    FAULT_SCRUB_STALL,
     M_CLOSED,
     M_DEBUG,
-    M_FAULT,
-    M_FAULT_ARG,
     M_FORKED,
     M_MAX_DOMAINS,
     M_MAX_ORDER,
@@ -60,9 +54,9 @@ from native_kernels.release import (
     claim_clean_chunks,
     return_claimed_chunks,
 )
-from native_kernels.switches import set_switch
 from xenheap import prim, stats
 from xenheap.arena import Arena
+from xenheap.charges import ChargeBook
 from xenheap.domain import Domain
 from xenheap.errors import (
     HeapClosed,
@@ -72,6 +66,7 @@ from xenheap.errors import (
     ReleaseFailed,
 )
 from xenheap.numpy_api import default_numpy_memory
+from xenheap.reuse import DEFAULT_REUSE_BYTES, REUSE_IDLE_S
 from xenheap.scrubber import Scrubber, plan_scrubbers, stop_all
 from xenheap.sizes import parse_size
 from xenheap.topology import resolve_topology
@@ -79,8 +74,6 @@ from xenheap.topology import resolve_topology
 log = logging.getLogger(__name__)
 
 SCRUB_MODES = {"idle": MODE_IDLE, "sync": MODE_SYNC, "alloc": MODE_ALLOC}
-FAULTS = {None: FAULT_NONE, "scrub_fail": FAULT_SCRUB_FAIL, "scrub_stall": FAULT_SCRUB_STALL,
-          "populate_fail": FAULT_POPULATE_FAIL}
 RELEASE_BATCH = 4096  # chunks claimed per release_unused step
 DEFAULT_MAX_DOMAINS = 4096
 DEFAULT_SCRUB_DEADLINE_S = 1.0
@@ -101,13 +94,16 @@ class Heap:
     allocation only). ``debug``: Xen's SCRUB_DEBUG (pattern 0xc2 instead of zeros, freed pages
     poisoned, every allocation verified). ``scrub_deadline``: seconds a node may stay dirty
     before its scrubber cleans it at normal priority even though no CPU is idle (scrub="idle"
-    only). Thread-safe; the heap work runs without the GIL.
+    only). ``reuse_bytes``: how much of its own freed memory a domain may keep for reuse,
+    per block order up to 2 MiB blocks (xenheap.reuse); 0 turns reuse off. Thread-safe; the
+    heap work runs without the GIL.
     """
 
     def __init__(self, size: int | str = "1GiB", nodes: int | Sequence[Sequence[int]] | None
                  = None, scrub: str = "idle", debug: bool = False,
                  max_domains: int = DEFAULT_MAX_DOMAINS,
-                 scrub_deadline: float = DEFAULT_SCRUB_DEADLINE_S) -> None:
+                 scrub_deadline: float = DEFAULT_SCRUB_DEADLINE_S,
+                 reuse_bytes: int | str = DEFAULT_REUSE_BYTES) -> None:
         if scrub not in SCRUB_MODES:
             raise InvalidArgument(f"scrub must be one of {sorted(SCRUB_MODES)}, got {scrub!r}")
         if not isinstance(debug, bool):
@@ -119,6 +115,7 @@ class Heap:
             raise InvalidArgument("scrub_deadline must be a positive number of seconds, got "
                                   f"{scrub_deadline!r}")
         self.scrub_deadline = float(scrub_deadline)
+        self.reuse_bytes = parse_size(reuse_bytes, what="reuse_bytes")
         nbytes = parse_size(size)
         self.topology = resolve_topology(nodes)
         nr_nodes = len(self.topology.nodes)
@@ -132,6 +129,7 @@ class Heap:
             raise InvalidArgument(f"size {nbytes} exceeds the 32-bit frame numbers")
         self.page_size = PAGE_SIZE
         self.max_order = min(MAX_ORDER_LIMIT, pages_per_node.bit_length() - 1)
+        self._max_block_bytes = PAGE_SIZE << self.max_order
         self.scrub_mode = scrub
         self.debug = debug
         self._mode = SCRUB_MODES[scrub]
@@ -161,6 +159,16 @@ class Heap:
         self._dying_slots: list[int] = []
         self._next_id = 1
 
+        # Domains may park freed blocks for their own reuse, except where a free must write
+        # the memory ("sync" zeroes it, debug poisons it to catch writes after free).
+        self._reuse_blocks = self.reuse_bytes > 0 and scrub != "sync" and not debug
+        # Live domains: to drain their reuse caches, and to drop their numpy handlers at close.
+        self._domains: weakref.WeakSet[Domain] = weakref.WeakSet()
+        # The reuse counters of destroyed domains' caches (hits, hit pages, parks), for the
+        # statistics; a live domain's are in its cache.
+        self._reuse_retired = (0, 0, 0)
+        with default_numpy_memory():
+            self._charges = ChargeBook()  # scrub work by the domain that dirtied the memory
         self._scrubbers: list[Scrubber] = []
         self._scrubber_of = [0] * nr_nodes
         if self._mode == MODE_IDLE:
@@ -186,7 +194,9 @@ class Heap:
 
     def _start_scrubbers(self) -> None:
         for node_ids, cpus in plan_scrubbers(self.topology):
-            scrubber = Scrubber(self._state, node_ids, cpus, self._arenas, self.scrub_deadline)
+            # The first scrubber also does the heap's periodic chores (_tick).
+            scrubber = Scrubber(self._state, node_ids, cpus, self._arenas, self.scrub_deadline,
+                                self._charges, None if self._scrubbers else self._tick)
             for node in node_ids:
                 self._scrubber_of[node] = len(self._scrubbers)
             self._scrubbers.append(scrubber)
@@ -279,6 +289,28 @@ class Heap:
         selected = self._all_nodes if nodes is None else nodes
         return int(column_sum(self._state["nodes"], N_NEED_SCRUB, selected))
 
+    def _flush_reuse(self, dom: Domain | None = None) -> bool:
+        """Give the blocks parked for reuse by ``dom`` (every domain, if None) back to the
+        heap: an allocation found its quota or the heap short. True if any went back."""
+        doms = [dom] if dom is not None else list(self._domains)
+        return sum(d._return_parked() for d in doms) > 0
+
+    def _tick(self) -> None:
+        """Periodic chores, done by the first scrubber: idle domains' parked blocks go back
+        to the heap, and the allocators' scrub charges into the book before their slots
+        fill up."""
+        self._trim_reuse()
+        self._charges.drain_allocators(self._state["nodes"], self.nodes)
+
+    def _trim_reuse(self) -> None:
+        """Give back the parked blocks of domains that have not used them for a while, so
+        that they reach the scrubbers (and the dirty-lifetime bound) too."""
+        stale = time.monotonic() - REUSE_IDLE_S
+        for dom in list(self._domains):
+            if dom._reuse is not None and dom._reuse.used_at < stale and (
+                    dom._reuse.cached_bytes() or dom._parked_numpy_since(stale)):
+                dom._return_parked()
+
     def _retire_slot(self, slot: int) -> None:
         """A destroyed domain's slot: free now, or once numpy frees its last pinned block."""
         with self._lock:
@@ -321,15 +353,21 @@ class Heap:
         if state not in (DOM_FREE, DOM_DEAD):
             raise HeapCorruption(f"domain slot {slot} was handed out while in state {state}")
         domain_kernels.open_domain(self._state["doms"], slot, dom_id, max_pages)
-        return Domain(self, slot, dom_id, name, max_pages)
+        dom = Domain(self, slot, dom_id, name, max_pages)
+        self._domains.add(dom)
+        self._charges.opened(dom_id, dom.name)
+        return dom
 
-    def stats(self) -> dict:
-        """Counters of the heap and of each node (see xenheap.stats for every field)."""
+    def stats(self) -> stats.HeapStats:
+        """Counters of the heap and of each node, in bytes under the names Python memory
+        pools use (bytes_allocated, max_memory, total_bytes_allocated, num_allocations),
+        in pages where pages are the point; xenheap.stats documents every field."""
         self._refuse_if_forked()
         return stats.heap_stats(self)
 
     def dump(self) -> str:
-        """Text like Xen's 'H' debug key: free pages per node and order, unscrubbed pages."""
+        """Free pages per node and order, then unscrubbed pages per node (after Xen's 'H'
+        debug key), under the heading ``xenheap: heap info (<Heap ...>)``."""
         self._refuse_if_forked()
         return stats.dump(self)
 
@@ -438,20 +476,6 @@ class Heap:
             for i, chunks in enumerate(batches):
                 return_claimed_chunks(*self._node_arrays, node, chunks, 0 if i else pages)
 
-    def inject_fault(self, kind: str | None, arg: int = 0) -> None:
-        """Test hook, off by default: "scrub_fail" (a scrubber fails after ``arg`` pages of a
-        chunk), "scrub_stall" (a scrubber stalls ``arg`` microseconds holding a chunk),
-        "populate_fail" (populate runs dry after ``arg`` blocks); None turns it off."""
-        if kind not in FAULTS:
-            raise InvalidArgument(f"fault must be one of {list(FAULTS)}, got {kind!r}")
-        if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
-            raise InvalidArgument(f"fault argument must be a non-negative int, got {arg!r}")
-        meta = self._state["meta"]
-        self._refuse_if_forked()
-        set_switch(meta, M_FAULT, FAULT_NONE)  # never a new kind with the old argument
-        set_switch(meta, M_FAULT_ARG, arg)
-        set_switch(meta, M_FAULT, FAULTS[kind])
-
     def close(self) -> None:
         """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent.
 
@@ -462,6 +486,9 @@ class Heap:
             if self._closed:
                 return
             self._closed = True
+        for dom in list(self._domains):  # waits for any reuse in progress, then allows none
+            dom._return_parked(close=True)
+            dom._capsule = None  # only arrays still alive may hold a handler now
         meta = self._state["meta"]
         api.close_heap(meta)  # refuse new calls; scrubbers stop at their next step
         stop_all(self._scrubbers)
@@ -469,11 +496,11 @@ class Heap:
             time.sleep(0.0005)
         stuck = [s.name for s in self._scrubbers if s.is_alive()]
         arrays = self._numpy_handlers and numpy_handlers_live(self._state)
-        if stuck or arrays:
-            # The scrubbers and the numpy handlers' records hold the arenas themselves.
-            log.warning("heap closed, arenas left mapped: %s",
-                        f"scrubbers {stuck} still running" if stuck
-                        else "numpy arrays may still use them")
+        # The scrubbers and the numpy handlers' records hold the arenas themselves.
+        if stuck:
+            log.warning("heap closed, arenas left mapped: scrubbers %s still running", stuck)
+        elif arrays:  # as designed: the memory goes with the last array
+            log.info("heap closed, arenas left mapped while numpy arrays made from it live")
         else:
             for arena in self._arenas:
                 arena.close()

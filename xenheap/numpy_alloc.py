@@ -106,15 +106,16 @@ def make_handler(dom: Domain) -> object:
 
 
 @contextlib.contextmanager
-def numpy_allocator(dom: Domain) -> Iterator[None]:
-    """Within the block, numpy arrays of this thread or task take their data from ``dom``."""
+def numpy_allocator(dom: Domain) -> Iterator[Domain]:
+    """Within the block, numpy arrays of this thread or task take their data from ``dom``;
+    ``with dom.numpy_allocator() as d:`` gives ``d is dom``."""
     if dom.heap.closed:
         raise HeapClosed("the heap is closed")
     if not dom.alive:
         raise DomainDead(f"{dom!r} was destroyed")
     previous = set_handler(dom._numpy_handler())
     try:
-        yield
+        yield dom
     finally:
         set_handler(previous)
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from native_kernels.layout import PAGE_SIZE
 from xenheap.errors import InvalidArgument, OutOfMemory
 
 __all__ = [
@@ -40,7 +41,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = mmap.PAGESIZE
+# One PAGE_SIZE, the layout's: the frame table has a record per page of that size.
+if mmap.PAGESIZE != PAGE_SIZE:
+    raise ImportError(
+        f"xenheap needs {PAGE_SIZE}-byte pages (native_kernels.layout.PAGE_SIZE: one "
+        f"frame-table record per page), but this machine's page size is {mmap.PAGESIZE} "
+        "bytes (a 16 KiB or 64 KiB arm64 kernel?)"
+    )
 HUGE_PAGE_SIZE = 2 * 1024 * 1024  # x86_64 and arm64 (4 KiB granule) PMD size
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from native_kernels.layout import E_FAULT, N_DIRTY_SINCE_NS, N_NEED_SCRUB
 from native_kernels.scrub import scrub_nodes
 from native_kernels.switches import set_switch
 from xenheap import prim
+from xenheap.charges import ChargeBook
 from xenheap.errors import XenHeapError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 # near memset's speed and zeroes in about 3 us: that bounds how long an aborting allocator
 # waits for a running scrubber.
 GRANULE_PAGES = 64
+CHARGE_ROWS = 64  # domains one slice can tell apart; the rest are charged as one
 # Pages one step may scan before it looks at the stop flag and the clock again.
 BUDGET_PAGES = 4096
 SLICE_S = 0.01  # one kernel call: then the GIL, the stop request and idleness are looked at
@@ -57,12 +59,17 @@ class Scrubber(threading.Thread):
     """Scrubs ``nodes`` (its own first) from a daemon thread pinned to ``cpus``."""
 
     def __init__(self, state: dict, nodes: Sequence[int], cpus: Sequence[int],
-                 arenas: Sequence[object], deadline_s: float) -> None:
+                 arenas: Sequence[object], deadline_s: float, charges: ChargeBook,
+                 on_tick: Callable[[], None] | None = None) -> None:
         super().__init__(name=f"xenheap-scrub-node{nodes[0]}", daemon=True)
         self.nodes = tuple(nodes)
         self._node_array = np.array(self.nodes, dtype=np.int64)
         self.cpus = tuple(cpus)
         self.deadline_ns = int(deadline_s * 1e9)
+        self._on_tick = on_tick  # called each time round the loop (Heap._tick)
+        self._book = charges
+        self._charges = np.zeros((CHARGE_ROWS, 2), dtype=np.int64)  # this slice's, by domain
+        self._charged_cpu = 0.0  # thread_time when the last slice was charged
         self.wakeup = threading.Event()
         self.errors = 0
         self.last_error: str | None = None
@@ -103,8 +110,14 @@ class Scrubber(threading.Thread):
         before = time.thread_time()
         until = time.monotonic_ns() + int(SLICE_S * 1e9)
         got = scrub_nodes(*self._arrays, self._node_array, self._stop_flag, BUDGET_PAGES,
-                          GRANULE_PAGES, until)
-        spent = time.thread_time() - before
+                          GRANULE_PAGES, until, self._charges)
+        now = time.thread_time()
+        spent = now - before
+        # Everything since the last charge, polling included, goes to the domains whose
+        # dirt this slice cleaned; a slice that cleaned nothing carries it over.
+        if self._book.charge_slice(kind, self._charges, now - self._charged_cpu):
+            self._charged_cpu = now
+            self._charges[:] = 0
         if kind == "deadline":
             self.deadline_cpu_seconds += spent
         else:
@@ -121,6 +134,8 @@ class Scrubber(threading.Thread):
                 # A free that dirties a node after the clear sets the event again, so the
                 # wait below cannot miss it.
                 self.wakeup.clear()
+                if self._on_tick is not None:
+                    self._on_tick()
                 kind, wait_s = self._next_step()
                 if kind is None:
                     self.state = "idle"

@@ -31,6 +31,7 @@ from xenheap.sizes import format_size
 
 if TYPE_CHECKING:
     from xenheap.heap import Heap
+    from xenheap.stats import HeapStats
 
 __all__ = ["MIN_RATE_INTERVAL_S", "ScrubProgress", "format_rate", "format_seconds",
            "rate_over"]
@@ -73,7 +74,7 @@ def rate_over(nbytes: float, seconds: float,
     return nbytes / seconds
 
 
-def _scrubbed_pages(stats: dict) -> int:
+def _scrubbed_pages(stats: HeapStats) -> int:
     # Pages zeroed by the scrubbers and by allocators that took dirty chunks: both clean.
     return sum(n["scrubbed_pages"] + n["alloc_scrubbed_pages"] for n in stats["nodes"])
 
@@ -129,7 +130,7 @@ class ScrubProgress:
         if self._dirty0:
             self.update(heap, force=True)
 
-    def line(self, stats: dict, now: float) -> str:
+    def line(self, stats: HeapStats, now: float) -> str:
         """The progress line for ``stats`` (a ``heap.stats()``) at time ``now``."""
         page = stats["page_size"]
         done = max(0, _scrubbed_pages(stats) - self._scrubbed0) * page

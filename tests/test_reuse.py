@@ -1,0 +1,187 @@
+"""A domain's reuse of its own freed memory: Python blocks (xenheap.reuse) and numpy's
+blocks (native_kernels.parked). Isolation: nothing one domain freed reaches another without
+going through the heap, dirty, and being scrubbed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import xenheap
+from native_kernels.layout import D_PARKED_COUNT, PAGE_SIZE
+
+MiB = 2**20
+
+
+def test_a_freed_block_comes_back_to_its_domain_zeroed_or_as_it_was():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        blk = dom.alloc(2)
+        blk.array()[:] = 7
+        blk.free()
+        again = dom.alloc(2)
+        assert again.mfn == blk.mfn and not again.array().any()
+        again.array()[:] = 9
+        again.free()
+        kept = dom.alloc(2, zero=False)  # Xen's MEMF_no_scrub: the domain's own old bytes
+        assert kept.mfn == blk.mfn and (kept.array() == 9).all()
+        with pytest.raises(xenheap.InvalidFree):
+            again.free()  # the old handle stays freed
+        assert heap.stats()["dirty_pages"] == 0  # nothing went back to the heap
+        heap.check()
+
+
+def test_another_domain_never_gets_a_parked_block():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        a, b = heap.create_domain(), heap.create_domain()
+        parked = [a.alloc(0) for _ in range(16)]
+        for blk in parked:
+            blk.array()[:] = 0xAA
+            blk.free()
+        mfns = {blk.mfn for blk in parked}
+        taken = [b.alloc(0, zero=False) for _ in range(heap.stats()["free_pages"])]
+        assert not mfns & {blk.mfn for blk in taken}
+        assert not any(blk.array().any() for blk in taken)
+        heap.check()
+
+
+def test_parked_blocks_count_against_the_quota_and_go_back_when_it_is_short():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain(max_bytes=64 * PAGE_SIZE)
+        blocks = [dom.alloc(0) for _ in range(64)]
+        for blk in blocks:
+            blk.free()  # all parked: the domain still holds 64 pages
+        assert dom.stats()["pages"] == 64
+        assert dom.stats()["cached_bytes"] == 64 * PAGE_SIZE
+        big = dom.alloc(6)  # no parked block of order 6: the parked ones make room
+        assert dom.stats()["pages"] == 64 and dom.stats()["cached_bytes"] == 0
+        assert not big.array().any()  # they went back dirty and were scrubbed on allocate
+        heap.check()
+
+
+def test_parked_blocks_go_back_when_the_heap_runs_short():
+    with xenheap.Heap("8MiB", scrub="alloc") as heap:
+        hoarder, needy = heap.create_domain(), heap.create_domain()
+        blocks = [hoarder.alloc(0) for _ in range(256)]  # 1 MiB, parked below
+        for blk in blocks:
+            blk.free()
+        got = needy.populate(heap.total_pages * PAGE_SIZE)  # every page of the heap
+        assert got == heap.total_pages and hoarder.stats()["pages"] == 0
+        heap.check()
+
+
+def test_destroy_and_idleness_give_parked_blocks_back_to_the_scrubbers():
+    with xenheap.Heap("16MiB", reuse_bytes="1MiB") as heap:
+        dom = heap.create_domain()
+        for blk in [dom.alloc(0) for _ in range(64)]:
+            blk.array()[:] = 1
+            blk.free()
+        assert dom.stats()["pages"] == 64
+        deadline = time.monotonic() + 30
+        while dom.stats()["pages"]:  # unused for a while: back to the heap
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert heap.wait_clean(30)
+        other = heap.create_domain()
+        blk = other.alloc(0)
+        blk.free()
+        other.destroy()  # parked, then freed with the domain
+        assert heap.stats()["free_pages"] == heap.total_pages
+        heap.check()
+
+
+@pytest.mark.parametrize("kwargs", [{"scrub": "sync"}, {"debug": True}, {"reuse_bytes": 0}])
+def test_no_reuse_where_a_free_must_write_the_memory_or_reuse_is_off(kwargs):
+    with xenheap.Heap("8MiB", **kwargs) as heap:
+        dom = heap.create_domain()
+        blk = dom.alloc(0)
+        blk.free()
+        assert dom.stats()["pages"] == 0
+        heap.check()
+
+
+def test_alloc_many_returns_distinct_zeroed_blocks_all_or_nothing():
+    with xenheap.Heap("8MiB", scrub="alloc", reuse_bytes=0) as heap:
+        dom = heap.create_domain()
+        blocks = dom.alloc_many(100, order=2)
+        assert len({b.mfn for b in blocks}) == 100 and all(b.order == 2 for b in blocks)
+        assert not any(b.array().any() for b in blocks)
+        for blk in blocks[:10]:
+            blk.free()
+        before = heap.stats()["free_pages"]
+        with pytest.raises(xenheap.OutOfMemory):
+            dom.alloc_many(heap.total_pages, order=0)
+        assert heap.stats()["free_pages"] == before
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(xenheap.InvalidArgument):
+                dom.alloc_many(bad)
+        heap.check()
+
+
+def test_numpy_blocks_are_parked_for_the_next_arrays_and_calloc_zeroes_them():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        row = heap._state["doms"][dom._slot]
+        with dom.numpy_allocator():
+            a = np.zeros(512)  # 4 KiB: an order-0 block
+            a[:] = 3
+            addr = a.ctypes.data
+            del a
+            assert row[D_PARKED_COUNT] == 1
+            b = np.zeros(512)
+            assert b.ctypes.data == addr and not b.any()
+            c = np.empty(512)
+            assert c.ctypes.data != addr
+        del b, c
+        heap.check()
+        dom.destroy()  # parked blocks go with the domain
+        assert heap.stats()["free_pages"] == heap.total_pages
+        heap.check()
+
+
+def test_parked_numpy_blocks_make_room_when_the_quota_is_short():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain(max_bytes=24 * PAGE_SIZE)  # numpy also takes a slab page
+        with dom.numpy_allocator():
+            arrays = [np.ones(512) for _ in range(16)]
+            del arrays  # parked: the domain still holds their 16 pages
+            assert dom.stats()["pages"] >= 16
+            big = np.ones(16 * 512)  # 64 KiB: needs the parked pages back
+            assert big.sum() == 16 * 512
+        del big
+        heap.check()
+
+
+def test_idle_parked_numpy_blocks_go_back_to_the_heap():
+    with xenheap.Heap("16MiB") as heap:
+        dom = heap.create_domain()
+        with dom.numpy_allocator():
+            arrays = [np.ones(512) for _ in range(8)]
+        del arrays
+        row = heap._state["doms"][dom._slot]
+        assert row[D_PARKED_COUNT] == 8
+        deadline = time.monotonic() + 30
+        while row[D_PARKED_COUNT]:  # the first scrubber gives idle stacks back
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert heap.wait_clean(30)
+        heap.check()
+
+
+def test_a_block_is_a_context_manager_that_frees_it():
+    with xenheap.Heap("8MiB", scrub="alloc", reuse_bytes=0) as heap:
+        dom = heap.create_domain()
+        with dom.alloc(2) as blk:
+            blk.array()[:] = 1
+            assert dom.stats()["pages"] == 4
+        assert dom.stats()["pages"] == 0
+        with pytest.raises(xenheap.InvalidFree):
+            blk.free()
+        with dom.alloc(0) as early:
+            early.free()  # freed inside: the exit does nothing more
+        doomed = dom.alloc(0)
+        with doomed:
+            dom.destroy()  # went with its domain: the exit does nothing
+        heap.check()

@@ -1,0 +1,109 @@
+"""Scrub work charged to the domain that dirtied the memory.
+
+Background zeroing that nobody pays for is what made Linux reject pre-zeroing in the kernel:
+its CPU time escapes the owner's accounting. Here every dirty free page records the domain
+that freed it (PG_TAG), and whoever zeroes it charges that domain:
+
+- a scrubber counts, per time slice, the pages it zeroed by domain (a table it owns), and
+  splits the CPU time the OS counted for its thread (time.thread_time) since its last
+  charge over those domains by pages: "idle" slices (a CPU was idle) and "deadline" slices
+  (a node stayed dirty past scrub_deadline) apart. The thread's polling between slices is
+  charged with the next slice, so the charges add up to the thread's CPU time;
+- an allocator that zeroes dirty pages it took (scrub-on-allocate) adds the pages and the
+  nanoseconds it spent to its node's charge slots (layout.N_CHARGES), drained here.
+
+release_unused() never cleans dirty memory (it gives back clean chunks only), so it has
+nothing to charge. The book keeps every live domain and the last HISTORY destroyed ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import TypedDict
+
+import numpy as np
+
+from native_kernels.buddy import drain_charges
+from native_kernels.layout import CHARGE_SLOTS, PAGE_SIZE
+
+HISTORY = 1024  # destroyed domains whose charges stay readable
+
+
+class DomainCharges(TypedDict):
+    """What one domain's dirt cost, and who cleaned it."""
+
+    id: int  # the domain's id (-1: pages whose domain did not fit a slice's table)
+    name: str
+    scrubbed_bytes: int  # bytes of its dirty memory zeroed (or dropped) so far, by anyone
+    idle_cpu_seconds: float  # scrubber time spent on it while a CPU was idle
+    deadline_cpu_seconds: float  # scrubber time spent on it past the deadline
+    alloc_cpu_seconds: float  # allocators' time zeroing it before use (scrub-on-allocate)
+
+
+class ChargeBook:
+    """The charges of one heap's domains (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._book: OrderedDict[int, DomainCharges] = OrderedDict()
+        self._dead: list[int] = []  # destroyed domains, oldest first
+        self._rows = np.zeros((CHARGE_SLOTS, 3), dtype=np.int64)  # drain buffer
+
+    def _entry(self, dom_id: int) -> DomainCharges:
+        entry = self._book.get(dom_id)
+        if entry is None:
+            entry = self._book[dom_id] = DomainCharges(
+                id=dom_id, name=f"d{dom_id}" if dom_id > 0 else "(unattributed)",
+                scrubbed_bytes=0, idle_cpu_seconds=0.0, deadline_cpu_seconds=0.0,
+                alloc_cpu_seconds=0.0)
+        return entry
+
+    def opened(self, dom_id: int, name: str) -> None:
+        """A new domain: its entry, under its name."""
+        with self._lock:
+            self._entry(dom_id)["name"] = name
+
+    def destroyed(self, dom_id: int) -> None:
+        """Keep the destroyed domain's charges (later work on its dirt still adds to them)
+        among the last HISTORY."""
+        with self._lock:
+            self._dead.append(dom_id)
+            while len(self._dead) > HISTORY:
+                self._book.pop(self._dead.pop(0), None)
+
+    def charge_slice(self, kind: str, table: np.ndarray, cpu_seconds: float) -> bool:
+        """Split a scrubber's ``cpu_seconds`` over the rows (id, pages) of its ``table``,
+        by pages, as ``kind`` ("idle" or "deadline") work. False (nothing charged) if the
+        table is empty: the caller carries the time over to its next slice."""
+        used = table[table[:, 1] > 0]
+        total = int(used[:, 1].sum()) if used.size else 0
+        if total == 0:
+            return False
+        field = "idle_cpu_seconds" if kind == "idle" else "deadline_cpu_seconds"
+        with self._lock:
+            for dom_id, pages in used.tolist():
+                entry = self._entry(dom_id)
+                entry["scrubbed_bytes"] += pages * PAGE_SIZE
+                entry[field] += cpu_seconds * pages / total  # type: ignore[literal-required]
+        return True
+
+    def drain_allocators(self, nodes: np.ndarray, nr_nodes: int) -> None:
+        """Move the allocators' charges out of the nodes' slots into the book."""
+        with self._lock:
+            for node in range(nr_nodes):
+                rows = drain_charges(nodes, node, self._rows)
+                for dom_id, pages, ns in self._rows[:rows].tolist():
+                    entry = self._entry(dom_id)
+                    entry["scrubbed_bytes"] += pages * PAGE_SIZE
+                    entry["alloc_cpu_seconds"] += ns / 1e9
+
+    def of(self, dom_id: int) -> DomainCharges:
+        """A copy of one domain's charges (zeros if none yet)."""
+        with self._lock:
+            return DomainCharges(**self._entry(dom_id))
+
+    def all(self) -> list[DomainCharges]:
+        """Copies of every entry: live domains and the last HISTORY destroyed ones."""
+        with self._lock:
+            return [DomainCharges(**entry) for entry in self._book.values()]

@@ -1,0 +1,177 @@
+"""A domain's cache of its own freed blocks, reused without zeroing them for privacy.
+
+Isolation is between domains: a block that only one domain ever wrote may go back to that
+domain without anyone scrubbing it. So ``Domain.free`` parks small blocks here, LIFO per
+order (the last freed is the one still in the CPU's caches), and ``Domain.alloc`` takes
+them back: zeroed in place with ordinary stores (the caller writes the block next, so the
+stores warm the cache instead of bypassing it), or as they are with ``zero=False`` (Xen's
+MEMF_no_scrub: the domain's own old bytes, never another's).
+
+A parked block stays on the domain's block list in the heap, so it counts against the
+domain's quota and goes back dirty with everything else when the domain is destroyed. It is
+not counted in ``bytes_allocated`` (what the user holds) but in ``cached_bytes``. The cache
+is bounded per order (``Heap(reuse_bytes=...)``), is given back to the heap (dirty, for the
+scrubbers) when an allocation finds the heap or the quota short, and after REUSE_IDLE_S
+without use, so the dirty-lifetime bound still covers memory a domain stopped using.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from native_kernels.layout import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from xenheap.domain import Block
+
+REUSE_MAX_ORDER = 9  # blocks up to 2 MiB; larger ones are better zeroed by the scrubbers
+DEFAULT_REUSE_BYTES = 4 << 20  # at most this many bytes parked per order (Heap reuse_bytes)
+REUSE_IDLE_S = 0.25  # a cache unused this long goes back to the heap
+
+_ZEROS = tuple(bytes(PAGE_SIZE << order) for order in range(4))  # for orders 0-3
+
+PARKED = 0
+NOT_PARKED = 1
+FREED_ALREADY = 2
+NOT_ISSUED = 3
+
+
+class ReuseCache:
+    """Freed blocks of one domain, by order: (mfn, tag) entries.
+
+    ``make_view(mfn, order)`` gives a block's bytes as a uint8 numpy array.
+    """
+
+    __slots__ = ("_limit", "_lists", "_lock", "_make_view", "closed", "hit_pages", "hits",
+                 "issued", "memoryviews", "parks", "used_at", "views")
+
+    def __init__(self, bytes_per_order: int,
+                 make_view: Callable[[int, int], np.ndarray]) -> None:
+        self._limit = bytes_per_order
+        self._make_view = make_view
+        self.issued: dict[int, tuple[int, int]] = {}  # live blocks by mfn: (order, tag)
+        # uint8 views of blocks by mfn, made once and kept while a block cycles between the
+        # user and the cache (a view costs more to make than a 4 KiB block to zero). Kept
+        # here, never by a handle, so that closing the heap can drop them all.
+        self.views: dict[int, np.ndarray] = {}
+        self.memoryviews: dict[int, memoryview] = {}  # the same, to zero small blocks
+        # Counted under the lock, for the statistics: blocks (and their pages) taken back,
+        # and blocks parked; an allocation or a free all the same to the user.
+        self.hits = 0
+        self.hit_pages = 0
+        self.parks = 0
+        self._lists: list[list[tuple[int, int]]] = [[] for _ in range(REUSE_MAX_ORDER + 1)]
+        # Taken by the owner's alloc and free and by whoever drains the cache (pressure,
+        # idleness, destroy), so an entry is never in flight while the block goes back.
+        # acquire()/release() rather than "with": half the cost on this path.
+        self._lock = threading.Lock()
+        self.closed = False
+        self.used_at = time.monotonic()
+
+    def view(self, mfn: int, order: int) -> np.ndarray:
+        """Block (mfn, order)'s bytes as a uint8 array, made once."""
+        u8 = self.views.get(mfn)
+        if u8 is None or u8.size != PAGE_SIZE << order:
+            u8 = self.views[mfn] = self._make_view(mfn, order)
+        return u8
+
+    def zeroer(self, mfn: int, order: int) -> memoryview:
+        """Block (mfn, order)'s bytes as a memoryview, made once (see ``view``)."""
+        mv = self.memoryviews.get(mfn)
+        if mv is None or mv.nbytes != PAGE_SIZE << order:
+            mv = self.memoryviews[mfn] = self.view(mfn, order).data
+        return mv
+
+    def take(self, order: int, zero: bool) -> tuple[int, int] | None:
+        """The block of ``order`` parked last, recorded as handed out and zeroed if
+        ``zero`` (ordinary stores: the caller writes it next); None if there is none."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            entries = self._lists[order]
+            if not entries or self.closed:
+                return None  # a domain that only takes empties its cache: no clock needed
+            entry = entries.pop()
+            mfn = entry[0]
+            self.issued[mfn] = (order, entry[1])
+            self.hits += 1
+            self.hit_pages += 1 << order
+            if zero:  # under the lock: a drain must not give the block back meanwhile
+                if order < len(_ZEROS):  # copying zeros beats numpy's fill below 32 KiB
+                    self.zeroer(mfn, order)[:] = _ZEROS[order]
+                else:
+                    self.view(mfn, order).fill(0)
+            return entry
+        finally:
+            lock.release()
+
+    def issue(self, mfn: int, order: int, tag: int) -> None:
+        """Record a block the heap just handed out through the Python API."""
+        self.issued[mfn] = (order, tag)
+
+    def give(self, blk: Block) -> int:
+        """Take back block ``blk`` that the Python API frees.
+
+        PARKED: kept for reuse (and marked freed, under the lock, so that a racing second
+        free of the same handle is refused). NOT_PARKED: the caller frees it in the heap
+        (closed cache, order too large, or full). FREED_ALREADY: a double free.
+        NOT_ISSUED: not a live block that this domain handed out (a stale or hand-made
+        handle); nothing changed. Parking trusts only what the domain recorded, never the
+        handle: a forged (mfn, order) parked here would hand out another domain's memory.
+        """
+        order = blk.order
+        mfn = blk.mfn
+        lock = self._lock
+        lock.acquire()
+        try:
+            if blk._freed:
+                return FREED_ALREADY
+            if self.issued.get(mfn) != (order, blk._tag):
+                return NOT_ISSUED
+            del self.issued[mfn]
+            if (order > REUSE_MAX_ORDER or self.closed
+                    or (len(self._lists[order]) + 1) * (PAGE_SIZE << order) > self._limit):
+                self._forget_views(mfn)
+                return NOT_PARKED
+            blk._freed = True
+            self.parks += 1
+            self._lists[order].append((mfn, blk._tag))
+            self.used_at = time.monotonic()
+            return PARKED
+        finally:
+            lock.release()
+
+    def drain(self, close: bool = False) -> list[tuple[int, tuple[int, int]]]:
+        """Take every parked block out: (order, (mfn, tag)) pairs for the caller to free in
+        the heap. ``close``: none may be parked afterwards (destroy, or the heap closes)."""
+        with self._lock:
+            self.closed = self.closed or close
+            out = [(order, e) for order, entries in enumerate(self._lists) for e in entries]
+            for entries in self._lists:
+                entries.clear()
+            for _order, (mfn, _tag) in out:
+                self._forget_views(mfn)
+            if close:
+                self.issued.clear()
+                for mv in self.memoryviews.values():
+                    mv.release()
+                self.memoryviews.clear()
+                self.views.clear()
+        return out
+
+    def _forget_views(self, mfn: int) -> None:
+        """Drop block ``mfn``'s views: it goes back to the heap (caller holds the lock)."""
+        mv = self.memoryviews.pop(mfn, None)
+        if mv is not None:
+            mv.release()
+        self.views.pop(mfn, None)
+
+    def cached_bytes(self) -> int:
+        """Bytes parked now."""
+        return sum(len(entries) << order for order, entries in enumerate(self._lists)) \
+            * PAGE_SIZE
