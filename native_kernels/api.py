@@ -10,7 +10,7 @@ from numba import njit
 
 from native_kernels.atomics import fetch_add, fetch_or
 from native_kernels.domain import alloc_block, destroy_domain, free_block, populate
-from native_kernels.layout import E_CLOSED, M_CLOSED, M_IN_FLIGHT, HeapState
+from native_kernels.layout import E_CLOSED, M_CLOSED, M_IN_FLIGHT
 from native_kernels.parked import flush_parked
 
 
@@ -38,27 +38,24 @@ def close_heap(meta):
 
 
 @njit(nogil=True, cache=True)
-def _alloc(s, slot, dom_id, order, node_pref, exact):
-    if not enter_heap(s.meta):
+def _alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref, exact):
+    if not enter_heap(meta):
         return E_CLOSED
-    result = alloc_block(s, slot, dom_id, order, node_pref, exact, False)
-    leave_heap(s.meta)
+    result = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                         node_pref, exact, False)
+    leave_heap(meta)
     return result
 
 
 @njit(nogil=True, cache=True)
-def _free(s, slot, dom_id, mfn, order, tag):
-    if not enter_heap(s.meta):
+def _free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
+    if not enter_heap(meta):
         return E_CLOSED
-    result = free_block(s, slot, dom_id, mfn, order, tag)
-    leave_heap(s.meta)
+    result = free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
+    leave_heap(meta)
     return result
 
 
-# The entry points below take the state arrays flat, in HeapState's order, and build the
-# HeapState inside: a NamedTuple passed in from Python costs about 1 us more per call, one
-# built in the kernel nothing.
-#
 # Each entry point comes twice: releasing the GIL, for calls that may zero a lot of memory,
 # and holding it, for the short ones. Dropping and retaking the GIL around a 1 us kernel
 # costs more than the kernel once threads contend for the GIL: alloc(0) + free pairs from
@@ -69,30 +66,28 @@ def _free(s, slot, dom_id, mfn, order, tag):
 def heap_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
                exact):
     """domain.alloc_block for the Python API (never pinned), without the GIL."""
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
-    return _alloc(s, slot, dom_id, order, node_pref, exact)
+    return _alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
+                  exact)
 
 
 @njit(nogil=False, cache=True)
 def heap_alloc_short(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
                      node_pref, exact):
     """heap_alloc holding the GIL, for small blocks."""
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
-    return _alloc(s, slot, dom_id, order, node_pref, exact)
+    return _alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
+                  exact)
 
 
 @njit(nogil=True, cache=True)
-def heap_free(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, mfn, order, tag):
+def heap_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
     """domain.free_block for the Python API, without the GIL."""
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
-    return _free(s, slot, dom_id, mfn, order, tag)
+    return _free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
 
 
 @njit(nogil=False, cache=True)
-def heap_free_short(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, mfn, order, tag):
+def heap_free_short(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
     """heap_free holding the GIL, for frees that zero or poison nothing large."""
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
-    return _free(s, slot, dom_id, mfn, order, tag)
+    return _free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
 
 
 @njit(nogil=True, cache=True)
@@ -102,27 +97,27 @@ def heap_alloc_many(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, cou
     (``out`` without rows: populate, handles not wanted)."""
     if not enter_heap(meta):
         return E_CLOSED
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
-    result = populate(s, slot, dom_id, count, order, node_pref, exact, out)
+    result = populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order,
+                      node_pref, exact, out)
     leave_heap(meta)
     return result
 
 
 @njit(nogil=True, cache=True)
-def heap_flush_parked(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id):
+def heap_flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     """parked.flush_parked for the Python API: the blocks freed."""
     if not enter_heap(meta):
         return E_CLOSED
-    result = flush_parked(HeapState(ft32, ft8, nodes, lists, doms, meta, zone), slot, dom_id)
+    result = flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)
     leave_heap(meta)
     return result
 
 
 @njit(nogil=True, cache=True)
-def heap_destroy(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id):
+def heap_destroy(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     """domain.destroy_domain for the Python API: (status, node mask to wake)."""
     if not enter_heap(meta):
         return E_CLOSED, 0
-    result = destroy_domain(HeapState(ft32, ft8, nodes, lists, doms, meta, zone), slot, dom_id)
+    result = destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)
     leave_heap(meta)
     return result

@@ -68,7 +68,6 @@ from native_kernels.layout import (
     PGS_FREE,
     PGS_INUSE,
     SCRUB_PATTERN,
-    HeapState,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.os_calls import MADV_DONTNEED, sys_madvise, sys_mincore
@@ -85,49 +84,49 @@ RESIDENCY_MIN_PAGES = 16
 
 
 @njit(nogil=True, cache=True)
-def node_of(s, mfn):
+def node_of(meta, mfn):
     """The node holding page ``mfn`` (nodes are equal-sized, consecutive mfn ranges)."""
-    return mfn // s.meta[M_PAGES_PER_NODE]
+    return mfn // meta[M_PAGES_PER_NODE]
 
 
 @njit(nogil=True, cache=True)
-def page_address(s, node, mfn):
+def page_address(nodes, node, mfn):
     """Virtual address of page ``mfn`` of ``node``."""
-    return s.nodes[node, N_ADDR] + ((mfn - s.nodes[node, N_BASE]) << PAGE_SHIFT)
+    return nodes[node, N_ADDR] + ((mfn - nodes[node, N_BASE]) << PAGE_SHIFT)
 
 
 @njit(nogil=True, cache=True)
-def _record_abort_wait(s, node, waited_ns):
-    fetch_add(s.nodes, (node, N_ABORTS), 1)
-    fetch_add(s.nodes, (node, N_ABORT_WAIT_NS), waited_ns)
-    atomic_max(s.nodes, (node, N_ABORT_WAIT_MAX_NS), waited_ns)
+def _record_abort_wait(nodes, node, waited_ns):
+    fetch_add(nodes, (node, N_ABORTS), 1)
+    fetch_add(nodes, (node, N_ABORT_WAIT_NS), waited_ns)
+    atomic_max(nodes, (node, N_ABORT_WAIT_MAX_NS), waited_ns)
     bucket = 0
     while bucket < ABORT_HIST_BUCKETS - 1 and (waited_ns >> (bucket + 1)) > 0:
         bucket += 1
-    fetch_add(s.nodes, (node, N_ABORT_HIST + bucket), 1)
+    fetch_add(nodes, (node, N_ABORT_HIST + bucket), 1)
 
 
 @njit(nogil=True, cache=True)
-def check_and_stop_scrub(s, node, head):
+def check_and_stop_scrub(ft8, nodes, node, head):
     """Stop a scrub in progress on chunk ``head``; the caller holds the node's lock.
 
     The handshake: set BUDDY_SCRUB_ABORT and wait until the scrubber, which checks after every
     granule, has recorded its progress in first_dirty and set BUDDY_NOT_SCRUBBING.
     """
-    if atomic_load(s.ft8, (PG_SCRUB_STATE, head)) != BUDDY_SCRUBBING:
+    if atomic_load(ft8, (PG_SCRUB_STATE, head)) != BUDDY_SCRUBBING:
         return
     start = monotonic_ns()
-    if not atomic_cas(s.ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUBBING, BUDDY_SCRUB_ABORT):
+    if not atomic_cas(ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUBBING, BUDDY_SCRUB_ABORT):
         return  # the scrubber let go by itself in between
     attempt = 0
-    while atomic_load(s.ft8, (PG_SCRUB_STATE, head)) != BUDDY_NOT_SCRUBBING:
+    while atomic_load(ft8, (PG_SCRUB_STATE, head)) != BUDDY_NOT_SCRUBBING:
         backoff(attempt)
         attempt += 1
-    _record_abort_wait(s, node, monotonic_ns() - start)
+    _record_abort_wait(nodes, node, monotonic_ns() - start)
 
 
 @njit(nogil=True, cache=True)
-def _get_free_buddy(s, node, order, max_order, use_dirty):
+def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
     """Head of the first usable chunk of ``order`` or above on ``node``, and its order.
 
     Clean chunks sit at a list's head, so one look per order decides whether the list has
@@ -136,21 +135,21 @@ def _get_free_buddy(s, node, order, max_order, use_dirty):
     busy_head = -1
     busy_order = -1
     for j in range(order, max_order + 1):
-        link = s.lists[node, j, L_HEAD]
+        link = lists[node, j, L_HEAD]
         if link == NIL:
             continue
         head = link - 1
         # A scrubber letting go of a chunk stores first_dirty without the lock.
         if not use_dirty:
-            if atomic_load(s.ft32, (PG_FIRST_DIRTY, head)) == INVALID_DIRTY_IDX:
+            if atomic_load(ft32, (PG_FIRST_DIRTY, head)) == INVALID_DIRTY_IDX:
                 return head, j
             continue
         # Prefer a chunk no scrubber holds: taking that one means waiting for a thread the
         # OS may have descheduled. At most one chunk per node is being scrubbed, so the
         # next one on the list (or a higher order) never is.
-        if atomic_load(s.ft8, (PG_SCRUB_STATE, head)) == BUDDY_NOT_SCRUBBING:
+        if atomic_load(ft8, (PG_SCRUB_STATE, head)) == BUDDY_NOT_SCRUBBING:
             return head, j
-        nxt = s.ft32[PG_NEXT, head]
+        nxt = ft32[PG_NEXT, head]
         if nxt != NIL:
             return nxt - 1, j
         if busy_head < 0:
@@ -160,110 +159,109 @@ def _get_free_buddy(s, node, order, max_order, use_dirty):
 
 
 @njit(nogil=True, cache=True)
-def _take_chunk(s, node, head, j, order):
+def _take_chunk(ft32, ft8, nodes, lists, node, head, j, order):
     """Unlink chunk (head, j) and give back all but 2^order pages; returns (mfn, tag).
 
     As in Xen, the lower halves go back to the lists carrying first_dirty, and the block is
     the chunk's top part. Caller holds the node's lock.
     """
-    check_and_stop_scrub(s, node, head)
-    first_dirty = atomic_load(s.ft32, (PG_FIRST_DIRTY, head))
-    page_list_del(s, node, j, head)
+    check_and_stop_scrub(ft8, nodes, node, head)
+    first_dirty = atomic_load(ft32, (PG_FIRST_DIRTY, head))
+    page_list_del(ft32, lists, node, j, head)
     pg = head
     while j > order:
         j -= 1
         half = 1 << j
         lower = first_dirty if first_dirty != INVALID_DIRTY_IDX and first_dirty - 1 < half \
             else INVALID_DIRTY_IDX
-        page_list_add_scrub(s, node, j, pg, lower)
+        page_list_add_scrub(ft32, ft8, lists, node, j, pg, lower)
         pg += half
         if first_dirty != INVALID_DIRTY_IDX:
             first_dirty = first_dirty - half if first_dirty - 1 >= half else 1
-    fill_row(s.ft8, PG_STATE, pg, 1 << order, PGS_INUSE)
-    s.ft8[PG_ORDER, pg] = order
-    s.ft32[PG_FIRST_DIRTY, pg] = INVALID_DIRTY_IDX
-    add_locked(s.nodes, (node, N_FREE), -(1 << order))
-    tag = (s.nodes[node, N_TAG] + 1) & TAG_MASK
-    s.nodes[node, N_TAG] = tag
+    fill_row(ft8, PG_STATE, pg, 1 << order, PGS_INUSE)
+    ft8[PG_ORDER, pg] = order
+    ft32[PG_FIRST_DIRTY, pg] = INVALID_DIRTY_IDX
+    add_locked(nodes, (node, N_FREE), -(1 << order))
+    tag = (nodes[node, N_TAG] + 1) & TAG_MASK
+    nodes[node, N_TAG] = tag
     return pg, tag
 
 
 @njit(nogil=True, cache=True)
-def alloc_heap_pages(s, node_pref, order, exact):
+def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exact):
     """Take a block of 2^order pages; returns ``tag << 32 | mfn`` or E_NOMEM.
 
     Pass 1 takes only clean chunks, on the preferred node and then the others by distance
     (``exact``: that node only); pass 2 accepts dirty ones. The block's dirty pages are
     zeroed by the caller after the lock is dropped (scrub_taken_block).
     """
-    max_order = s.meta[M_MAX_ORDER]
-    nr_nodes = 1 if exact else s.meta[M_NR_NODES]
+    max_order = meta[M_MAX_ORDER]
+    nr_nodes = 1 if exact else meta[M_NR_NODES]
     for use_dirty in (False, True):
         for k in range(nr_nodes):
-            node = node_pref if exact else s.zone[node_pref, k]
-            if atomic_load(s.nodes, (node, N_FREE)) < (1 << order):
+            node = node_pref if exact else zone[node_pref, k]
+            if atomic_load(nodes, (node, N_FREE)) < (1 << order):
                 continue
-            spin_lock(s.nodes, node, N_LOCK)
-            head, j = _get_free_buddy(s, node, order, max_order, use_dirty)
+            spin_lock(nodes, node, N_LOCK)
+            head, j = _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty)
             if head >= 0:
-                mfn, tag = _take_chunk(s, node, head, j, order)
-                spin_unlock(s.nodes, node, N_LOCK)
+                mfn, tag = _take_chunk(ft32, ft8, nodes, lists, node, head, j, order)
+                spin_unlock(nodes, node, N_LOCK)
                 return (tag << 32) | mfn
-            spin_unlock(s.nodes, node, N_LOCK)
+            spin_unlock(nodes, node, N_LOCK)
     return E_NOMEM
 
 
 @njit(nogil=True, cache=True)
-def zero_dirty_runs(s, head, lo, hi, value, streaming, charges):
-    """Fill the dirty pages among pages [lo, hi) of the chunk or block at ``head`` with
-    ``value``, run by run, and clear their need_scrub.
+def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming, charges):
+    """Fill the dirty pages among pages [lo, hi) of the chunk or block at ``head`` (whose
+    memory starts at ``addr``) with ``value``, run by run, and clear their need_scrub.
 
     Returns how many. The caller holds the pages alone (a scrubber while BUDDY_SCRUBBING,
     an allocator after taking the block), so need_scrub is written with plain stores.
     ``streaming`` bypasses the caches, for memory nobody reads next. The work is charged
     to the domains that dirtied the pages (PG_TAG of a dirty free page): pages into the
     caller's ``charges`` table of (id, pages) rows (a scrubber's, see charge_pages), or,
-    when ``charges`` is ``s.nodes`` itself (an allocator), pages and nanoseconds into the
+    when ``charges`` is ``nodes`` itself (an allocator), pages and nanoseconds into the
     node's charge slots.
     """
-    node = node_of(s, head)
-    addr = page_address(s, node, head)
     cleared = 0
     shared = charges.shape[1] != 2
     p = lo
     while p < hi:
-        if s.ft8[PG_NEED_SCRUB, head + p] == 0:
+        if ft8[PG_NEED_SCRUB, head + p] == 0:
             p += 1
             continue
         q = p
-        while q < hi and s.ft8[PG_NEED_SCRUB, head + q] != 0:
-            s.ft8[PG_NEED_SCRUB, head + q] = 0
+        while q < hi and ft8[PG_NEED_SCRUB, head + q] != 0:
+            ft8[PG_NEED_SCRUB, head + q] = 0
             q += 1
         started = monotonic_ns() if shared else 0
         if value == 0 and q - p >= RESIDENCY_MIN_PAGES:
-            _zero_resident_runs(s, node, addr + (p << PAGE_SHIFT), q - p, streaming)
+            _zero_resident_runs(nodes, node, addr + (p << PAGE_SHIFT), q - p, streaming)
         elif streaming:
             stream_fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
         else:
             fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
-        _charge_run(s, node, head + p, q - p, monotonic_ns() - started if shared else 0, charges)
+        _charge_run(ft32, nodes, node, head + p, q - p,
+                    monotonic_ns() - started if shared else 0, charges)
         cleared += q - p
         p = q
     return cleared
 
 
 @njit(nogil=True, cache=True)
-def _charge_run(s, node, first, npages, ns, charges):
+def _charge_run(ft32, nodes, node, first, npages, ns, charges):
     """Charge zeroing pages [first, first + npages), which took ``ns``, to whoever dirtied
     them, a stretch of pages with the same dirtier at a time (see zero_dirty_runs)."""
     i = 0
     while i < npages:
-        dirtier = s.ft32[PG_TAG, first + i]
+        dirtier = ft32[PG_TAG, first + i]
         j = i + 1
-        while j < npages and s.ft32[PG_TAG, first + j] == dirtier:
+        while j < npages and ft32[PG_TAG, first + j] == dirtier:
             j += 1
         if charges.shape[1] != 2:
-            record_alloc_charge(s, node, dirtier, j - i, ns * (j - i) // npages)
+            record_alloc_charge(nodes, node, dirtier, j - i, ns * (j - i) // npages)
         else:
             charge_pages(charges, dirtier, j - i)
         i = j
@@ -284,24 +282,24 @@ def charge_pages(charges, dirtier, pages):
 
 
 @njit(nogil=True, cache=True)
-def record_alloc_charge(s, node, dirtier, pages, ns):
+def record_alloc_charge(nodes, node, dirtier, pages, ns):
     """Add an allocator's scrub work for domain ``dirtier`` to the node's charge slots
     (layout.N_CHARGES), claiming a slot by CAS; without a slot (or a domain), to
     N_CHARGE_LOST_*."""
     if dirtier > 0:
         for k in range(CHARGE_SLOTS):
             slot = N_CHARGES + ((dirtier + k) % CHARGE_SLOTS) * CHARGE_WORDS
-            owner = atomic_load(s.nodes, (node, slot + CH_ID))
-            if owner == 0 and atomic_cas(s.nodes, (node, slot + CH_ID), 0, dirtier):
+            owner = atomic_load(nodes, (node, slot + CH_ID))
+            if owner == 0 and atomic_cas(nodes, (node, slot + CH_ID), 0, dirtier):
                 owner = dirtier
             elif owner == 0:
-                owner = atomic_load(s.nodes, (node, slot + CH_ID))  # lost the race: whose?
+                owner = atomic_load(nodes, (node, slot + CH_ID))  # lost the race: whose?
             if owner == dirtier:
-                fetch_add(s.nodes, (node, slot + CH_PAGES), pages)
-                fetch_add(s.nodes, (node, slot + CH_NS), ns)
+                fetch_add(nodes, (node, slot + CH_PAGES), pages)
+                fetch_add(nodes, (node, slot + CH_NS), ns)
                 return
-    fetch_add(s.nodes, (node, N_CHARGE_LOST_PAGES), pages)
-    fetch_add(s.nodes, (node, N_CHARGE_LOST_NS), ns)
+    fetch_add(nodes, (node, N_CHARGE_LOST_PAGES), pages)
+    fetch_add(nodes, (node, N_CHARGE_LOST_NS), ns)
 
 
 @njit(nogil=True, cache=True)
@@ -332,7 +330,7 @@ def drain_charges(nodes, node, out):
 
 
 @njit(nogil=True, cache=True)
-def _zero_resident_runs(s, node, addr, npages, streaming):
+def _zero_resident_runs(nodes, node, addr, npages, streaming):
     """Zero the pages of a run that are in RAM; drop the others with MADV_DONTNEED.
 
     Writing a page that is not in RAM would fault it in (and add to the process's RSS) only
@@ -350,7 +348,7 @@ def _zero_resident_runs(s, node, addr, npages, streaming):
             q += 1
         start = addr + (p << PAGE_SHIFT)
         if resident == 0 and sys_madvise(start, (q - p) << PAGE_SHIFT, MADV_DONTNEED) == 0:
-            fetch_add(s.nodes, (node, N_UNMAPPED), q - p)
+            fetch_add(nodes, (node, N_UNMAPPED), q - p)
         elif streaming:
             stream_fill_pages(start, q - p, 0)
         else:
@@ -359,46 +357,47 @@ def _zero_resident_runs(s, node, addr, npages, streaming):
 
 
 @njit(nogil=True, cache=True)
-def scrub_taken_block(s, mfn, order):
+def scrub_taken_block(ft32, ft8, nodes, meta, mfn, order):
     """Zero the dirty pages of a block just taken (scrub-on-allocate), without the lock.
 
     Returns the pages zeroed, or -1 if debug mode found a page without the scrub pattern:
     the ones just scrubbed hold it, so that is a clean page written after it was freed.
     """
-    node = node_of(s, mfn)
-    debug = s.meta[M_DEBUG] != 0
-    addr = page_address(s, node, mfn)
+    node = node_of(meta, mfn)
+    debug = meta[M_DEBUG] != 0
+    addr = page_address(nodes, node, mfn)
     n = 1 << order
     # Cached stores: the caller touches the block next.
-    scrubbed = zero_dirty_runs(s, mfn, 0, n, SCRUB_PATTERN if debug else 0, False, s.nodes)
+    scrubbed = zero_dirty_runs(ft32, ft8, nodes, node, addr, mfn, 0, n,
+                               SCRUB_PATTERN if debug else 0, False, nodes)
     if scrubbed:
-        fetch_add(s.nodes, (node, N_NEED_SCRUB), -scrubbed)
-        fetch_add(s.nodes, (node, N_ALLOC_SCRUBBED), scrubbed)
+        fetch_add(nodes, (node, N_NEED_SCRUB), -scrubbed)
+        fetch_add(nodes, (node, N_ALLOC_SCRUBBED), scrubbed)
     if debug and not pages_hold(addr, n, SCRUB_PATTERN):
         return -1
     return scrubbed
 
 
 @njit(nogil=True, cache=True)
-def disown(s, mfn):
+def disown(ft32, mfn):
     """Clear a block head's owner and tag as it stops being any domain's."""
-    atomic_store(s.ft32, (PG_OWNER, mfn), 0)
-    atomic_store(s.ft32, (PG_TAG, mfn), 0)
+    atomic_store(ft32, (PG_OWNER, mfn), 0)
+    atomic_store(ft32, (PG_TAG, mfn), 0)
 
 
 @njit(nogil=True, cache=True)
-def _merge_free(s, node, mfn, order, need_scrub, dirtier):
+def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier):
     """Put block (mfn, order) on the free lists, merging with free buddies of either
     cleanliness; the caller holds the node's lock and updates its counters. Dirty pages
     record ``dirtier`` (a domain id, 0 for none) in PG_TAG: whoever scrubs them charges
     the work to it."""
-    base = s.nodes[node, N_BASE]
-    npages = s.nodes[node, N_PAGES]
-    max_order = s.meta[M_MAX_ORDER]
-    fill_row(s.ft8, PG_STATE, mfn, 1 << order, PGS_FREE)
+    base = nodes[node, N_BASE]
+    npages = nodes[node, N_PAGES]
+    max_order = meta[M_MAX_ORDER]
+    fill_row(ft8, PG_STATE, mfn, 1 << order, PGS_FREE)
     if need_scrub:
-        fill_row(s.ft8, PG_NEED_SCRUB, mfn, 1 << order, 1)
-        s.ft32[PG_TAG, mfn:mfn + (1 << order)] = dirtier
+        fill_row(ft8, PG_NEED_SCRUB, mfn, 1 << order, 1)
+        ft32[PG_TAG, mfn:mfn + (1 << order)] = dirtier
     first_dirty = 1 if need_scrub else INVALID_DIRTY_IDX
     rel = mfn - base
     while order < max_order:
@@ -408,11 +407,11 @@ def _merge_free(s, node, mfn, order, need_scrub, dirtier):
             break
         buddy = base + buddy_rel
         # Alignment makes any free page at buddy's position the head of a chunk.
-        if s.ft8[PG_STATE, buddy] != PGS_FREE or s.ft8[PG_ORDER, buddy] != order:
+        if ft8[PG_STATE, buddy] != PGS_FREE or ft8[PG_ORDER, buddy] != order:
             break
-        check_and_stop_scrub(s, node, buddy)
-        buddy_dirty = atomic_load(s.ft32, (PG_FIRST_DIRTY, buddy))
-        page_list_del(s, node, order, buddy)
+        check_and_stop_scrub(ft8, nodes, node, buddy)
+        buddy_dirty = atomic_load(ft32, (PG_FIRST_DIRTY, buddy))
+        page_list_del(ft32, lists, node, order, buddy)
         if buddy_rel < rel:  # buddy is the predecessor: its first_dirty comes first
             if buddy_dirty != INVALID_DIRTY_IDX:
                 first_dirty = buddy_dirty
@@ -422,77 +421,76 @@ def _merge_free(s, node, mfn, order, need_scrub, dirtier):
         elif first_dirty == INVALID_DIRTY_IDX and buddy_dirty != INVALID_DIRTY_IDX:
             first_dirty = buddy_dirty + half
         order += 1
-    page_list_add_scrub(s, node, order, base + rel, first_dirty)
+    page_list_add_scrub(ft32, ft8, lists, node, order, base + rel, first_dirty)
 
 
 @njit(nogil=True, cache=True)
-def _count_freed(s, node, pages, need_scrub):
+def _count_freed(nodes, node, pages, need_scrub):
     """Counters for pages just freed to ``node``, under its lock.
 
     True if this free took the node's dirty pages to WAKE_DIRTY_PAGES or past: its scrubber
     should wake. Waking it for every small free would cost a thread wake-up per free in an
     alloc/free loop; a few dirty pages wait for its periodic look or an allocator.
     """
-    add_locked(s.nodes, (node, N_FREE), pages)
+    add_locked(nodes, (node, N_FREE), pages)
     if not need_scrub:
         return False
     # The dirty count also drops without the lock (scrubbers): a real read-modify-write.
-    before = fetch_add(s.nodes, (node, N_NEED_SCRUB), pages)
+    before = fetch_add(nodes, (node, N_NEED_SCRUB), pages)
     if before == 0:
-        atomic_store(s.nodes, (node, N_DIRTY_SINCE_NS), monotonic_ns())
+        atomic_store(nodes, (node, N_DIRTY_SINCE_NS), monotonic_ns())
     return before < WAKE_DIRTY_PAGES <= before + pages
 
 
 @njit(nogil=True, cache=True)
-def free_heap_pages(s, mfn, order, need_scrub, dirtier):
+def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub, dirtier):
     """Return one block to the free lists (Xen's free_heap_pages); dirty ones are charged
     to domain ``dirtier`` when scrubbed.
 
     Returns True if the node's scrubber should wake up (see _count_freed).
     """
-    node = node_of(s, mfn)
-    spin_lock(s.nodes, node, N_LOCK)
-    _merge_free(s, node, mfn, order, need_scrub, dirtier)
-    woke = _count_freed(s, node, 1 << order, need_scrub)
-    spin_unlock(s.nodes, node, N_LOCK)
+    node = node_of(meta, mfn)
+    spin_lock(nodes, node, N_LOCK)
+    _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier)
+    woke = _count_freed(nodes, node, 1 << order, need_scrub)
+    spin_unlock(nodes, node, N_LOCK)
     return woke
 
 
 @njit(nogil=True, cache=True)
-def free_heap_chain(s, first, need_scrub, dirtier):
+def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub, dirtier):
     """Free every block of a chain linked through PG_NEXT, owner and all, without writing
     their memory: a destroy. Each node's lock is taken once per FREE_BATCH blocks, not per
     block. Returns the bit mask of nodes whose scrubber should wake up."""
     wake = 0
     link = first
     while link != NIL:
-        node = node_of(s, link - 1)
+        node = node_of(meta, link - 1)
         pages = 0
         blocks = 0
-        spin_lock(s.nodes, node, N_LOCK)
-        while link != NIL and blocks < FREE_BATCH and node_of(s, link - 1) == node:
+        spin_lock(nodes, node, N_LOCK)
+        while link != NIL and blocks < FREE_BATCH and node_of(meta, link - 1) == node:
             mfn = link - 1
-            link = s.ft32[PG_NEXT, mfn]
-            order = s.ft8[PG_ORDER, mfn]
-            disown(s, mfn)
-            _merge_free(s, node, mfn, order, need_scrub, dirtier)
+            link = ft32[PG_NEXT, mfn]
+            order = ft8[PG_ORDER, mfn]
+            disown(ft32, mfn)
+            _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier)
             pages += 1 << order
             blocks += 1
-        if _count_freed(s, node, pages, need_scrub):
+        if _count_freed(nodes, node, pages, need_scrub):
             wake |= 1 << node
-        fetch_add(s.nodes, (node, N_FREES), blocks)
-        spin_unlock(s.nodes, node, N_LOCK)
+        fetch_add(nodes, (node, N_FREES), blocks)
+        spin_unlock(nodes, node, N_LOCK)
     return wake
 
 
 @njit(nogil=True, cache=True)
-def init_heap(ft32, ft8, nodes, lists, doms, meta, zone):
+def init_heap(ft32, ft8, nodes, lists, meta):
     """Link every node's pages into aligned chunks of the highest order that fits.
 
     Fresh anonymous memory reads zero, so pages start clean (Xen must scrub at boot; we need
     not); in debug mode they start dirty, so that scrubbing lays down the pattern.
     """
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
     max_order = meta[M_MAX_ORDER]
     debug = meta[M_DEBUG] != 0
     for node in range(meta[M_NR_NODES]):
@@ -503,7 +501,8 @@ def init_heap(ft32, ft8, nodes, lists, doms, meta, zone):
             order = max_order
             while (rel & ((1 << order) - 1)) != 0 or rel + (1 << order) > npages:
                 order -= 1
-            page_list_add_scrub(s, node, order, base + rel, 1 if debug else INVALID_DIRTY_IDX)
+            page_list_add_scrub(ft32, ft8, lists, node, order, base + rel,
+                                1 if debug else INVALID_DIRTY_IDX)
             rel += 1 << order
         if debug:
             ft8[PG_NEED_SCRUB, base:base + npages] = 1

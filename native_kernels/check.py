@@ -44,7 +44,6 @@ from native_kernels.layout import (
     PG_STATE,
     PGS_FREE,
     PGS_INUSE,
-    HeapState,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 
@@ -77,11 +76,11 @@ def _mark(seen, mfn, n):
 
 
 @njit(nogil=True, cache=True)
-def _check_free_lists(s, seen, head_order):
-    max_order = s.meta[M_MAX_ORDER]
-    for node in range(s.meta[M_NR_NODES]):
-        base = s.nodes[node, N_BASE]
-        npages = s.nodes[node, N_PAGES]
+def _check_free_lists(ft32, ft8, nodes, lists, meta, seen, head_order):
+    max_order = meta[M_MAX_ORDER]
+    for node in range(meta[M_NR_NODES]):
+        base = nodes[node, N_BASE]
+        npages = nodes[node, N_PAGES]
         free = 0
         dirty = 0
         for order in range(max_order + 1):
@@ -89,22 +88,22 @@ def _check_free_lists(s, seen, head_order):
             count = 0
             prev = NIL
             seen_dirty = False
-            link = s.lists[node, order, L_HEAD]
+            link = lists[node, order, L_HEAD]
             while link != NIL:
                 mfn = link - 1
                 count += 1
-                if count > npages or s.ft32[PG_PREV, mfn] != prev:
+                if count > npages or ft32[PG_PREV, mfn] != prev:
                     return BAD_LINK, mfn
                 rel = mfn - base
                 if rel < 0 or (rel & (size - 1)) != 0 or rel + size > npages:
                     return MISALIGNED, mfn
-                if s.ft8[PG_ORDER, mfn] != order:
+                if ft8[PG_ORDER, mfn] != order:
                     return BAD_ORDER, mfn
                 overlap = _mark(seen, mfn, size)
                 if overlap >= 0:
                     return OVERLAP, overlap
                 head_order[mfn] = order
-                first_dirty = atomic_load(s.ft32, (PG_FIRST_DIRTY, mfn))
+                first_dirty = atomic_load(ft32, (PG_FIRST_DIRTY, mfn))
                 if first_dirty == INVALID_DIRTY_IDX:
                     if seen_dirty:
                         return CLEAN_AFTER_DIRTY, mfn
@@ -114,35 +113,35 @@ def _check_free_lists(s, seen, head_order):
                     clean_until = first_dirty - 1
                 for i in range(size):
                     p = mfn + i
-                    if s.ft8[PG_STATE, p] != PGS_FREE:
+                    if ft8[PG_STATE, p] != PGS_FREE:
                         return BAD_STATE, p
-                    if s.ft8[PG_NEED_SCRUB, p]:
+                    if ft8[PG_NEED_SCRUB, p]:
                         if i < clean_until:
                             return FIRST_DIRTY_PAST_DIRTY, p
                         dirty += 1
                 free += size
                 prev = link
-                link = s.ft32[PG_NEXT, mfn]
-            if s.lists[node, order, L_TAIL] != prev:
+                link = ft32[PG_NEXT, mfn]
+            if lists[node, order, L_TAIL] != prev:
                 return BAD_LINK, prev - 1
-            if atomic_load(s.lists, (node, order, L_COUNT)) != count:
+            if atomic_load(lists, (node, order, L_COUNT)) != count:
                 return BAD_COUNT, base
-        if atomic_load(s.nodes, (node, N_FREE)) != free:
+        if atomic_load(nodes, (node, N_FREE)) != free:
             return FREE_COUNT, base
-        if atomic_load(s.nodes, (node, N_NEED_SCRUB)) != dirty:
+        if atomic_load(nodes, (node, N_NEED_SCRUB)) != dirty:
             return DIRTY_COUNT, base
     return OK, -1
 
 
 @njit(nogil=True, cache=True)
-def _check_buddies(s, head_order):
-    pages_per_node = s.nodes[0, N_PAGES]
+def _check_buddies(nodes, meta, head_order):
+    pages_per_node = nodes[0, N_PAGES]
     for mfn in range(head_order.shape[0]):
         order = head_order[mfn]
-        if order < 0 or order >= s.meta[M_MAX_ORDER]:
+        if order < 0 or order >= meta[M_MAX_ORDER]:
             continue
         node = mfn // pages_per_node
-        base = s.nodes[node, N_BASE]
+        base = nodes[node, N_BASE]
         buddy = base + ((mfn - base) ^ (1 << order))
         if buddy < base + pages_per_node and head_order[buddy] == order:
             return UNMERGED_BUDDIES, mfn
@@ -150,26 +149,26 @@ def _check_buddies(s, head_order):
 
 
 @njit(nogil=True, cache=True)
-def _check_domains(s, seen):
-    nr_pages = s.meta[M_NR_PAGES]
-    for slot in range(s.meta[M_MAX_DOMAINS]):
-        state = atomic_load(s.doms, (slot, D_STATE))
+def _check_domains(ft32, ft8, doms, meta, seen):
+    nr_pages = meta[M_NR_PAGES]
+    for slot in range(meta[M_MAX_DOMAINS]):
+        state = atomic_load(doms, (slot, D_STATE))
         if state not in (DOM_ALIVE, DOM_DYING):
             continue
         pages = 0
         pinned_pages = 0
         blocks = 0
         prev = NIL
-        link = s.doms[slot, D_HEAD]
+        link = doms[slot, D_HEAD]
         while link != NIL:
             mfn = link - 1
             blocks += 1
-            if blocks > nr_pages or s.ft32[PG_PREV, mfn] != prev:
+            if blocks > nr_pages or ft32[PG_PREV, mfn] != prev:
                 return BAD_LINK, mfn
-            owner = atomic_load(s.ft32, (PG_OWNER, mfn))
+            owner = atomic_load(ft32, (PG_OWNER, mfn))
             if owner & ~OWNER_PINNED != slot + 1:
                 return BAD_OWNER, mfn
-            size = 1 << s.ft8[PG_ORDER, mfn]
+            size = 1 << ft8[PG_ORDER, mfn]
             if owner & OWNER_PINNED:
                 pinned_pages += size
             elif state == DOM_DYING:
@@ -178,18 +177,18 @@ def _check_domains(s, seen):
             if overlap >= 0:
                 return OVERLAP, overlap
             for p in range(mfn, mfn + size):
-                if s.ft8[PG_STATE, p] != PGS_INUSE:
+                if ft8[PG_STATE, p] != PGS_INUSE:
                     return BAD_STATE, p
-                if s.ft8[PG_NEED_SCRUB, p]:
+                if ft8[PG_NEED_SCRUB, p]:
                     return DIRTY_IN_USE, p
             pages += size
             prev = link
-            link = s.ft32[PG_NEXT, mfn]
-        if s.doms[slot, D_TAIL] != prev:
+            link = ft32[PG_NEXT, mfn]
+        if doms[slot, D_TAIL] != prev:
             return BAD_LINK, prev - 1
-        if (atomic_load(s.doms, (slot, D_PAGES)) != pages
-                or atomic_load(s.doms, (slot, D_BLOCKS)) != blocks
-                or atomic_load(s.doms, (slot, D_NUMPY_PAGES)) != pinned_pages):
+        if (atomic_load(doms, (slot, D_PAGES)) != pages
+                or atomic_load(doms, (slot, D_BLOCKS)) != blocks
+                or atomic_load(doms, (slot, D_NUMPY_PAGES)) != pinned_pages):
             return DOMAIN_COUNT, -1
         if state == DOM_DYING and blocks == 0:
             return DYING_DOMAIN, -1
@@ -197,30 +196,29 @@ def _check_domains(s, seen):
 
 
 @njit(nogil=True, cache=True)
-def _stop_scrubs(s):
-    for node in range(s.meta[M_NR_NODES]):
-        for order in range(s.meta[M_MAX_ORDER] + 1):
-            link = s.lists[node, order, L_HEAD]
+def _stop_scrubs(ft8, nodes, lists, ft32, meta):
+    for node in range(meta[M_NR_NODES]):
+        for order in range(meta[M_MAX_ORDER] + 1):
+            link = lists[node, order, L_HEAD]
             while link != NIL:
-                check_and_stop_scrub(s, node, link - 1)
-                link = s.ft32[PG_NEXT, link - 1]
+                check_and_stop_scrub(ft8, nodes, node, link - 1)
+                link = ft32[PG_NEXT, link - 1]
 
 
 @njit(nogil=True, cache=True)
-def check_heap(ft32, ft8, nodes, lists, doms, meta, zone):
+def check_heap(ft32, ft8, nodes, lists, doms, meta):
     """Check every invariant; returns (code, mfn) of the first broken one, or (OK, -1)."""
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
     nr_nodes = meta[M_NR_NODES]
     for node in range(nr_nodes):
         spin_lock(nodes, node, N_LOCK)
-    _stop_scrubs(s)
+    _stop_scrubs(ft8, nodes, lists, ft32, meta)
     seen = np.zeros(meta[M_NR_PAGES], dtype=np.uint8)
     head_order = np.full(meta[M_NR_PAGES], -1, dtype=np.int8)
-    code, mfn = _check_free_lists(s, seen, head_order)
+    code, mfn = _check_free_lists(ft32, ft8, nodes, lists, meta, seen, head_order)
     if code == OK:
-        code, mfn = _check_buddies(s, head_order)
+        code, mfn = _check_buddies(nodes, meta, head_order)
     if code == OK:
-        code, mfn = _check_domains(s, seen)
+        code, mfn = _check_domains(ft32, ft8, doms, meta, seen)
     if code == OK:
         for p in range(meta[M_NR_PAGES]):
             if not seen[p]:

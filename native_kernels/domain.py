@@ -84,181 +84,185 @@ MFN_MASK = 0xFFFFFFFF
 
 
 @njit(nogil=True, cache=True)
-def is_alive(s, slot, dom_id):
+def is_alive(doms, slot, dom_id):
     """Domain ``dom_id`` is alive in ``slot``.
 
     The state is read before the id, the reverse of open_domain's stores (id, then state):
     a reader that sees a new tenant's DOM_ALIVE then sees the new tenant's id too, so a
     stale handle never acts on the slot's next domain.
     """
-    alive = atomic_load(s.doms, (slot, D_STATE)) == DOM_ALIVE
-    return alive and atomic_load(s.doms, (slot, D_ID)) == dom_id
+    alive = atomic_load(doms, (slot, D_STATE)) == DOM_ALIVE
+    return alive and atomic_load(doms, (slot, D_ID)) == dom_id
 
 
 @njit(nogil=True, cache=True)
-def holds_blocks(s, slot, dom_id):
+def holds_blocks(doms, slot, dom_id):
     """Alive, or destroyed with blocks still pinned by numpy arrays (state read first, as in
     is_alive)."""
-    state = atomic_load(s.doms, (slot, D_STATE))
-    return state in (DOM_ALIVE, DOM_DYING) and atomic_load(s.doms, (slot, D_ID)) == dom_id
+    state = atomic_load(doms, (slot, D_STATE))
+    return state in (DOM_ALIVE, DOM_DYING) and atomic_load(doms, (slot, D_ID)) == dom_id
 
 
 @njit(nogil=True, cache=True)
-def _over_quota(s, slot, extra_pages):
-    quota = s.doms[slot, D_MAX_PAGES]
-    return quota > 0 and atomic_load(s.doms, (slot, D_PAGES)) + extra_pages > quota
+def _over_quota(doms, slot, extra_pages):
+    quota = doms[slot, D_MAX_PAGES]
+    return quota > 0 and atomic_load(doms, (slot, D_PAGES)) + extra_pages > quota
 
 
 @njit(nogil=True, cache=True)
-def _link_chain(s, slot, dom_id, first, last, nblocks, npages, pinned):
+def _link_chain(ft32, doms, meta, slot, dom_id, first, last, nblocks, npages, pinned):
     """Splice a chain of blocks (linked first..last) onto the domain's list.
 
     Returns 0, E_DEAD if the domain died meanwhile or E_QUOTA if the chain no longer fits.
     """
-    spin_lock(s.doms, slot, D_LOCK)
-    if not is_alive(s, slot, dom_id):
-        spin_unlock(s.doms, slot, D_LOCK)
+    spin_lock(doms, slot, D_LOCK)
+    if not is_alive(doms, slot, dom_id):
+        spin_unlock(doms, slot, D_LOCK)
         return E_DEAD
-    if _over_quota(s, slot, npages):
-        spin_unlock(s.doms, slot, D_LOCK)
+    if _over_quota(doms, slot, npages):
+        spin_unlock(doms, slot, D_LOCK)
         return E_QUOTA
-    head = s.doms[slot, D_HEAD]
-    s.ft32[PG_NEXT, last] = head
+    head = doms[slot, D_HEAD]
+    ft32[PG_NEXT, last] = head
     if head == NIL:
-        s.doms[slot, D_TAIL] = last + 1
+        doms[slot, D_TAIL] = last + 1
     else:
-        s.ft32[PG_PREV, head - 1] = last + 1
-    s.ft32[PG_PREV, first] = NIL
-    s.doms[slot, D_HEAD] = first + 1
-    pages = fetch_add(s.doms, (slot, D_PAGES), npages) + npages
-    atomic_max(s.doms, (slot, D_PEAK), pages)
-    fetch_add(s.doms, (slot, D_TOTAL_PAGES), npages)
-    fetch_add(s.meta, M_TOTAL_PAGES, npages)
-    atomic_max(s.meta, M_PEAK_PAGES, fetch_add(s.meta, M_USED_PAGES, npages) + npages)
-    fetch_add(s.doms, (slot, D_BLOCKS), nblocks)
-    fetch_add(s.doms, (slot, D_ALLOCS), nblocks)
+        ft32[PG_PREV, head - 1] = last + 1
+    ft32[PG_PREV, first] = NIL
+    doms[slot, D_HEAD] = first + 1
+    pages = fetch_add(doms, (slot, D_PAGES), npages) + npages
+    atomic_max(doms, (slot, D_PEAK), pages)
+    fetch_add(doms, (slot, D_TOTAL_PAGES), npages)
+    fetch_add(meta, M_TOTAL_PAGES, npages)
+    atomic_max(meta, M_PEAK_PAGES, fetch_add(meta, M_USED_PAGES, npages) + npages)
+    fetch_add(doms, (slot, D_BLOCKS), nblocks)
+    fetch_add(doms, (slot, D_ALLOCS), nblocks)
     if pinned:
-        fetch_add(s.doms, (slot, D_NUMPY_PAGES), npages)
-    spin_unlock(s.doms, slot, D_LOCK)
+        fetch_add(doms, (slot, D_NUMPY_PAGES), npages)
+    spin_unlock(doms, slot, D_LOCK)
     return 0
 
 
 @njit(nogil=True, cache=True)
-def _unlink(s, slot, mfn, order):
+def _unlink(ft32, doms, meta, slot, mfn, order):
     """Take block ``mfn`` off its domain's list and counters; caller holds the domain lock."""
-    nxt = s.ft32[PG_NEXT, mfn]
-    prv = s.ft32[PG_PREV, mfn]
+    nxt = ft32[PG_NEXT, mfn]
+    prv = ft32[PG_PREV, mfn]
     if prv == NIL:
-        s.doms[slot, D_HEAD] = nxt
+        doms[slot, D_HEAD] = nxt
     else:
-        s.ft32[PG_NEXT, prv - 1] = nxt
+        ft32[PG_NEXT, prv - 1] = nxt
     if nxt == NIL:
-        s.doms[slot, D_TAIL] = prv
+        doms[slot, D_TAIL] = prv
     else:
-        s.ft32[PG_PREV, nxt - 1] = prv
-    fetch_add(s.doms, (slot, D_PAGES), -(1 << order))
-    fetch_add(s.meta, M_USED_PAGES, -(1 << order))
-    fetch_add(s.doms, (slot, D_BLOCKS), -1)
-    fetch_add(s.doms, (slot, D_FREES), 1)
+        ft32[PG_PREV, nxt - 1] = prv
+    fetch_add(doms, (slot, D_PAGES), -(1 << order))
+    fetch_add(meta, M_USED_PAGES, -(1 << order))
+    fetch_add(doms, (slot, D_BLOCKS), -1)
+    fetch_add(doms, (slot, D_FREES), 1)
 
 
 @njit(nogil=True, cache=True)
-def _take_block(s, slot, order, node_pref, exact, pinned):
+def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact, pinned):
     """Allocate and zero one block owned by ``slot``; returns (mfn, tag) or (error, 0)."""
-    packed = alloc_heap_pages(s, node_pref, order, exact)
+    packed = alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exact)
     if packed < 0:
         return packed, 0
     mfn = packed & MFN_MASK
     tag = packed >> 32
-    if scrub_taken_block(s, mfn, order) < 0:
-        free_heap_pages(s, mfn, order, True, 0)
+    if scrub_taken_block(ft32, ft8, nodes, meta, mfn, order) < 0:
+        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True, 0)
         return E_CORRUPT, 0
-    fetch_add(s.nodes, (node_of(s, mfn), N_ALLOCS), 1)
-    atomic_store(s.ft32, (PG_TAG, mfn), tag)
-    atomic_store(s.ft32, (PG_OWNER, mfn), (slot + 1) | (OWNER_PINNED if pinned else 0))
+    fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), 1)
+    atomic_store(ft32, (PG_TAG, mfn), tag)
+    atomic_store(ft32, (PG_OWNER, mfn), (slot + 1) | (OWNER_PINNED if pinned else 0))
     return mfn, tag
 
 
 @njit(nogil=True, cache=True)
-def _release_block(s, slot, dom_id, mfn, order):
+def _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order):
     """Free a block that domain ``slot`` no longer owns; True if a scrubber should wake.
 
     "sync" mode zeroes it here, before returning (the behaviour the series replaced);
     otherwise it goes back dirty, poisoned first in debug mode, its scrub charged to the
     domain (D_DIRTIED_PAGES, and PG_TAG of its pages).
     """
-    disown(s, mfn)
-    node = node_of(s, mfn)
-    fetch_add(s.nodes, (node, N_FREES), 1)
-    addr = page_address(s, node, mfn)
-    debug = s.meta[M_DEBUG] != 0
-    if s.meta[M_MODE] == MODE_SYNC:
+    disown(ft32, mfn)
+    node = node_of(meta, mfn)
+    fetch_add(nodes, (node, N_FREES), 1)
+    addr = page_address(nodes, node, mfn)
+    debug = meta[M_DEBUG] != 0
+    if meta[M_MODE] == MODE_SYNC:
         stream_fill_pages(addr, 1 << order, SCRUB_PATTERN if debug else 0)
-        fetch_add(s.nodes, (node, N_SYNC_SCRUBBED), 1 << order)
-        return free_heap_pages(s, mfn, order, False, 0)
+        fetch_add(nodes, (node, N_SYNC_SCRUBBED), 1 << order)
+        return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, False, 0)
     if debug:
         stream_fill_pages(addr, 1 << order, POISON_PATTERN)
-    fetch_add(s.doms, (slot, D_DIRTIED_PAGES), 1 << order)
-    return free_heap_pages(s, mfn, order, True, dom_id)
+    fetch_add(doms, (slot, D_DIRTIED_PAGES), 1 << order)
+    return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True, dom_id)
 
 
 @njit(nogil=True, cache=True)
-def _undo_take(s, first):
+def _undo_take(ft32, ft8, nodes, lists, meta, first):
     """Give back a chain of blocks taken but never handed out: they are zeroed, so they go
     back clean, and the allocation counters are rolled back too."""
     link = first
     while link != NIL:
         mfn = link - 1
-        link = s.ft32[PG_NEXT, mfn]
-        disown(s, mfn)
-        fetch_add(s.nodes, (node_of(s, mfn), N_ALLOCS), -1)
-        free_heap_pages(s, mfn, s.ft8[PG_ORDER, mfn], False, 0)
+        link = ft32[PG_NEXT, mfn]
+        disown(ft32, mfn)
+        fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), -1)
+        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, ft8[PG_ORDER, mfn], False, 0)
 
 
 @njit(nogil=True, cache=True)
-def _release_chain(s, slot, dom_id, first, pages):
+def _release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, first, pages):
     """Release every block of a chain of ``pages`` pages linked through PG_NEXT, which
     domain ``slot`` no longer owns; returns the nodes to wake.
 
     Unless the blocks must be written first ("sync" zeroing, debug poisoning), they go back
     in node-lock batches: a destroy then costs a few atomics per block, not a dozen.
     """
-    if s.meta[M_MODE] != MODE_SYNC and s.meta[M_DEBUG] == 0:
-        fetch_add(s.doms, (slot, D_DIRTIED_PAGES), pages)
-        return free_heap_chain(s, first, True, dom_id)
+    if meta[M_MODE] != MODE_SYNC and meta[M_DEBUG] == 0:
+        fetch_add(doms, (slot, D_DIRTIED_PAGES), pages)
+        return free_heap_chain(ft32, ft8, nodes, lists, meta, first, True, dom_id)
     wake = 0
     link = first
     while link != NIL:
         mfn = link - 1
-        link = s.ft32[PG_NEXT, mfn]
-        if _release_block(s, slot, dom_id, mfn, s.ft8[PG_ORDER, mfn]):
-            wake |= 1 << node_of(s, mfn)
+        link = ft32[PG_NEXT, mfn]
+        if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
+                          ft8[PG_ORDER, mfn]):
+            wake |= 1 << node_of(meta, mfn)
     return wake
 
 
 @njit(nogil=True, cache=True)
-def alloc_block(s, slot, dom_id, order, node_pref, exact, pinned):
+def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
+                exact, pinned):
     """Allocate a zeroed block of 2^order pages to domain ``slot``; ``pinned`` for numpy.
 
     Returns ``tag << 32 | mfn``, or E_DEAD, E_QUOTA, E_NOMEM, E_CORRUPT.
     """
-    if not is_alive(s, slot, dom_id):
+    if not is_alive(doms, slot, dom_id):
         return E_DEAD
-    if _over_quota(s, slot, 1 << order):
+    if _over_quota(doms, slot, 1 << order):
         return E_QUOTA
-    mfn, tag = _take_block(s, slot, order, node_pref, exact, pinned)
+    mfn, tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact,
+                           pinned)
     if mfn < 0:
         return mfn
-    status = _link_chain(s, slot, dom_id, mfn, mfn, 1, 1 << order, pinned)
+    status = _link_chain(ft32, doms, meta, slot, dom_id, mfn, mfn, 1, 1 << order, pinned)
     if status < 0:
-        s.ft32[PG_NEXT, mfn] = NIL
-        _undo_take(s, mfn + 1)
+        ft32[PG_NEXT, mfn] = NIL
+        _undo_take(ft32, ft8, nodes, lists, meta, mfn + 1)
         return status
     return (tag << 32) | mfn
 
 
 @njit(nogil=True, cache=True)
-def populate(s, slot, dom_id, count, order, node_pref, exact, out):
+def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order, node_pref,
+             exact, out):
     """Allocate ``count`` blocks of 2^order pages in one call, all or nothing.
 
     Checks the free lists' chunk counts first, so that a request that cannot fit fails
@@ -266,27 +270,28 @@ def populate(s, slot, dom_id, count, order, node_pref, exact, out):
     taken so far goes back. Returns ``count`` or a negative error. If ``out`` has rows,
     row i gets (mfn, tag) of the i-th block.
     """
-    if not is_alive(s, slot, dom_id):
+    if not is_alive(doms, slot, dom_id):
         return E_DEAD
-    if _over_quota(s, slot, count << order):
+    if _over_quota(doms, slot, count << order):
         return E_QUOTA
     capacity = 0
-    for k in range(1 if exact else s.meta[M_NR_NODES]):
-        node = node_pref if exact else s.zone[node_pref, k]
-        for j in range(order, s.meta[M_MAX_ORDER] + 1):
-            capacity += atomic_load(s.lists, (node, j, L_COUNT)) << (j - order)
+    for k in range(1 if exact else meta[M_NR_NODES]):
+        node = node_pref if exact else zone[node_pref, k]
+        for j in range(order, meta[M_MAX_ORDER] + 1):
+            capacity += atomic_load(lists, (node, j, L_COUNT)) << (j - order)
     if capacity < count:
         return E_NOMEM
     first = -1
     last = -1
     status = 0
-    fail_after = atomic_load(s.meta, M_FAULT_ARG) if atomic_load(s.meta, M_FAULT) \
+    fail_after = atomic_load(meta, M_FAULT_ARG) if atomic_load(meta, M_FAULT) \
         == FAULT_POPULATE_FAIL else count
     for taken in range(count):
         if taken == fail_after:
             status = E_FAULT
             break
-        mfn, tag = _take_block(s, slot, order, node_pref, exact, False)
+        mfn, tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref,
+                               exact, False)
         if mfn < 0:
             status = mfn
             break
@@ -294,73 +299,76 @@ def populate(s, slot, dom_id, count, order, node_pref, exact, out):
             out[taken, 0] = mfn
             out[taken, 1] = tag
         if first < 0:
-            s.ft32[PG_NEXT, mfn] = NIL
+            ft32[PG_NEXT, mfn] = NIL
             last = mfn
         else:
-            s.ft32[PG_NEXT, mfn] = first + 1
-            s.ft32[PG_PREV, first] = mfn + 1
+            ft32[PG_NEXT, mfn] = first + 1
+            ft32[PG_PREV, first] = mfn + 1
         first = mfn
     if status == 0 and count > 0:
-        status = _link_chain(s, slot, dom_id, first, last, count, count << order, False)
+        status = _link_chain(ft32, doms, meta, slot, dom_id, first, last, count, count << order,
+                             False)
     if status < 0:
         if first >= 0:
-            _undo_take(s, first + 1)
+            _undo_take(ft32, ft8, nodes, lists, meta, first + 1)
         return status
     return count
 
 
 @njit(nogil=True, cache=True)
-def free_block(s, slot, dom_id, mfn, order, tag):
+def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
     """Free block (mfn, order, tag) of domain ``slot``.
 
     Returns 1 if a scrubber should wake, 0 if not, E_DEAD if the domain is no longer alive,
     E_BAD_FREE if the block is not a live block of this domain (double free, foreign, stale).
     """
-    if mfn < 0 or mfn >= s.meta[M_NR_PAGES] or order < 0 or order > s.meta[M_MAX_ORDER]:
+    if mfn < 0 or mfn >= meta[M_NR_PAGES] or order < 0 or order > meta[M_MAX_ORDER]:
         return E_BAD_FREE
-    spin_lock(s.doms, slot, D_LOCK)
-    if not is_alive(s, slot, dom_id):
-        spin_unlock(s.doms, slot, D_LOCK)
+    spin_lock(doms, slot, D_LOCK)
+    if not is_alive(doms, slot, dom_id):
+        spin_unlock(doms, slot, D_LOCK)
         return E_DEAD
     # Owner, order and tag together name a block on our list: one still in flight to us has
     # its owner set before it is linked but carries a newer tag, and a destroy marks the
     # domain dying (checked above) before it clears owners.
-    if (atomic_load(s.ft32, (PG_OWNER, mfn)) != slot + 1 or s.ft8[PG_ORDER, mfn] != order
-            or atomic_load(s.ft32, (PG_TAG, mfn)) != tag):
-        spin_unlock(s.doms, slot, D_LOCK)
+    if (atomic_load(ft32, (PG_OWNER, mfn)) != slot + 1 or ft8[PG_ORDER, mfn] != order
+            or atomic_load(ft32, (PG_TAG, mfn)) != tag):
+        spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
-    _unlink(s, slot, mfn, order)
+    _unlink(ft32, doms, meta, slot, mfn, order)
     # Clear ownership before dropping the lock: a racing free of the same handle must fail.
-    atomic_store(s.ft32, (PG_OWNER, mfn), 0)
-    spin_unlock(s.doms, slot, D_LOCK)
-    return 1 if _release_block(s, slot, dom_id, mfn, order) else 0
+    atomic_store(ft32, (PG_OWNER, mfn), 0)
+    spin_unlock(doms, slot, D_LOCK)
+    return 1 if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
+                               order) else 0
 
 
 @njit(nogil=True, cache=True)
-def free_pinned_block(s, slot, dom_id, mfn):
+def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
     """Free a block numpy no longer uses, also after its domain was destroyed.
 
     Returns 1 if a scrubber should wake, 0 if not, E_BAD_FREE if it is not such a block.
     The last pinned block of a destroyed domain lays the domain to rest (DOM_DEAD).
     """
-    spin_lock(s.doms, slot, D_LOCK)
-    if (not holds_blocks(s, slot, dom_id)
-            or atomic_load(s.ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)):
-        spin_unlock(s.doms, slot, D_LOCK)
+    spin_lock(doms, slot, D_LOCK)
+    if (not holds_blocks(doms, slot, dom_id)
+            or atomic_load(ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)):
+        spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
-    order = s.ft8[PG_ORDER, mfn]
-    _unlink(s, slot, mfn, order)
-    fetch_add(s.doms, (slot, D_NUMPY_PAGES), -(1 << order))
-    atomic_store(s.ft32, (PG_OWNER, mfn), 0)
-    if (atomic_load(s.doms, (slot, D_STATE)) == DOM_DYING
-            and atomic_load(s.doms, (slot, D_BLOCKS)) == 0):
-        atomic_store(s.doms, (slot, D_STATE), DOM_DEAD)
-    spin_unlock(s.doms, slot, D_LOCK)
-    return 1 if _release_block(s, slot, dom_id, mfn, order) else 0
+    order = ft8[PG_ORDER, mfn]
+    _unlink(ft32, doms, meta, slot, mfn, order)
+    fetch_add(doms, (slot, D_NUMPY_PAGES), -(1 << order))
+    atomic_store(ft32, (PG_OWNER, mfn), 0)
+    if (atomic_load(doms, (slot, D_STATE)) == DOM_DYING
+            and atomic_load(doms, (slot, D_BLOCKS)) == 0):
+        atomic_store(doms, (slot, D_STATE), DOM_DEAD)
+    spin_unlock(doms, slot, D_LOCK)
+    return 1 if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
+                               order) else 0
 
 
 @njit(nogil=True, cache=True)
-def destroy_domain(s, slot, dom_id):
+def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     """Mark the domain destroyed and free its blocks (dirty, or zeroed in "sync" mode).
 
     Blocks pinned by live numpy arrays stay on its list until numpy frees them (the domain
@@ -369,40 +377,41 @@ def destroy_domain(s, slot, dom_id):
     E_DEAD, and the bit mask of the nodes whose scrubber should wake. They are apart because
     with 64 nodes the mask's top bit makes it negative, where it would read as an error.
     """
-    spin_lock(s.doms, slot, D_LOCK)
-    if not is_alive(s, slot, dom_id):
-        spin_unlock(s.doms, slot, D_LOCK)
+    spin_lock(doms, slot, D_LOCK)
+    if not is_alive(doms, slot, dom_id):
+        spin_unlock(doms, slot, D_LOCK)
         return E_DEAD, 0
-    atomic_store(s.doms, (slot, D_STATE), DOM_DYING)
-    _forget_parked(s.doms, slot)  # parked blocks are unpinned: freed below with the rest
-    if atomic_load(s.doms, (slot, D_NUMPY_PAGES)) == 0:  # nothing pinned: detach it all
-        detached_pages = atomic_load(s.doms, (slot, D_PAGES))
-        detached = s.doms[slot, D_HEAD]
-        s.doms[slot, D_HEAD] = NIL
-        s.doms[slot, D_TAIL] = NIL
-        fetch_add(s.doms, (slot, D_FREES), atomic_load(s.doms, (slot, D_BLOCKS)))
-        fetch_add(s.meta, M_USED_PAGES, -atomic_load(s.doms, (slot, D_PAGES)))
-        atomic_store(s.doms, (slot, D_PAGES), 0)
-        atomic_store(s.doms, (slot, D_BLOCKS), 0)
+    atomic_store(doms, (slot, D_STATE), DOM_DYING)
+    _forget_parked(doms, slot)  # parked blocks are unpinned: freed below with the rest
+    if atomic_load(doms, (slot, D_NUMPY_PAGES)) == 0:  # nothing pinned: detach it all
+        detached_pages = atomic_load(doms, (slot, D_PAGES))
+        detached = doms[slot, D_HEAD]
+        doms[slot, D_HEAD] = NIL
+        doms[slot, D_TAIL] = NIL
+        fetch_add(doms, (slot, D_FREES), atomic_load(doms, (slot, D_BLOCKS)))
+        fetch_add(meta, M_USED_PAGES, -atomic_load(doms, (slot, D_PAGES)))
+        atomic_store(doms, (slot, D_PAGES), 0)
+        atomic_store(doms, (slot, D_BLOCKS), 0)
         link = NIL
     else:
         detached_pages = 0
         detached = NIL
-        link = s.doms[slot, D_HEAD]
+        link = doms[slot, D_HEAD]
     while link != NIL:
         mfn = link - 1
-        link = s.ft32[PG_NEXT, mfn]
-        if atomic_load(s.ft32, (PG_OWNER, mfn)) & OWNER_PINNED:
+        link = ft32[PG_NEXT, mfn]
+        if atomic_load(ft32, (PG_OWNER, mfn)) & OWNER_PINNED:
             continue
-        _unlink(s, slot, mfn, s.ft8[PG_ORDER, mfn])
-        detached_pages += 1 << s.ft8[PG_ORDER, mfn]
-        s.ft32[PG_NEXT, mfn] = detached
+        _unlink(ft32, doms, meta, slot, mfn, ft8[PG_ORDER, mfn])
+        detached_pages += 1 << ft8[PG_ORDER, mfn]
+        ft32[PG_NEXT, mfn] = detached
         detached = mfn + 1
-    pinned = atomic_load(s.doms, (slot, D_BLOCKS)) != 0
-    spin_unlock(s.doms, slot, D_LOCK)
-    wake = _release_chain(s, slot, dom_id, detached, detached_pages)
+    pinned = atomic_load(doms, (slot, D_BLOCKS)) != 0
+    spin_unlock(doms, slot, D_LOCK)
+    wake = _release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, detached,
+                          detached_pages)
     if not pinned:
-        atomic_store(s.doms, (slot, D_STATE), DOM_DEAD)
+        atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     return 0, wake
 
 

@@ -34,8 +34,6 @@ import and raises LayoutError (an ImportError) naming the first broken rule, as 
 header's ``#error`` would; tests/test_layout.py breaks each rule once.
 """
 
-from typing import NamedTuple
-
 import numpy as np
 
 PAGE_SHIFT = 12
@@ -273,25 +271,6 @@ E_FAULT = -6  # an injected fault fired
 E_CLOSED = -7  # the heap is closed
 
 
-class HeapState(NamedTuple):
-    """The heap's state arrays as one value: the kernels' first argument ``s`` (as CPython's
-    ``OMState *state`` or mimalloc's ``mi_heap_t *``), read as ``s.ft32``, ``s.nodes``...
-
-    A NamedTuple of arrays, not a jitclass: numba caches kernels that take it (cache=True).
-    Python passes the arrays flat, in this order, to the entry points (native_kernels.api,
-    scrub.scrub_nodes, release, check.check_heap, buddy.init_heap), which build the tuple
-    inside the kernel: passing a tuple in from Python costs about 1 us more per call.
-    """
-
-    ft32: np.ndarray  # uint32[FT32_FIELDS, nr_pages]
-    ft8: np.ndarray  # uint8[FT8_FIELDS, nr_pages]
-    nodes: np.ndarray  # int64[nr_nodes, NODE_FIELDS]
-    lists: np.ndarray  # int64[nr_nodes, MAX_ORDER_LIMIT + 1, LIST_FIELDS]
-    doms: np.ndarray  # int64[max_domains, DOM_FIELDS]
-    meta: np.ndarray  # int64[META_FIELDS]
-    zone: np.ndarray  # int64[nr_nodes, nr_nodes]: each node's nodes by distance
-
-
 def new_state(nr_nodes: int, pages_per_node: int, max_domains: int,
               zeros=np.zeros) -> dict[str, np.ndarray]:
     """Zeroed state arrays for a heap, made by ``zeros(shape, dtype)``: the heap passes one
@@ -307,12 +286,6 @@ def new_state(nr_nodes: int, pages_per_node: int, max_domains: int,
         "zone": zeros((nr_nodes, nr_nodes), np.int64),
         "meta": zeros(META_FIELDS, np.int64),
     }
-
-
-def state_arrays(state: dict[str, np.ndarray]) -> HeapState:
-    """The arrays of ``state`` (as new_state makes it) as a HeapState: unpacked
-    (``kernel(*arrays, ...)``), the flat arguments the entry-point kernels start with."""
-    return HeapState(**{name: state[name] for name in HeapState._fields})
 
 
 # --- the layout checks itself ------------------------------------------------------------

@@ -22,7 +22,6 @@ from native_kernels.layout import (
     MAX_ORDER_LIMIT,
     META_FIELDS,
     NODE_FIELDS,
-    HeapState,
 )
 from native_kernels.raw import (
     address_to_voidptr,
@@ -60,7 +59,7 @@ def _context(ctx):
 
 @njit(nogil=True, cache=True)
 def _state(c):
-    """The heap's state (a HeapState) named in context record ``c``."""
+    """The state arrays named in context record ``c``."""
     n = c[CTX_NR_PAGES]
     nn = c[CTX_NR_NODES]
     ft32 = carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n))
@@ -70,13 +69,15 @@ def _state(c):
     doms = carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS))
     meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
     zone = carray(pointer_to(c[CTX_ZONE], types.int64), (nn, nn))
-    return HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
+    return ft32, ft8, nodes, lists, doms, meta, zone
 
 
 @njit(nogil=True, cache=True)
-def _array_alloc(ctx, nbytes):
+def _alloc(ctx, nbytes):
     c = _context(ctx)
-    return array_alloc(_state(c), c[CTX_SLOT], c[CTX_DOM_ID], nbytes, c[CTX_NODE])
+    ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
+    return array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, c[CTX_SLOT], c[CTX_DOM_ID],
+                       nbytes, c[CTX_NODE])
 
 
 @njit(nogil=True, cache=True)
@@ -85,17 +86,17 @@ def _null_or(addr):
 
 
 @cfunc(_MALLOC_SIG, nopython=True, cache=True)
-def numpy_malloc(ctx, size):
-    addr = _array_alloc(ctx, types.int64(size))
+def heap_malloc(ctx, size):
+    addr = _alloc(ctx, types.int64(size))
     return _null_or(addr & ~OLD_BYTES if addr > 0 else addr)
 
 
 @cfunc(_CALLOC_SIG, nopython=True, cache=True)
-def numpy_calloc(ctx, nelem, elsize):
+def heap_calloc(ctx, nelem, elsize):
     nbytes = types.int64(nelem) * types.int64(elsize)
     if elsize != 0 and nbytes // types.int64(elsize) != types.int64(nelem):
         return _null_or(0)  # overflow
-    addr = _array_alloc(ctx, nbytes)
+    addr = _alloc(ctx, nbytes)
     if addr > 0:
         c = _context(ctx)
         meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
@@ -109,23 +110,24 @@ def numpy_calloc(ctx, nelem, elsize):
 
 
 @cfunc(_REALLOC_SIG, nopython=True, cache=True)
-def numpy_realloc(ctx, ptr, size):
+def heap_realloc(ctx, ptr, size):
     c = _context(ctx)
-    s = _state(c)
-    if atomic_load(s.meta, M_FORKED):
-        return _null_or(0)  # as numpy_free: the old data's locks may never be released
-    return _null_or(array_realloc(s, c[CTX_SLOT], c[CTX_DOM_ID], voidptr_to_address(ptr),
-                                  types.int64(size), c[CTX_NODE]))
+    ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
+    if atomic_load(meta, M_FORKED):
+        return _null_or(0)  # as heap_free: the old data's locks may never be released
+    return _null_or(array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, c[CTX_SLOT],
+                                  c[CTX_DOM_ID], voidptr_to_address(ptr), types.int64(size),
+                                  c[CTX_NODE]))
 
 
 @cfunc(_FREE_SIG, nopython=True, cache=True)
-def numpy_free(ctx, ptr, size):
+def heap_free(ctx, ptr, size):
     addr = voidptr_to_address(ptr)
     if addr == 0:
         return
     c = _context(ctx)
-    s = _state(c)
-    if atomic_load(s.meta, M_FORKED):
+    ft32, ft8, nodes, lists, doms, meta, _zone = _state(c)
+    if atomic_load(meta, M_FORKED):
         return  # an inherited array in a forked child: its locks may never be released
-    if array_free(s, c[CTX_SLOT], c[CTX_DOM_ID], addr) < 0:
-        fetch_add(s.meta, M_BAD_ARRAY_FREES, 1)  # nothing freed; Heap.stats() reports it
+    if array_free(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT], c[CTX_DOM_ID], addr) < 0:
+        fetch_add(meta, M_BAD_ARRAY_FREES, 1)  # nothing freed; Heap.stats() reports it

@@ -25,52 +25,52 @@ from native_kernels.layout import (
 
 
 @njit(nogil=True, cache=True)
-def page_list_add(s, node, order, mfn, at_tail):
+def page_list_add(ft32, lists, node, order, mfn, at_tail):
     """Link chunk ``mfn`` at the head (or tail) of list (node, order)."""
     link = mfn + 1
     if at_tail:
-        tail = s.lists[node, order, L_TAIL]
-        s.ft32[PG_PREV, mfn] = tail
-        s.ft32[PG_NEXT, mfn] = NIL
+        tail = lists[node, order, L_TAIL]
+        ft32[PG_PREV, mfn] = tail
+        ft32[PG_NEXT, mfn] = NIL
         if tail == NIL:
-            s.lists[node, order, L_HEAD] = link
+            lists[node, order, L_HEAD] = link
         else:
-            s.ft32[PG_NEXT, tail - 1] = link
-        s.lists[node, order, L_TAIL] = link
+            ft32[PG_NEXT, tail - 1] = link
+        lists[node, order, L_TAIL] = link
     else:
-        head = s.lists[node, order, L_HEAD]
-        s.ft32[PG_NEXT, mfn] = head
-        s.ft32[PG_PREV, mfn] = NIL
+        head = lists[node, order, L_HEAD]
+        ft32[PG_NEXT, mfn] = head
+        ft32[PG_PREV, mfn] = NIL
         if head == NIL:
-            s.lists[node, order, L_TAIL] = link
+            lists[node, order, L_TAIL] = link
         else:
-            s.ft32[PG_PREV, head - 1] = link
-        s.lists[node, order, L_HEAD] = link
-    add_locked(s.lists, (node, order, L_COUNT), 1)
+            ft32[PG_PREV, head - 1] = link
+        lists[node, order, L_HEAD] = link
+    add_locked(lists, (node, order, L_COUNT), 1)
 
 
 @njit(nogil=True, cache=True)
-def page_list_del(s, node, order, mfn):
+def page_list_del(ft32, lists, node, order, mfn):
     """Unlink chunk ``mfn`` from list (node, order)."""
-    nxt = s.ft32[PG_NEXT, mfn]
-    prv = s.ft32[PG_PREV, mfn]
+    nxt = ft32[PG_NEXT, mfn]
+    prv = ft32[PG_PREV, mfn]
     if prv == NIL:
-        s.lists[node, order, L_HEAD] = nxt
+        lists[node, order, L_HEAD] = nxt
     else:
-        s.ft32[PG_NEXT, prv - 1] = nxt
+        ft32[PG_NEXT, prv - 1] = nxt
     if nxt == NIL:
-        s.lists[node, order, L_TAIL] = prv
+        lists[node, order, L_TAIL] = prv
     else:
-        s.ft32[PG_PREV, nxt - 1] = prv
-    s.ft32[PG_NEXT, mfn] = NIL
-    s.ft32[PG_PREV, mfn] = NIL
-    add_locked(s.lists, (node, order, L_COUNT), -1)
+        ft32[PG_PREV, nxt - 1] = prv
+    ft32[PG_NEXT, mfn] = NIL
+    ft32[PG_PREV, mfn] = NIL
+    add_locked(lists, (node, order, L_COUNT), -1)
 
 
 @njit(nogil=True, cache=True)
-def page_list_add_scrub(s, node, order, mfn, first_dirty):
+def page_list_add_scrub(ft32, ft8, lists, node, order, mfn, first_dirty):
     """Make ``mfn`` a free chunk head of ``order``: clean to the head, dirty to the tail."""
-    s.ft8[PG_ORDER, mfn] = order
-    atomic_store(s.ft32, (PG_FIRST_DIRTY, mfn), first_dirty)
-    atomic_store(s.ft8, (PG_SCRUB_STATE, mfn), BUDDY_NOT_SCRUBBING)
-    page_list_add(s, node, order, mfn, first_dirty != INVALID_DIRTY_IDX)
+    ft8[PG_ORDER, mfn] = order
+    atomic_store(ft32, (PG_FIRST_DIRTY, mfn), first_dirty)
+    atomic_store(ft8, (PG_SCRUB_STATE, mfn), BUDDY_NOT_SCRUBBING)
+    page_list_add(ft32, lists, node, order, mfn, first_dirty != INVALID_DIRTY_IDX)

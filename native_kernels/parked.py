@@ -46,84 +46,87 @@ from native_kernels.raw import pointer_to
 
 
 @njit(nogil=True, cache=True)
-def _link_word(s, mfn):
+def _link_word(nodes, meta, mfn):
     """The first 8 bytes of block ``mfn``: the stack's next link (mfn + 1, or NIL)."""
-    return pointer_to(page_address(s, node_of(s, mfn), mfn), types.int64)
+    return pointer_to(page_address(nodes, node_of(meta, mfn), mfn), types.int64)
 
 
 @njit(nogil=True, cache=True)
-def park_block(s, slot, dom_id, mfn):
+def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn):
     """Keep block ``mfn``, which numpy just freed, for the domain's next arrays.
 
     True if parked; False if it must be freed instead (not parkable, stack full, or not a
     pinned block of this live domain).
     """
-    if s.meta[M_DEBUG] != 0 or s.meta[M_MODE] == MODE_SYNC:
+    if meta[M_DEBUG] != 0 or meta[M_MODE] == MODE_SYNC:
         return False
-    spin_lock(s.doms, slot, D_LOCK)
-    order = s.ft8[PG_ORDER, mfn]
-    if (not is_alive(s, slot, dom_id) or order >= NUMPY_PARK_ORDERS
-            or atomic_load(s.ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)
-            or s.doms[slot, D_PARKED_COUNT + order] >= NUMPY_PARK_MAX):
-        spin_unlock(s.doms, slot, D_LOCK)
+    spin_lock(doms, slot, D_LOCK)
+    order = ft8[PG_ORDER, mfn]
+    if (not is_alive(doms, slot, dom_id) or order >= NUMPY_PARK_ORDERS
+            or atomic_load(ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)
+            or doms[slot, D_PARKED_COUNT + order] >= NUMPY_PARK_MAX):
+        spin_unlock(doms, slot, D_LOCK)
         return False
-    _link_word(s, mfn)[0] = s.doms[slot, D_PARKED + order]
-    s.doms[slot, D_PARKED + order] = mfn + 1
-    s.doms[slot, D_PARKED_COUNT + order] += 1
-    atomic_store(s.ft32, (PG_OWNER, mfn), slot + 1)  # unpinned: a destroy frees it
-    fetch_add(s.doms, (slot, D_NUMPY_PAGES), -(1 << order))
-    fetch_add(s.doms, (slot, D_PARKS), 1)
-    fetch_add(s.meta, M_PARKS, 1)
-    atomic_store(s.doms, (slot, D_PARKED_NS), monotonic_ns())
-    spin_unlock(s.doms, slot, D_LOCK)
+    _link_word(nodes, meta, mfn)[0] = doms[slot, D_PARKED + order]
+    doms[slot, D_PARKED + order] = mfn + 1
+    doms[slot, D_PARKED_COUNT + order] += 1
+    atomic_store(ft32, (PG_OWNER, mfn), slot + 1)  # unpinned: a destroy frees it
+    fetch_add(doms, (slot, D_NUMPY_PAGES), -(1 << order))
+    fetch_add(doms, (slot, D_PARKS), 1)
+    fetch_add(meta, M_PARKS, 1)
+    atomic_store(doms, (slot, D_PARKED_NS), monotonic_ns())
+    spin_unlock(doms, slot, D_LOCK)
     return True
 
 
 @njit(nogil=True, cache=True)
-def _pop(s, slot, order, pin):
+def _pop(ft32, nodes, doms, meta, slot, order, pin):
     """Take the top of the order's stack (caller holds the domain lock); its mfn or -1."""
-    link = s.doms[slot, D_PARKED + order]
+    link = doms[slot, D_PARKED + order]
     if link == NIL:
         return -1
     mfn = link - 1
-    s.doms[slot, D_PARKED + order] = _link_word(s, mfn)[0]
-    s.doms[slot, D_PARKED_COUNT + order] -= 1
+    doms[slot, D_PARKED + order] = _link_word(nodes, meta, mfn)[0]
+    doms[slot, D_PARKED_COUNT + order] -= 1
     if pin:
-        atomic_store(s.ft32, (PG_OWNER, mfn), (slot + 1) | OWNER_PINNED)
-        fetch_add(s.doms, (slot, D_NUMPY_PAGES), 1 << order)
+        atomic_store(ft32, (PG_OWNER, mfn), (slot + 1) | OWNER_PINNED)
+        fetch_add(doms, (slot, D_NUMPY_PAGES), 1 << order)
     return mfn
 
 
 @njit(nogil=True, cache=True)
-def take_parked(s, slot, dom_id, order):
+def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
     """A parked block of ``order`` pinned for a new array: its address, or 0 if none."""
     if order >= NUMPY_PARK_ORDERS:
         return 0
-    spin_lock(s.doms, slot, D_LOCK)
-    mfn = _pop(s, slot, order, True) if is_alive(s, slot, dom_id) else -1
-    spin_unlock(s.doms, slot, D_LOCK)
+    spin_lock(doms, slot, D_LOCK)
+    mfn = _pop(ft32, nodes, doms, meta, slot, order, True) if is_alive(doms, slot, dom_id) \
+        else -1
+    spin_unlock(doms, slot, D_LOCK)
     if mfn < 0:
         return 0
     # As an allocation, for the statistics (pyarrow's num_allocations and total bytes).
-    fetch_add(s.doms, (slot, D_REUSED), 1)
-    fetch_add(s.doms, (slot, D_REUSED_PAGES), 1 << order)
-    fetch_add(s.meta, M_REUSED, 1)
-    fetch_add(s.meta, M_TOTAL_PAGES, 1 << order)
-    return page_address(s, node_of(s, mfn), mfn)
+    fetch_add(doms, (slot, D_REUSED), 1)
+    fetch_add(doms, (slot, D_REUSED_PAGES), 1 << order)
+    fetch_add(meta, M_REUSED, 1)
+    fetch_add(meta, M_TOTAL_PAGES, 1 << order)
+    return page_address(nodes, node_of(meta, mfn), mfn)
 
 
 @njit(nogil=True, cache=True)
-def flush_parked(s, slot, dom_id):
+def flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     """Give every parked block of the domain back to the heap, dirty (an allocation found
     the quota or the heap short, or the stacks sat idle). Returns the blocks freed."""
     freed = 0
     for order in range(NUMPY_PARK_ORDERS):
         while True:
-            spin_lock(s.doms, slot, D_LOCK)
-            mfn = _pop(s, slot, order, False) if is_alive(s, slot, dom_id) else -1
-            spin_unlock(s.doms, slot, D_LOCK)
+            spin_lock(doms, slot, D_LOCK)
+            mfn = _pop(ft32, nodes, doms, meta, slot, order, False) \
+                if is_alive(doms, slot, dom_id) else -1
+            spin_unlock(doms, slot, D_LOCK)
             if mfn < 0:
                 break
-            if free_block(s, slot, dom_id, mfn, order, atomic_load(s.ft32, (PG_TAG, mfn))) >= 0:
+            if free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order,
+                          atomic_load(ft32, (PG_TAG, mfn))) >= 0:
                 freed += 1
     return freed

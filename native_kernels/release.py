@@ -22,7 +22,6 @@ from native_kernels.layout import (
     PG_FIRST_DIRTY,
     PG_STATE,
     PGS_INUSE,
-    HeapState,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.page_list import page_list_del
@@ -36,7 +35,7 @@ CHUNK_UNUSED = -1
 
 
 @njit(nogil=True, cache=True)
-def claim_clean_chunks(ft32, ft8, nodes, lists, doms, meta, zone, node, max_pages, out):
+def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
     """Take clean free chunks of ``node`` off its lists, highest order first.
 
     Stops at ``max_pages`` pages or ``out.shape[0]`` chunks; fills rows of ``out`` (C_*,
@@ -44,7 +43,6 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, doms, meta, zone, node, max_page
     chunk's head is marked in use, so a buddy being freed meanwhile does not try to merge
     with it.
     """
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
     taken = 0
     pages = 0
     spin_lock(nodes, node, N_LOCK)
@@ -56,7 +54,7 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, doms, meta, zone, node, max_page
                     != INVALID_DIRTY_IDX:
                 break
             mfn = link - 1
-            page_list_del(s, node, order, mfn)
+            page_list_del(ft32, lists, node, order, mfn)
             ft8[PG_STATE, mfn] = PGS_INUSE
             add_locked(nodes, (node, N_FREE), -size)
             out[taken, C_MFN] = mfn
@@ -69,16 +67,14 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, doms, meta, zone, node, max_page
 
 
 @njit(nogil=True, cache=True)
-def return_claimed_chunks(ft32, ft8, nodes, lists, doms, meta, zone, node, chunks,
-                          released_pages):
+def return_claimed_chunks(ft32, ft8, nodes, lists, meta, node, chunks, released_pages):
     """Free back every claimed chunk in ``chunks`` and count ``released_pages`` as given
     to the OS. A chunk the OS took reads zero: clean, except in debug mode, where clean
     means "holds the scrub pattern"."""
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
     debug = meta[M_DEBUG] != 0
     for i in range(chunks.shape[0]):
         if chunks[i, C_ORDER] == CHUNK_UNUSED:
             break
-        free_heap_pages(s, chunks[i, C_MFN], chunks[i, C_ORDER],
+        free_heap_pages(ft32, ft8, nodes, lists, meta, chunks[i, C_MFN], chunks[i, C_ORDER],
                         debug and chunks[i, C_RELEASED] != 0, 0)
     fetch_add(nodes, (node, N_RELEASED), released_pages)

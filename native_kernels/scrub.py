@@ -19,7 +19,7 @@ from native_kernels.atomics import (
     monotonic_ns,
     usleep,
 )
-from native_kernels.buddy import zero_dirty_runs
+from native_kernels.buddy import page_address, zero_dirty_runs
 from native_kernels.layout import (
     BUDDY_NOT_SCRUBBING,
     BUDDY_SCRUB_ABORT,
@@ -44,7 +44,6 @@ from native_kernels.layout import (
     PG_FIRST_DIRTY,
     PG_SCRUB_STATE,
     SCRUB_PATTERN,
-    HeapState,
 )
 from native_kernels.locks import spin_lock, spin_lock_cond, spin_unlock
 from native_kernels.page_list import page_list_add_scrub, page_list_del
@@ -53,7 +52,7 @@ NOTHING_DIRTY = -1
 
 
 @njit(nogil=True, cache=True)
-def _let_go(s, head, progress, size):
+def _let_go(ft32, ft8, head, progress, size):
     """Hand the chunk back without the lock, keeping the progress made (release order).
 
     The chunk stays where it is, among the dirty ones, so first_dirty stays valid even when
@@ -61,12 +60,13 @@ def _let_go(s, head, progress, size):
     Whoever aborted us may not take the chunk (check() only wants it still), and the next
     scrub of it finds nothing to zero and moves it to the clean head.
     """
-    atomic_store(s.ft32, (PG_FIRST_DIRTY, head), min(progress, size - 1) + 1)
-    atomic_store(s.ft8, (PG_SCRUB_STATE, head), BUDDY_NOT_SCRUBBING)
+    atomic_store(ft32, (PG_FIRST_DIRTY, head), min(progress, size - 1) + 1)
+    atomic_store(ft8, (PG_SCRUB_STATE, head), BUDDY_NOT_SCRUBBING)
 
 
 @njit(nogil=True, cache=True)
-def scrub_free_pages(s, node, budget_pages, granule_pages, charges):
+def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages,
+                     charges):
     """Scrub up to about ``budget_pages`` of one dirty chunk of ``node``, adding the pages
     zeroed to ``charges`` by the domain that dirtied them (buddy.charge_pages).
 
@@ -76,72 +76,76 @@ def scrub_free_pages(s, node, budget_pages, granule_pages, charges):
     """
     # One scrubber per node at a time (Xen's node_scrubbing mask): two would both take the
     # tail chunk, and the loser would zero a block already handed out.
-    if not atomic_cas(s.nodes, (node, N_SCRUBBING), 0, 1):
+    if not atomic_cas(nodes, (node, N_SCRUBBING), 0, 1):
         return NOTHING_DIRTY
-    result = _scrub_one_chunk(s, node, budget_pages, granule_pages, charges)
-    atomic_store(s.nodes, (node, N_SCRUBBING), 0)
+    result = _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages,
+                              granule_pages, charges)
+    atomic_store(nodes, (node, N_SCRUBBING), 0)
     return result
 
 
 @njit(nogil=True, cache=True)
-def _scrub_one_chunk(s, node, budget_pages, granule_pages, charges):
-    spin_lock(s.nodes, node, N_LOCK)
+def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages,
+                     charges):
+    spin_lock(nodes, node, N_LOCK)
     head = -1
     order = 0
-    for j in range(s.meta[M_MAX_ORDER], -1, -1):
-        link = s.lists[node, j, L_TAIL]
-        if link != NIL and s.ft32[PG_FIRST_DIRTY, link - 1] != INVALID_DIRTY_IDX:
+    for j in range(meta[M_MAX_ORDER], -1, -1):
+        link = lists[node, j, L_TAIL]
+        if link != NIL and ft32[PG_FIRST_DIRTY, link - 1] != INVALID_DIRTY_IDX:
             head = link - 1
             order = j
             break
     if head < 0:
-        spin_unlock(s.nodes, node, N_LOCK)
+        spin_unlock(nodes, node, N_LOCK)
         return NOTHING_DIRTY
-    atomic_store(s.ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUBBING)
-    start = s.ft32[PG_FIRST_DIRTY, head] - 1
-    spin_unlock(s.nodes, node, N_LOCK)
+    atomic_store(ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUBBING)
+    start = ft32[PG_FIRST_DIRTY, head] - 1
+    spin_unlock(nodes, node, N_LOCK)
 
-    fault = atomic_load(s.meta, M_FAULT)
-    fault_arg = atomic_load(s.meta, M_FAULT_ARG)
+    fault = atomic_load(meta, M_FAULT)
+    fault_arg = atomic_load(meta, M_FAULT_ARG)
     started_ns = monotonic_ns()
-    value = SCRUB_PATTERN if s.meta[M_DEBUG] != 0 else 0
+    value = SCRUB_PATTERN if meta[M_DEBUG] != 0 else 0
     size = 1 << order
+    addr = page_address(nodes, node, head)
     zeroed = 0
     i = start
     while i < size:
         end = min(i + granule_pages, size)
-        cleared = zero_dirty_runs(s, head, i, end, value, True, charges)
+        cleared = zero_dirty_runs(ft32, ft8, nodes, node, addr, head, i, end, value, True,
+                                  charges)
         if cleared:
-            fetch_add(s.nodes, (node, N_NEED_SCRUB), -cleared)
-            fetch_add(s.nodes, (node, N_SCRUBBED), cleared)
+            fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
+            fetch_add(nodes, (node, N_SCRUBBED), cleared)
             zeroed += cleared
         i = end
         if fault == FAULT_SCRUB_STALL:
             usleep(fault_arg)  # a scrubber preempted while it holds the chunk
             fault = 0
         if fault == FAULT_SCRUB_FAIL and i - start >= fault_arg:
-            _let_go(s, head, i, size)
+            _let_go(ft32, ft8, head, i, size)
             return E_FAULT
-        if i < size and (atomic_load(s.ft8, (PG_SCRUB_STATE, head)) == BUDDY_SCRUB_ABORT
+        if i < size and (atomic_load(ft8, (PG_SCRUB_STATE, head)) == BUDDY_SCRUB_ABORT
                          or i - start >= budget_pages):
-            _let_go(s, head, i, size)
-            fetch_add(s.nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
+            _let_go(ft32, ft8, head, i, size)
+            fetch_add(nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
             return zeroed
 
-    fetch_add(s.nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
-    if spin_lock_cond(s.nodes, node, N_LOCK, s.ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUB_ABORT):
-        page_list_del(s, node, order, head)
-        page_list_add_scrub(s, node, order, head, INVALID_DIRTY_IDX)
-        fetch_add(s.nodes, (node, N_SCRUB_PASSES), 1)
-        spin_unlock(s.nodes, node, N_LOCK)
+    fetch_add(nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
+    if spin_lock_cond(nodes, node, N_LOCK, ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUB_ABORT):
+        page_list_del(ft32, lists, node, order, head)
+        page_list_add_scrub(ft32, ft8, lists, node, order, head, INVALID_DIRTY_IDX)
+        fetch_add(nodes, (node, N_SCRUB_PASSES), 1)
+        spin_unlock(nodes, node, N_LOCK)
     else:
-        _let_go(s, head, size, size)
+        _let_go(ft32, ft8, head, size, size)
     return zeroed
 
 
 @njit(nogil=True, cache=True)
-def scrub_nodes(ft32, ft8, nodes, lists, doms, meta, zone, node_list, stop, budget_pages,
-                granule_pages, until_ns, charges):
+def scrub_nodes(ft32, ft8, nodes, lists, meta, node_list, stop, budget_pages, granule_pages,
+                until_ns, charges):
     """Scrub the nodes of ``node_list`` in turn, one bounded step each, until none has a
     dirty chunk, ``stop[0]`` is set or CLOCK_MONOTONIC passes ``until_ns``: the scrubber
     thread needs the GIL only between such slices. The pages zeroed go into ``charges``
@@ -149,13 +153,13 @@ def scrub_nodes(ft32, ft8, nodes, lists, doms, meta, zone, node_list, stop, budg
 
     Returns the pages zeroed, or E_FAULT when an injected fault fired.
     """
-    s = HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
     zeroed = 0
     while (atomic_load(stop, 0) == 0 and atomic_load(meta, M_CLOSED) == 0
            and monotonic_ns() < until_ns):
         busy = False
         for node in node_list:
-            got = scrub_free_pages(s, node, budget_pages, granule_pages, charges)
+            got = scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages,
+                                   granule_pages, charges)
             if got == E_FAULT:
                 return E_FAULT
             if got != NOTHING_DIRTY:

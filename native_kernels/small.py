@@ -61,12 +61,12 @@ def size_class(nbytes):
 
 
 @njit(nogil=True, cache=True)
-def order_for_bytes(s, nbytes):
+def order_for_bytes(meta, nbytes):
     """The smallest order whose block holds ``nbytes`` (> 0), or -1 past the largest chunk.
 
     The bound comes first: shifting up to any int64 ``nbytes`` would wrap and never end.
     """
-    if nbytes > (PAGE_SIZE << s.meta[M_MAX_ORDER]):
+    if nbytes > (PAGE_SIZE << meta[M_MAX_ORDER]):
         return -1
     order = 0
     while (PAGE_SIZE << order) < nbytes:
@@ -87,47 +87,47 @@ def slab_capacity(cls):
 
 
 @njit(nogil=True, cache=True)
-def _header(s, mfn):
-    return carray(pointer_to(page_address(s, node_of(s, mfn), mfn), types.uint64),
+def _header(nodes, meta, mfn):
+    return carray(pointer_to(page_address(nodes, node_of(meta, mfn), mfn), types.uint64),
                   SLAB_HEADER_BYTES // 8)
 
 
 @njit(nogil=True, cache=True)
-def _slab_push(s, slot, cls, mfn):
+def _slab_push(nodes, meta, doms, slot, cls, mfn):
     """Put slab ``mfn`` at the head of its class's list; caller holds the domain lock."""
-    head = s.doms[slot, D_SLABS + cls]
-    hdr = _header(s, mfn)
+    head = doms[slot, D_SLABS + cls]
+    hdr = _header(nodes, meta, mfn)
     hdr[SH_NEXT] = head
     hdr[SH_PREV] = NIL
     if head != NIL:
-        _header(s, head - 1)[SH_PREV] = mfn + 1
-    s.doms[slot, D_SLABS + cls] = mfn + 1
+        _header(nodes, meta, head - 1)[SH_PREV] = mfn + 1
+    doms[slot, D_SLABS + cls] = mfn + 1
 
 
 @njit(nogil=True, cache=True)
-def _slab_remove(s, slot, cls, mfn):
+def _slab_remove(nodes, meta, doms, slot, cls, mfn):
     """Take slab ``mfn`` off its class's list; caller holds the domain lock."""
-    hdr = _header(s, mfn)
+    hdr = _header(nodes, meta, mfn)
     nxt = hdr[SH_NEXT]
     prv = hdr[SH_PREV]
     if prv == NIL:
-        s.doms[slot, D_SLABS + cls] = nxt
+        doms[slot, D_SLABS + cls] = nxt
     else:
-        _header(s, prv - 1)[SH_NEXT] = nxt
+        _header(nodes, meta, prv - 1)[SH_NEXT] = nxt
     if nxt != NIL:
-        _header(s, nxt - 1)[SH_PREV] = prv
+        _header(nodes, meta, nxt - 1)[SH_PREV] = prv
     hdr[SH_NEXT] = NIL
     hdr[SH_PREV] = NIL
 
 
 @njit(nogil=True, cache=True)
-def _take_object(s, slot, cls):
+def _take_object(nodes, meta, doms, slot, cls):
     """An object from the first slab of the class with room, or 0; under the domain lock."""
-    link = s.doms[slot, D_SLABS + cls]
+    link = doms[slot, D_SLABS + cls]
     if link == NIL:
         return 0
     mfn = link - 1
-    hdr = _header(s, mfn)
+    hdr = _header(nodes, meta, mfn)
     capacity = slab_capacity(cls)
     # A listed slab has room, so its lowest clear bit is below its capacity.
     for word in range(SH_BITMAP, SH_BITMAP + SLAB_BITMAP_WORDS):
@@ -138,178 +138,187 @@ def _take_object(s, slot, cls):
         hdr[word] |= types.uint64(1) << types.uint64(bit)
         hdr[SH_USED] += 1
         if hdr[SH_USED] == capacity:
-            _slab_remove(s, slot, cls, mfn)
+            _slab_remove(nodes, meta, doms, slot, cls, mfn)
         i = (word - SH_BITMAP) * 64 + bit
-        return (page_address(s, node_of(s, mfn), mfn) + SLAB_HEADER_BYTES
+        return (page_address(nodes, node_of(meta, mfn), mfn) + SLAB_HEADER_BYTES
                 + i * (SLAB_MIN_OBJECT << cls))
     return 0
 
 
 @njit(nogil=True, cache=True)
-def _small_alloc(s, slot, dom_id, nbytes, node_pref):
+def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
     cls = size_class(nbytes)
-    spin_lock(s.doms, slot, D_LOCK)
-    if not is_alive(s, slot, dom_id):
-        spin_unlock(s.doms, slot, D_LOCK)
+    spin_lock(doms, slot, D_LOCK)
+    if not is_alive(doms, slot, dom_id):
+        spin_unlock(doms, slot, D_LOCK)
         return E_DEAD
-    addr = _take_object(s, slot, cls)
-    spin_unlock(s.doms, slot, D_LOCK)
+    addr = _take_object(nodes, meta, doms, slot, cls)
+    spin_unlock(doms, slot, D_LOCK)
     if addr:
         return addr
-    packed = alloc_block(s, slot, dom_id, slab_order(cls), node_pref, False, True)
+    packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id,
+                         slab_order(cls), node_pref, False, True)
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
-    hdr = _header(s, mfn)
+    hdr = _header(nodes, meta, mfn)
     for word in range(SLAB_HEADER_BYTES // 8):
         hdr[word] = 0  # the block may hold the debug pattern rather than zeros
     hdr[SH_CLASS] = cls + 1
-    spin_lock(s.doms, slot, D_LOCK)
-    if not is_alive(s, slot, dom_id):
-        spin_unlock(s.doms, slot, D_LOCK)
-        free_pinned_block(s, slot, dom_id, mfn)
+    spin_lock(doms, slot, D_LOCK)
+    if not is_alive(doms, slot, dom_id):
+        spin_unlock(doms, slot, D_LOCK)
+        free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn)
         return E_DEAD
-    _slab_push(s, slot, cls, mfn)
-    addr = _take_object(s, slot, cls)
-    spin_unlock(s.doms, slot, D_LOCK)
+    _slab_push(nodes, meta, doms, slot, cls, mfn)
+    addr = _take_object(nodes, meta, doms, slot, cls)
+    spin_unlock(doms, slot, D_LOCK)
     return addr
 
 
 @njit(nogil=True, cache=True)
-def _page_of(s, addr):
+def _page_of(nodes, meta, addr):
     """The mfn holding address ``addr``, or -1 if no arena holds it."""
-    for node in range(s.meta[M_NR_NODES]):
-        offset = addr - s.nodes[node, N_ADDR]
-        if 0 <= offset < (s.nodes[node, N_PAGES] << PAGE_SHIFT):
-            return s.nodes[node, N_BASE] + (offset >> PAGE_SHIFT)
+    for node in range(meta[M_NR_NODES]):
+        offset = addr - nodes[node, N_ADDR]
+        if 0 <= offset < (nodes[node, N_PAGES] << PAGE_SHIFT):
+            return nodes[node, N_BASE] + (offset >> PAGE_SHIFT)
     return -1
 
 
 @njit(nogil=True, cache=True)
-def _find_slab(s, slot, page):
+def _find_slab(ft32, ft8, nodes, meta, slot, page):
     """The head of the slab of ``slot`` holding page ``page``, or -1; under the domain lock."""
-    base = s.nodes[node_of(s, page), N_BASE]
+    base = nodes[node_of(meta, page), N_BASE]
     for order in range(MAX_SLAB_ORDER + 1):
         head = base + ((page - base) & ~((1 << order) - 1))
-        if (atomic_load(s.ft32, (PG_OWNER, head)) == ((slot + 1) | OWNER_PINNED)
-                and s.ft8[PG_ORDER, head] == order):
-            cls = _header(s, head)[SH_CLASS]
+        if (atomic_load(ft32, (PG_OWNER, head)) == ((slot + 1) | OWNER_PINNED)
+                and ft8[PG_ORDER, head] == order):
+            cls = _header(nodes, meta, head)[SH_CLASS]
             if cls != 0 and slab_order(cls - 1) == order:
                 return head
     return -1
 
 
 @njit(nogil=True, cache=True)
-def _small_free(s, slot, dom_id, addr):
-    page = _page_of(s, addr)
+def _small_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
+    page = _page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
-    spin_lock(s.doms, slot, D_LOCK)
-    head = _find_slab(s, slot, page) if holds_blocks(s, slot, dom_id) else -1
+    spin_lock(doms, slot, D_LOCK)
+    head = _find_slab(ft32, ft8, nodes, meta, slot, page) \
+        if holds_blocks(doms, slot, dom_id) else -1
     if head < 0:
-        spin_unlock(s.doms, slot, D_LOCK)
+        spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
-    hdr = _header(s, head)
+    hdr = _header(nodes, meta, head)
     cls = hdr[SH_CLASS] - 1
     size = SLAB_MIN_OBJECT << cls
-    offset = addr - page_address(s, node_of(s, head), head) - SLAB_HEADER_BYTES
+    offset = addr - page_address(nodes, node_of(meta, head), head) - SLAB_HEADER_BYTES
     i = offset // size
     word = SH_BITMAP + (i >> 6)
     bit = types.uint64(1) << types.uint64(i & 63)
     if offset < 0 or offset % size != 0 or hdr[word] & bit == 0:
-        spin_unlock(s.doms, slot, D_LOCK)
+        spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
     hdr[word] &= ~bit
     hdr[SH_USED] -= 1
     if hdr[SH_USED] == slab_capacity(cls) - 1:
-        _slab_push(s, slot, cls, head)
+        _slab_push(nodes, meta, doms, slot, cls, head)
     empty = hdr[SH_USED] == 0
     if empty:
-        _slab_remove(s, slot, cls, head)
-    spin_unlock(s.doms, slot, D_LOCK)
+        _slab_remove(nodes, meta, doms, slot, cls, head)
+    spin_unlock(doms, slot, D_LOCK)
     if empty:
-        return free_pinned_block(s, slot, dom_id, head)
+        return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head)
     return 0
 
 
 @njit(nogil=True, cache=True)
-def array_alloc(s, slot, dom_id, nbytes, node_pref):
+def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
     """Memory for ``nbytes`` of array data owned by the domain; an address, or an error < 0.
 
     The address has OLD_BYTES set when the memory may hold the domain's own earlier bytes,
     as malloc's would (a slab object, a parked block); otherwise it comes zeroed.
     """
-    if atomic_load(s.meta, M_CLOSED):
+    if atomic_load(meta, M_CLOSED):
         return E_DEAD
     if nbytes < 0:  # a size_t past int64: more than any heap holds
         return E_NOMEM
     nbytes = max(nbytes, 1)
     if nbytes <= SLAB_MAX_OBJECT:
-        addr = _small_alloc(s, slot, dom_id, nbytes, node_pref)
+        addr = _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
+                            node_pref)
         return addr | OLD_BYTES if addr > 0 else addr
-    order = order_for_bytes(s, nbytes)
+    order = order_for_bytes(meta, nbytes)
     if order < 0:
         return E_NOMEM
-    addr = take_parked(s, slot, dom_id, order)
+    addr = take_parked(ft32, nodes, doms, meta, slot, dom_id, order)
     if addr:
         return addr | OLD_BYTES
-    packed = alloc_block(s, slot, dom_id, order, node_pref, False, True)
-    if packed in (E_QUOTA, E_NOMEM) and flush_parked(s, slot, dom_id):
-        packed = alloc_block(s, slot, dom_id, order, node_pref, False, True)
+    packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                         node_pref, False, True)
+    if packed in (E_QUOTA, E_NOMEM) and flush_parked(
+            ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+        packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                             node_pref, False, True)
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
-    return page_address(s, node_of(s, mfn), mfn)
+    return page_address(nodes, node_of(meta, mfn), mfn)
 
 
 @njit(nogil=True, cache=True)
-def array_free(s, slot, dom_id, addr):
+def array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
     """Give back what array_alloc returned; 1 if a scrubber should wake, else 0 or < 0."""
     if addr & (PAGE_SIZE - 1):
-        return _small_free(s, slot, dom_id, addr)
-    page = _page_of(s, addr)
+        return _small_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr)
+    page = _page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
-    if park_block(s, slot, dom_id, page):
+    if park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, page):
         return 0
-    return free_pinned_block(s, slot, dom_id, page)
+    return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, page)
 
 
 @njit(nogil=True, cache=True)
-def array_capacity(s, slot, dom_id, addr):
+def array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
     """Bytes usable at ``addr`` (its object's or block's size), or an error < 0."""
-    page = _page_of(s, addr)
+    page = _page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
     if addr & (PAGE_SIZE - 1) == 0:
-        if atomic_load(s.ft32, (PG_OWNER, page)) != ((slot + 1) | OWNER_PINNED):
+        if atomic_load(ft32, (PG_OWNER, page)) != ((slot + 1) | OWNER_PINNED):
             return E_BAD_FREE
-        return PAGE_SIZE << s.ft8[PG_ORDER, page]
-    spin_lock(s.doms, slot, D_LOCK)
-    head = _find_slab(s, slot, page)
+        return PAGE_SIZE << ft8[PG_ORDER, page]
+    spin_lock(doms, slot, D_LOCK)
+    head = _find_slab(ft32, ft8, nodes, meta, slot, page)
     size = E_BAD_FREE
     if head >= 0:
-        size = SLAB_MIN_OBJECT << (_header(s, head)[SH_CLASS] - 1)
-    spin_unlock(s.doms, slot, D_LOCK)
+        size = SLAB_MIN_OBJECT << (_header(nodes, meta, head)[SH_CLASS] - 1)
+    spin_unlock(doms, slot, D_LOCK)
     return size
 
 
 @njit(nogil=True, cache=True)
-def array_realloc(s, slot, dom_id, addr, nbytes, node_pref):
+def array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, addr, nbytes,
+                  node_pref):
     """Resize array data keeping its bytes: in place while the new size fits and uses more
     than half the room; else allocate, copy, free. An address, or an error < 0."""
     if addr == 0:
-        new = array_alloc(s, slot, dom_id, nbytes, node_pref)
+        new = array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
+                          node_pref)
         return new & ~OLD_BYTES if new > 0 else new
-    room = array_capacity(s, slot, dom_id, addr)
+    room = array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
     if room < 0:
         return room
     if room // 2 < nbytes <= room:
         return addr
-    new = array_alloc(s, slot, dom_id, nbytes, node_pref)
+    new = array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
+                      node_pref)
     if new < 0:
         return new
     new &= ~OLD_BYTES
     memcpy_bytes(new, addr, min(room, nbytes))
-    array_free(s, slot, dom_id, addr)
+    array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr)
     return new

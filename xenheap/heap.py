@@ -44,7 +44,6 @@ from native_kernels.layout import (
     N_PAGES,
     PAGE_SIZE,
     new_state,
-    state_arrays,
 )
 from native_kernels.release import (
     C_MFN,
@@ -142,10 +141,12 @@ class Heap:
             self._state = new_state(nr_nodes, pages_per_node, max_domains, prim.zeroed_array)
             self._all_nodes = np.arange(nr_nodes, dtype=np.int64)
         self._fill_state(max_domains)
-        # The arguments every entry-point kernel starts with: the state arrays, flat, in
-        # HeapState's order (the kernel makes them one HeapState).
-        self._arrays = state_arrays(self._state)
-        init_heap(*self._arrays)
+        s = self._state
+        init_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
+        # The arguments every domain kernel starts with (allocation adds the zone table).
+        self._arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["doms"], s["meta"])
+        self._node_arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
+        self._zone = s["zone"]
         self._cpu_node = self.topology.cpu_to_node()
 
         self._lock = threading.Lock()  # domain slots and the closed flag
@@ -376,10 +377,12 @@ class Heap:
         Exact when no call changes the heap meanwhile (allocation, free, destroy,
         release_unused, numpy's callbacks); running scrubbers are stopped for it.
         """
+        s = self._state
         with self._lock:
             if self._closed:
                 raise HeapClosed(self._closed_reason)
-        code, mfn = check_kernels.check_heap(*self._arrays)
+        code, mfn = check_kernels.check_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"],
+                                             s["doms"], s["meta"])
         if code != check_kernels.OK:
             raise HeapCorruption(f"{stats.INVARIANTS[code]} (at mfn {mfn})")
 
@@ -453,7 +456,7 @@ class Heap:
                     chunks = np.full((RELEASE_BATCH, CLAIM_FIELDS), CHUNK_UNUSED,
                                      dtype=np.int64)
                 batches.append(chunks)
-                count = claim_clean_chunks(*self._arrays, node, limit - claimed, chunks)
+                count = claim_clean_chunks(*self._node_arrays, node, limit - claimed, chunks)
                 claimed += int((1 << chunks[:count, C_ORDER]).sum())
                 if count < RELEASE_BATCH:
                     break
@@ -471,7 +474,7 @@ class Heap:
         finally:
             released[0] += pages
             for i, chunks in enumerate(batches):
-                return_claimed_chunks(*self._arrays, node, chunks, 0 if i else pages)
+                return_claimed_chunks(*self._node_arrays, node, chunks, 0 if i else pages)
 
     def close(self) -> None:
         """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent.

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from native_kernels.counters import column_min_where
-from native_kernels.layout import E_FAULT, N_DIRTY_SINCE_NS, N_NEED_SCRUB, state_arrays
+from native_kernels.layout import E_FAULT, N_DIRTY_SINCE_NS, N_NEED_SCRUB
 from native_kernels.scrub import scrub_nodes
 from native_kernels.switches import set_switch
 from xenheap import prim
@@ -82,7 +82,8 @@ class Scrubber(threading.Thread):
         self._stop_flag = np.zeros(1, dtype=np.int64)  # what the kernel polls
         self._arenas = tuple(arenas)  # the memory it writes stays mapped while it runs
         self._nodes_rows = state["nodes"]
-        self._arrays = state_arrays(state)  # scrub_nodes' first arguments
+        self._arrays = (state["ft32"], state["ft8"], state["nodes"], state["lists"],
+                        state["meta"])
 
     def stop(self) -> None:
         """Ask the thread to stop; it finishes its current bounded step first."""
