@@ -73,7 +73,7 @@ def _state(c):
 
 
 @njit(nogil=True, cache=True)
-def _alloc(ctx, nbytes):
+def _array_alloc(ctx, nbytes):
     c = _context(ctx)
     ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
     return array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, c[CTX_SLOT], c[CTX_DOM_ID],
@@ -86,17 +86,17 @@ def _null_or(addr):
 
 
 @cfunc(_MALLOC_SIG, nopython=True, cache=True)
-def heap_malloc(ctx, size):
-    addr = _alloc(ctx, types.int64(size))
+def numpy_malloc(ctx, size):
+    addr = _array_alloc(ctx, types.int64(size))
     return _null_or(addr & ~OLD_BYTES if addr > 0 else addr)
 
 
 @cfunc(_CALLOC_SIG, nopython=True, cache=True)
-def heap_calloc(ctx, nelem, elsize):
+def numpy_calloc(ctx, nelem, elsize):
     nbytes = types.int64(nelem) * types.int64(elsize)
     if elsize != 0 and nbytes // types.int64(elsize) != types.int64(nelem):
         return _null_or(0)  # overflow
-    addr = _alloc(ctx, nbytes)
+    addr = _array_alloc(ctx, nbytes)
     if addr > 0:
         c = _context(ctx)
         meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
@@ -110,18 +110,18 @@ def heap_calloc(ctx, nelem, elsize):
 
 
 @cfunc(_REALLOC_SIG, nopython=True, cache=True)
-def heap_realloc(ctx, ptr, size):
+def numpy_realloc(ctx, ptr, size):
     c = _context(ctx)
     ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
     if atomic_load(meta, M_FORKED):
-        return _null_or(0)  # as heap_free: the old data's locks may never be released
+        return _null_or(0)  # as numpy_free: the old data's locks may never be released
     return _null_or(array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, c[CTX_SLOT],
                                   c[CTX_DOM_ID], voidptr_to_address(ptr), types.int64(size),
                                   c[CTX_NODE]))
 
 
 @cfunc(_FREE_SIG, nopython=True, cache=True)
-def heap_free(ctx, ptr, size):
+def numpy_free(ctx, ptr, size):
     addr = voidptr_to_address(ptr)
     if addr == 0:
         return

@@ -192,9 +192,10 @@ def test_bench_json_figures(bench_json: tuple[dict, str | None]) -> None:
         assert row["destroy_ratio"] == pytest.approx(row["sync_destroy_s"]
                                                      / row["idle_destroy_s"])
         assert row["idle_clean_s"] >= row["idle_destroy_s"] > 0
-    assert [r["size_bytes"] for r in result["buffers"]] == list(bench.BUFFER_SIZES)
+    assert [r["size_bytes"] for r in result["buffers"]] == list(bench.QUICK_BUFFER_SIZES)
     for row in result["buffers"]:
-        assert set(row["us"]) == {"xenheap", "bytearray", "numpy.zeros", "mmap"}
+        assert set(row["us"]) == {"xenheap", "bytearray", "numpy.zeros", "mmap",
+                                  "xenheap zero=False", "numpy.empty"}
         for peer, ratio in row["vs_xenheap"].items():
             assert ratio == pytest.approx(row["us"][peer] / row["us"]["xenheap"])
     assert [(r["nodes"], r["scrubbers"]) for r in result["scrub"]][-1] == (2, 2)

@@ -241,7 +241,7 @@ def test_a_free_of_memory_the_heap_did_not_give_out_is_counted_not_done(heap):
     stranger = np.zeros(64)  # numpy's own memory
     inside = heap._arenas[0].address + 5 * PAGE_SIZE + 64  # free heap memory, no slab
     for addr in (stranger.ctypes.data, inside, heap._arenas[0].address):
-        numpy_handler.heap_free.ctypes(handler.allocator.ctx, addr, 64)
+        numpy_handler.numpy_free.ctypes(handler.allocator.ctx, addr, 64)
     after = heap.stats()
     assert after["bad_array_frees"] == 3
     assert after["free_pages"] == before["free_pages"]

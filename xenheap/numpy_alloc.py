@@ -94,9 +94,9 @@ def make_handler(dom: Domain) -> object:
     ctx[cb.CTX_DOM_ID] = dom.id
     ctx[cb.CTX_NODE] = heap._placement(None)[0]
     handler = _Handler(f"xenheap:{dom.name}".encode()[:126], 1,
-                       _Allocator(ctypes.addressof(ctx), cb.heap_malloc.address,
-                                  cb.heap_calloc.address, cb.heap_realloc.address,
-                                  cb.heap_free.address))
+                       _Allocator(ctypes.addressof(ctx), cb.numpy_malloc.address,
+                                  cb.numpy_calloc.address, cb.numpy_realloc.address,
+                                  cb.numpy_free.address))
     address = ctypes.addressof(handler)
     with _live_lock:
         _live[address] = (handler, ctx, s, heap._arenas)
