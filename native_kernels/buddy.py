@@ -73,7 +73,7 @@ from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.os_calls import MADV_DONTNEED, sys_madvise, sys_mincore
 from native_kernels.page_list import page_list_add_scrub, page_list_del
 from native_kernels.pages import fill_pages, pages_hold, stream_fill_pages
-from native_kernels.raw import fill_row
+from native_kernels.raw import fill_row, fill_row32
 
 TAG_MASK = 0x7FFFFFFF
 FREE_BATCH = 64  # blocks a destroy frees per hold of a node's lock
@@ -397,7 +397,7 @@ def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dir
     fill_row(ft8, PG_STATE, mfn, 1 << order, PGS_FREE)
     if need_scrub:
         fill_row(ft8, PG_NEED_SCRUB, mfn, 1 << order, 1)
-        ft32[PG_TAG, mfn:mfn + (1 << order)] = dirtier
+        fill_row32(ft32, PG_TAG, mfn, 1 << order, dirtier)
     first_dirty = 1 if need_scrub else INVALID_DIRTY_IDX
     rel = mfn - base
     while order < max_order:

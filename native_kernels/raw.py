@@ -5,7 +5,7 @@ can touch any node's arena; these intrinsics turn addresses into what numba can 
 """
 
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -95,3 +95,13 @@ def fill_row(flags, row, start, count, value):
     """``flags[row, start:start + count] = value`` for a C-contiguous 2-D uint8 array, as one
     memset: numba compiles the slice assignment to a per-element loop."""
     memset_bytes(_array_address(flags) + row * flags.shape[1] + start, value, count)
+
+
+@njit(nogil=True, cache=True)
+def fill_row32(words, row, start, count, value):
+    """``words[row, start:start + count] = value`` for a C-contiguous 2-D uint32 array, as a
+    plain loop over a raw pointer, which LLVM vectorizes (the slice assignment is not)."""
+    out = carray(pointer_to(_array_address(words) + (row * words.shape[1] + start) * 4,
+                            types.uint32), count)
+    for i in range(count):
+        out[i] = value

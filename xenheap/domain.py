@@ -81,13 +81,15 @@ class Block:
         return self.domain.heap._view(self.mfn, self.nbytes)
 
     def _bytes(self) -> np.ndarray:
-        """The block's bytes as a uint8 array: made once per block while the domain reuses
-        its blocks (kept by its cache, never by the handle, so that a live handle does not
-        keep a closed heap's memory mapped)."""
+        """The block's bytes as a uint8 array: the reuse cache's view while the block cycles
+        through it (kept by the cache, never by the handle, so that a live handle does not
+        keep a closed heap's memory mapped), else a new one."""
         reuse = self.domain._reuse
-        if reuse is None:
-            return self.domain.heap._bytes(self.mfn, self.nbytes)
-        return reuse.view(self.mfn, self.order)
+        if reuse is not None:
+            u8 = reuse.views.get(self.mfn)
+            if u8 is not None and u8.size == self.nbytes:
+                return u8
+        return self.domain.heap._bytes(self.mfn, self.nbytes)
 
     def array(self, dtype: object = "uint8") -> np.ndarray:
         """A writable numpy view of the block (zero-copy) with the given dtype."""
