@@ -77,6 +77,7 @@ SCRUB_MODES = {"idle": MODE_IDLE, "sync": MODE_SYNC, "alloc": MODE_ALLOC}
 RELEASE_BATCH = 4096  # chunks claimed per release_unused step
 DEFAULT_MAX_DOMAINS = 4096
 DEFAULT_SCRUB_DEADLINE_S = 1.0
+TICK_S = 0.05  # how often the first scrubber does the heap's periodic chores (_tick)
 FORKED_REASON = ("this heap belongs to the parent process (inherited across fork); create a "
                  "new Heap in the child")
 # Every heap not yet collected, closed ones too: the fork hook marks them all, and exit
@@ -163,10 +164,12 @@ class Heap:
         # the memory ("sync" zeroes it, debug poisons it to catch writes after free).
         self._reuse_blocks = self.reuse_bytes > 0 and scrub != "sync" and not debug
         # Live domains: to drain their reuse caches, and to drop their numpy handlers at close.
+        # Changed and copied under self._lock (live_domains): the scrubber reads it too.
         self._domains: weakref.WeakSet[Domain] = weakref.WeakSet()
         # The reuse counters of destroyed domains' caches (hits, hit pages, parks), for the
         # statistics; a live domain's are in its cache.
         self._reuse_retired = (0, 0, 0)
+        self._next_tick = 0.0  # time.monotonic() of the next _tick's chores
         with default_numpy_memory():
             self._charges = ChargeBook()  # scrub work by the domain that dirtied the memory
         self._scrubbers: list[Scrubber] = []
@@ -289,16 +292,26 @@ class Heap:
         selected = self._all_nodes if nodes is None else nodes
         return int(column_sum(self._state["nodes"], N_NEED_SCRUB, selected))
 
+    def _live_domains(self) -> list[Domain]:
+        """A copy of the live domains (a WeakSet cannot be iterated while another thread
+        adds to it)."""
+        with self._lock:
+            return list(self._domains)
+
     def _flush_reuse(self, dom: Domain | None = None) -> bool:
         """Give the blocks parked for reuse by ``dom`` (every domain, if None) back to the
         heap: an allocation found its quota or the heap short. True if any went back."""
-        doms = [dom] if dom is not None else list(self._domains)
+        doms = [dom] if dom is not None else self._live_domains()
         return sum(d._return_parked() for d in doms) > 0
 
     def _tick(self) -> None:
-        """Periodic chores, done by the first scrubber: idle domains' parked blocks go back
-        to the heap, and the allocators' scrub charges into the book before their slots
-        fill up."""
+        """Periodic chores, done by the first scrubber at most every TICK_S: idle domains'
+        parked blocks go back to the heap, and the allocators' scrub charges into the book
+        before their slots fill up."""
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + TICK_S
         self._trim_reuse()
         self._charges.drain_allocators(self._state["nodes"], self.nodes)
 
@@ -306,7 +319,7 @@ class Heap:
         """Give back the parked blocks of domains that have not used them for a while, so
         that they reach the scrubbers (and the dirty-lifetime bound) too."""
         stale = time.monotonic() - REUSE_IDLE_S
-        for dom in list(self._domains):
+        for dom in self._live_domains():
             if dom._reuse is not None and dom._reuse.used_at < stale and (
                     dom._reuse.cached_bytes() or dom._parked_numpy_since(stale)):
                 dom._return_parked()
@@ -354,7 +367,8 @@ class Heap:
             raise HeapCorruption(f"domain slot {slot} was handed out while in state {state}")
         domain_kernels.open_domain(self._state["doms"], slot, dom_id, max_pages)
         dom = Domain(self, slot, dom_id, name, max_pages)
-        self._domains.add(dom)
+        with self._lock:
+            self._domains.add(dom)
         self._charges.opened(dom_id, dom.name)
         return dom
 
@@ -486,7 +500,7 @@ class Heap:
             if self._closed:
                 return
             self._closed = True
-        for dom in list(self._domains):  # waits for any reuse in progress, then allows none
+        for dom in self._live_domains():  # waits for reuse in progress, then allows none
             dom._return_parked(close=True)
             dom._capsule = None  # only arrays still alive may hold a handler now
         meta = self._state["meta"]

@@ -366,7 +366,7 @@ def heap_stats(heap: Heap) -> HeapStats:
     """What Heap.stats() returns; fields documented in this module's docstring."""
     page_size = heap.page_size
     hits, hit_pages, parks = _python_reuse(heap)
-    cached = sum(_cached_bytes(dom) for dom in list(heap._domains))
+    cached = sum(_cached_bytes(dom) for dom in heap._live_domains())
     rows, counts = _snapshots(heap)
     nodes = node_stats(heap, rows, counts)
     free = sum(n["free_pages"] for n in nodes)
