@@ -304,7 +304,8 @@ def record_alloc_charge(nodes, node, dirtier, pages, ns):
 
 @njit(nogil=True, cache=True)
 def drain_charges(nodes, node, out):
-    """Move the node's allocator charges into ``out`` rows (id, pages, ns); returns the rows.
+    """Move the node's allocator charges into ``out`` rows (id, pages, ns), CHARGE_SLOTS + 1
+    of them (the last for work no slot took, id -1); returns the rows.
 
     Atomic subtractions, so work recorded meanwhile is kept for the next drain; a slot that
     had nothing since the last drain is freed for another domain.
@@ -323,6 +324,15 @@ def drain_charges(nodes, node, out):
         fetch_add(nodes, (node, slot + CH_PAGES), -pages)
         fetch_add(nodes, (node, slot + CH_NS), -ns)
         out[rows, 0] = owner
+        out[rows, 1] = pages
+        out[rows, 2] = ns
+        rows += 1
+    pages = atomic_load(nodes, (node, N_CHARGE_LOST_PAGES))
+    ns = atomic_load(nodes, (node, N_CHARGE_LOST_NS))
+    if pages or ns:  # work no slot could take: the last row, as id -1
+        fetch_add(nodes, (node, N_CHARGE_LOST_PAGES), -pages)
+        fetch_add(nodes, (node, N_CHARGE_LOST_NS), -ns)
+        out[rows, 0] = -1
         out[rows, 1] = pages
         out[rows, 2] = ns
         rows += 1

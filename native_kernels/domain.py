@@ -40,6 +40,7 @@ from native_kernels.layout import (
     D_STATE,
     D_TAIL,
     D_TOTAL_PAGES,
+    D_UNPARKED,
     DOM_ALIVE,
     DOM_DEAD,
     DOM_DYING,
@@ -60,6 +61,7 @@ from native_kernels.layout import (
     M_NR_PAGES,
     M_PEAK_PAGES,
     M_TOTAL_PAGES,
+    M_UNPARKED,
     M_USED_PAGES,
     MODE_SYNC,
     N_ALLOCS,
@@ -382,7 +384,7 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
         return E_DEAD, 0
     atomic_store(doms, (slot, D_STATE), DOM_DYING)
-    _forget_parked(doms, slot)  # parked blocks are unpinned: freed below with the rest
+    _forget_parked(doms, meta, slot)  # parked blocks are unpinned: freed below with the rest
     if atomic_load(doms, (slot, D_NUMPY_PAGES)) == 0:  # nothing pinned: detach it all
         detached_pages = atomic_load(doms, (slot, D_PAGES))
         detached = doms[slot, D_HEAD]
@@ -416,9 +418,15 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
 
 
 @njit(nogil=True, cache=True)
-def _forget_parked(doms, slot):
+def _forget_parked(doms, meta, slot):
     """Empty the domain's stacks of parked numpy blocks (native_kernels.parked) without
-    touching the blocks; caller holds the domain lock or owns the slot."""
+    touching the blocks, which a destroy frees (counted as D_UNPARKED); caller holds the
+    domain lock or owns the slot."""
+    parked = 0
+    for order in range(NUMPY_PARK_ORDERS):
+        parked += doms[slot, D_PARKED_COUNT + order]
+    fetch_add(doms, (slot, D_UNPARKED), parked)
+    fetch_add(meta, M_UNPARKED, parked)
     for order in range(NUMPY_PARK_ORDERS):
         doms[slot, D_PARKED + order] = NIL
         doms[slot, D_PARKED_COUNT + order] = 0
@@ -428,11 +436,13 @@ def _forget_parked(doms, slot):
 def open_domain(doms, slot, dom_id, max_pages):
     """Start a new domain in a free (or dead) slot; alive only once every field is set."""
     for field in (D_PAGES, D_BLOCKS, D_PEAK, D_ALLOCS, D_FREES, D_NUMPY_PAGES, D_TOTAL_PAGES,
-                  D_REUSED, D_REUSED_PAGES, D_PARKS, D_DIRTIED_PAGES):
+                  D_REUSED, D_REUSED_PAGES, D_PARKS, D_DIRTIED_PAGES, D_UNPARKED):
         atomic_store(doms, (slot, field), 0)
     for cls in range(SLAB_CLASSES):
         doms[slot, D_SLABS + cls] = NIL
-    _forget_parked(doms, slot)
+    for order in range(NUMPY_PARK_ORDERS):  # the old tenant's stacks are gone
+        doms[slot, D_PARKED + order] = NIL
+        doms[slot, D_PARKED_COUNT + order] = 0
     doms[slot, D_HEAD] = NIL
     doms[slot, D_TAIL] = NIL
     doms[slot, D_MAX_PAGES] = max_pages

@@ -88,6 +88,8 @@ PG_FIRST_DIRTY = 2  # free chunk head: first possibly-dirty page; a lower bound.
 PG_OWNER = 3  # allocated block head: owning domain slot + 1, with OWNER_PINNED set while
 #               numpy arrays use the block (it then outlives a destroy); 0 elsewhere. Atomic.
 PG_TAG = 4  # allocated block head: allocation tag, so a stale handle is told from a new block.
+#             Dirty free page: the id of the domain that freed it (0: none), which is charged
+#             for scrubbing it (xenheap.charges).
 FT32_FIELDS = PG_TAG + 1  # 5
 FT32_ROWS = ("PG_NEXT", "PG_PREV", "PG_FIRST_DIRTY", "PG_OWNER", "PG_TAG")
 
@@ -188,7 +190,9 @@ D_PARKED_NS = 32  # CLOCK_MONOTONIC ns of the last park: idle stacks go back to 
 D_REUSED = 33  # parked blocks taken back for new arrays. Atomic.
 D_REUSED_PAGES = 34  # their pages. Atomic.
 D_PARKS = 35  # blocks numpy freed that were parked. Atomic.
-DOM_FIELDS = round_to_lines(D_PARKS + 1)  # 40: 5 cache lines
+D_UNPARKED = 36  # parked blocks that went on to the heap (flush, destroy): D_FREES counts
+#                  them again, so the statistics take them out. Atomic.
+DOM_FIELDS = round_to_lines(D_UNPARKED + 1)  # 40: 5 cache lines
 
 NUMPY_PARK_ORDERS = 4  # numpy blocks of up to 32 KiB are parked for reuse
 NUMPY_PARK_MAX = 16  # at most this many per order and domain
@@ -232,7 +236,10 @@ M_TOTAL_PAGES = 15  # pages ever handed to domains, parked numpy blocks taken ba
 #                    Atomic.
 M_REUSED = 16  # parked numpy blocks taken back for new arrays (native_kernels.parked). Atomic.
 M_PARKS = 17  # blocks numpy freed that were parked instead of freed. Atomic.
-META_FIELDS = round_to_lines(M_PARKS + 1)  # 24: 3 cache lines
+M_REUSE = 18  # 1: domains keep their freed blocks for reuse (Heap reuse_bytes > 0, and neither
+#               "sync" nor debug mode, where a free must write the memory)
+M_UNPARKED = 19  # D_UNPARKED, heap-wide. Atomic.
+META_FIELDS = round_to_lines(M_UNPARKED + 1)  # 24: 3 cache lines
 
 FAULT_NONE = 0
 FAULT_SCRUB_FAIL = 1  # the scrubber gives up after M_FAULT_ARG pages of a chunk and fails

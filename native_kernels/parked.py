@@ -9,8 +9,9 @@ holds; ``array_alloc`` reports that it may hold old bytes, and calloc zeroes it.
 
 A parked block stays on the domain's block list, unpinned (owner without OWNER_PINNED), so
 it counts against the quota and a destroy frees it like any other. The stack's link lives
-in the block's first 8 bytes. Not in "sync" mode (a free must zero) nor in debug mode
-(a free must poison, and an allocation check the pattern).
+in the block's first 8 bytes. Only where the heap reuses blocks (layout.M_REUSE): not with
+``reuse_bytes=0``, nor in "sync" mode (a free must zero) or debug mode (a free must
+poison, and an allocation check the pattern).
 """
 
 from numba import njit, types
@@ -27,12 +28,12 @@ from native_kernels.layout import (
     D_PARKS,
     D_REUSED,
     D_REUSED_PAGES,
-    M_DEBUG,
-    M_MODE,
+    D_UNPARKED,
     M_PARKS,
+    M_REUSE,
     M_REUSED,
     M_TOTAL_PAGES,
-    MODE_SYNC,
+    M_UNPARKED,
     NIL,
     NUMPY_PARK_MAX,
     NUMPY_PARK_ORDERS,
@@ -58,7 +59,7 @@ def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn):
     True if parked; False if it must be freed instead (not parkable, stack full, or not a
     pinned block of this live domain).
     """
-    if meta[M_DEBUG] != 0 or meta[M_MODE] == MODE_SYNC:
+    if meta[M_REUSE] == 0:
         return False
     spin_lock(doms, slot, D_LOCK)
     order = ft8[PG_ORDER, mfn]
@@ -129,4 +130,6 @@ def flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
             if free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order,
                           atomic_load(ft32, (PG_TAG, mfn))) >= 0:
                 freed += 1
+    fetch_add(doms, (slot, D_UNPARKED), freed)
+    fetch_add(meta, M_UNPARKED, freed)
     return freed

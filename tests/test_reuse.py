@@ -185,3 +185,60 @@ def test_a_block_is_a_context_manager_that_frees_it():
         with doomed:
             dom.destroy()  # went with its domain: the exit does nothing
         heap.check()
+
+
+def test_reuse_off_parks_no_numpy_block_either():
+    with xenheap.Heap("16MiB", scrub="alloc", reuse_bytes=0) as heap:
+        dom = heap.create_domain()
+        with dom.numpy_allocator():
+            a = np.ones(512)
+        del a
+        assert heap._state["doms"][dom._slot, D_PARKED_COUNT] == 0
+        assert dom.stats()["cached_bytes"] == 0 and dom.stats()["pages"] == 0
+        heap.check()
+
+
+def test_allocator_charges_reach_the_heap_stats_without_a_scrubber():
+    with xenheap.Heap("8MiB", scrub="alloc", reuse_bytes=0) as heap:
+        dirty = heap.create_domain("dirty")
+        blk = dirty.alloc(4)
+        blk.array()[:] = 1
+        dirty.destroy()
+        heap.create_domain().alloc(heap.max_order)  # zeroes the dirt as it allocates
+        charged = {c["name"]: c for c in heap.stats()["domain_charges"]}
+        assert charged["dirty"]["scrubbed_bytes"] == 64 * 1024
+        assert charged["dirty"]["alloc_cpu_seconds"] > 0
+
+
+def test_numpy_gets_the_quota_the_python_api_freed():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain(max_bytes="1MiB")
+        with dom.numpy_allocator():
+            np.ones(8)
+        for blk in [dom.alloc(4) for _ in range(15)]:  # 960 KiB, the rest of the quota
+            blk.free()  # not parked: numpy could not take these pages back
+        with dom.numpy_allocator():
+            big = np.ones(60_000)  # 480 KB: a 512 KiB block, half the quota
+        assert big.sum() == 60_000
+        del big
+        heap.check()
+
+
+def test_a_parked_block_is_one_allocation_and_one_free_wherever_it_goes_next():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        dom.alloc(0).free()  # parked
+        assert (dom.stats()["num_allocations"], dom.stats()["num_frees"]) == (1, 1)
+        dom.alloc(0).free()  # taken back, parked again
+        heap._flush_reuse(dom)  # on to the heap: not a second free
+        st = dom.stats()
+        assert (st["num_allocations"], st["num_frees"]) == (2, 2)
+        with dom.numpy_allocator():
+            a = np.ones(512)
+        del a  # parked in the kernels
+        dom.destroy()  # ... and freed with the domain: still one free
+        st = dom.stats()
+        assert st["num_frees"] == st["num_allocations"]
+        hs = heap.stats()
+        assert hs["num_frees"] == hs["num_allocations"]
+        heap.check()

@@ -19,7 +19,7 @@ nothing to charge. The book keeps every live domain and the last HISTORY destroy
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TypedDict
 
 import numpy as np
@@ -41,36 +41,47 @@ class DomainCharges(TypedDict):
     alloc_cpu_seconds: float  # allocators' time zeroing it before use (scrub-on-allocate)
 
 
+def _empty(dom_id: int) -> DomainCharges:
+    return DomainCharges(id=dom_id, name=f"d{dom_id}" if dom_id > 0 else "(unattributed)",
+                         scrubbed_bytes=0, idle_cpu_seconds=0.0, deadline_cpu_seconds=0.0,
+                         alloc_cpu_seconds=0.0)
+
+
 class ChargeBook:
     """The charges of one heap's domains (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._book: OrderedDict[int, DomainCharges] = OrderedDict()
-        self._dead: list[int] = []  # destroyed domains, oldest first
-        self._rows = np.zeros((CHARGE_SLOTS, 3), dtype=np.int64)  # drain buffer
+        self._dead: deque[int] = deque()  # destroyed domains, oldest first
+        self._rows = np.zeros((CHARGE_SLOTS + 1, 3), dtype=np.int64)  # drain buffer
 
     def _entry(self, dom_id: int) -> DomainCharges:
+        """The entry of ``dom_id``, made if need be: one not opened here (work on the dirt of
+        a domain already evicted) joins the destroyed ones, so that it is evicted in turn."""
         entry = self._book.get(dom_id)
         if entry is None:
-            entry = self._book[dom_id] = DomainCharges(
-                id=dom_id, name=f"d{dom_id}" if dom_id > 0 else "(unattributed)",
-                scrubbed_bytes=0, idle_cpu_seconds=0.0, deadline_cpu_seconds=0.0,
-                alloc_cpu_seconds=0.0)
+            entry = self._book[dom_id] = _empty(dom_id)
+            if dom_id > 0:
+                self._remember_dead(dom_id)
         return entry
+
+    def _remember_dead(self, dom_id: int) -> None:
+        self._dead.append(dom_id)
+        while len(self._dead) > HISTORY:
+            self._book.pop(self._dead.popleft(), None)
 
     def opened(self, dom_id: int, name: str) -> None:
         """A new domain: its entry, under its name."""
         with self._lock:
-            self._entry(dom_id)["name"] = name
+            self._book[dom_id] = _empty(dom_id)
+            self._book[dom_id]["name"] = name
 
     def destroyed(self, dom_id: int) -> None:
         """Keep the destroyed domain's charges (later work on its dirt still adds to them)
         among the last HISTORY."""
         with self._lock:
-            self._dead.append(dom_id)
-            while len(self._dead) > HISTORY:
-                self._book.pop(self._dead.pop(0), None)
+            self._remember_dead(dom_id)
 
     def charge_slice(self, kind: str, table: np.ndarray, cpu_seconds: float) -> bool:
         """Split a scrubber's ``cpu_seconds`` over the rows (id, pages) of its ``table``,
@@ -101,7 +112,7 @@ class ChargeBook:
     def of(self, dom_id: int) -> DomainCharges:
         """A copy of one domain's charges (zeros if none yet)."""
         with self._lock:
-            return DomainCharges(**self._entry(dom_id))
+            return DomainCharges(**self._book.get(dom_id, _empty(dom_id)))
 
     def all(self) -> list[DomainCharges]:
         """Copies of every entry: live domains and the last HISTORY destroyed ones."""

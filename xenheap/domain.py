@@ -295,7 +295,10 @@ class Domain:
             raise InvalidFree(f"{blk!r} belongs to domain {blk.domain.id}, not {self.id}")
         heap = self.heap
         reuse = self._reuse
-        if reuse is not None and not heap._closed:
+        # numpy's callbacks cannot give the Python API's parked blocks back when a quota
+        # runs short, so a domain with a quota and a numpy handler parks none.
+        if reuse is not None and not heap._closed and not (self._max_pages
+                                                           and self._capsule is not None):
             parked = reuse.give(blk)
             if parked == PARKED:
                 return
@@ -329,13 +332,18 @@ class Domain:
         entries = self._reuse.drain(close) if self._reuse is not None else []
         if close or heap._closed or self._destroyed:
             return len(entries)  # a closing heap's memory is gone with it; so is a dead domain's
-        numpy_blocks = heap._call(api.heap_flush_parked, self._slot, self.id) \
-            if self._capsule is not None else 0
         wake = 0
-        for order, (mfn, tag) in entries:
-            # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
-            if heap._call(api.heap_free_short, self._slot, self.id, mfn, order, tag) > 0:
-                wake |= 1 << heap._node_of(mfn)
+        try:
+            numpy_blocks = heap._call(api.heap_flush_parked, self._slot, self.id) \
+                if self._capsule is not None else 0
+            for order, (mfn, tag) in entries:
+                # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
+                if heap._call(api.heap_free_short, self._slot, self.id, mfn, order, tag) > 0:
+                    wake |= 1 << heap._node_of(mfn)
+        except HeapClosed:  # closed meanwhile (a scrubber's chore): the memory goes with it
+            return len(entries)
+        if self._reuse is not None:
+            self._reuse.count_returned(len(entries))
         if wake:
             heap._wake(wake)
         return len(entries) + max(numpy_blocks, 0)
@@ -352,16 +360,17 @@ class Domain:
         """Free all the domain's memory. Returns at once, leaving the pages dirty for the
         scrubbers, except in "sync" mode, which zeroes every page before returning."""
         heap = self.heap
+        heap._refuse_if_forked()  # before the cache's lock: a parent thread may hold it
         reuse = self._reuse
-        if reuse is not None:
-            reuse.drain(close=True)  # parked blocks are on the list: freed below
+        if reuse is not None:  # parked blocks are on the domain's list: freed below
+            reuse.count_returned(len(reuse.drain(close=True)))
         with heap._lock:  # off the heap's live list, once; its reuse counters move there
             if self in heap._domains:
                 heap._domains.discard(self)
                 if reuse is not None:
-                    hits, pages, parks = heap._reuse_retired
+                    hits, pages, parks, returned = heap._reuse_retired
                     heap._reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
-                                           parks + reuse.parks)
+                                           parks + reuse.parks, returned + reuse.returned)
         status, wake = heap._call(api.heap_destroy, self._slot, self.id)
         if status < 0:
             raise DomainDead(f"{self!r} was already destroyed")

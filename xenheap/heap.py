@@ -33,6 +33,7 @@ from native_kernels.layout import (
     M_NR_NODES,
     M_NR_PAGES,
     M_PAGES_PER_NODE,
+    M_REUSE,
     MAX_NODES,
     MAX_ORDER_LIMIT,
     MODE_ALLOC,
@@ -117,6 +118,9 @@ class Heap:
                                   f"{scrub_deadline!r}")
         self.scrub_deadline = float(scrub_deadline)
         self.reuse_bytes = parse_size(reuse_bytes, what="reuse_bytes")
+        # Domains may park freed blocks for their own reuse, except where a free must write
+        # the memory ("sync" zeroes it, debug poisons it to catch writes after free).
+        self._reuse_blocks = self.reuse_bytes > 0 and scrub != "sync" and not debug
         nbytes = parse_size(size)
         self.topology = resolve_topology(nodes)
         nr_nodes = len(self.topology.nodes)
@@ -160,15 +164,12 @@ class Heap:
         self._dying_slots: list[int] = []
         self._next_id = 1
 
-        # Domains may park freed blocks for their own reuse, except where a free must write
-        # the memory ("sync" zeroes it, debug poisons it to catch writes after free).
-        self._reuse_blocks = self.reuse_bytes > 0 and scrub != "sync" and not debug
         # Live domains: to drain their reuse caches, and to drop their numpy handlers at close.
         # Changed and copied under self._lock (live_domains): the scrubber reads it too.
         self._domains: weakref.WeakSet[Domain] = weakref.WeakSet()
         # The reuse counters of destroyed domains' caches (hits, hit pages, parks), for the
         # statistics; a live domain's are in its cache.
-        self._reuse_retired = (0, 0, 0)
+        self._reuse_retired = (0, 0, 0, 0)
         self._next_tick = 0.0  # time.monotonic() of the next _tick's chores
         with default_numpy_memory():
             self._charges = ChargeBook()  # scrub work by the domain that dirtied the memory
@@ -188,6 +189,7 @@ class Heap:
         meta[M_MAX_ORDER] = self.max_order
         meta[M_MODE] = self._mode
         meta[M_DEBUG] = int(self.debug)
+        meta[M_REUSE] = int(self._reuse_blocks)
         meta[M_MAX_DOMAINS] = max_domains
         for i, arena in enumerate(self._arenas):
             nodes[i, N_BASE] = i * self._pages_per_node
@@ -320,8 +322,10 @@ class Heap:
         that they reach the scrubbers (and the dirty-lifetime bound) too."""
         stale = time.monotonic() - REUSE_IDLE_S
         for dom in self._live_domains():
-            if dom._reuse is not None and dom._reuse.used_at < stale and (
-                    dom._reuse.cached_bytes() or dom._parked_numpy_since(stale)):
+            reuse = dom._reuse
+            # Each kind by its own clock; both go back together (a busy one just refills).
+            if (reuse is not None and reuse.used_at < stale and reuse.cached_bytes()) \
+                    or dom._parked_numpy_since(stale):
                 dom._return_parked()
 
     def _retire_slot(self, slot: int) -> None:

@@ -48,7 +48,7 @@ class ReuseCache:
     """
 
     __slots__ = ("_limit", "_lists", "_lock", "_make_view", "closed", "hit_pages", "hits",
-                 "issued", "memoryviews", "parks", "used_at", "views")
+                 "issued", "memoryviews", "parks", "returned", "used_at", "views")
 
     def __init__(self, bytes_per_order: int,
                  make_view: Callable[[int, int], np.ndarray]) -> None:
@@ -65,6 +65,7 @@ class ReuseCache:
         self.hits = 0
         self.hit_pages = 0
         self.parks = 0
+        self.returned = 0  # parked blocks that went on to the heap: the kernel counts them too
         self._lists: list[list[tuple[int, int]]] = [[] for _ in range(REUSE_MAX_ORDER + 1)]
         # Taken by the owner's alloc and free and by whoever drains the cache (pressure,
         # idleness, destroy), so an entry is never in flight while the block goes back.
@@ -170,6 +171,11 @@ class ReuseCache:
         if mv is not None:
             mv.release()
         self.views.pop(mfn, None)
+
+    def count_returned(self, blocks: int) -> None:
+        """``blocks`` drained blocks went on to the heap (freed there, or with a destroy)."""
+        with self._lock:
+            self.returned += blocks
 
     def cached_bytes(self) -> int:
         """Bytes parked now."""

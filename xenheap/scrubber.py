@@ -21,6 +21,7 @@ while they are dirty but no CPU is idle.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from native_kernels.scrub import scrub_nodes
 from native_kernels.switches import set_switch
 from xenheap import prim
 from xenheap.charges import ChargeBook
-from xenheap.errors import XenHeapError
+from xenheap.errors import HeapClosed, XenHeapError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,9 @@ class Scrubber(threading.Thread):
                 # wait below cannot miss it.
                 self.wakeup.clear()
                 if self._on_tick is not None:
-                    self._on_tick()
+                    # HeapClosed: close() began, and the loop ends at its next look.
+                    with contextlib.suppress(HeapClosed):
+                        self._on_tick()
                 kind, wait_s = self._next_step()
                 if kind is None:
                     self.state = "idle"

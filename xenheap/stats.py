@@ -134,6 +134,7 @@ from native_kernels.layout import (
     D_REUSED_PAGES,
     D_STATE,
     D_TOTAL_PAGES,
+    D_UNPARKED,
     DOM_ALIVE,
     FRAME_TABLE_BYTES_PER_PAGE,
     L_COUNT,
@@ -142,6 +143,7 @@ from native_kernels.layout import (
     M_PEAK_PAGES,
     M_REUSED,
     M_TOTAL_PAGES,
+    M_UNPARKED,
     M_USED_PAGES,
     N_ABORT_HIST,
     N_ABORT_WAIT_MAX_NS,
@@ -281,18 +283,20 @@ def _cached_bytes(dom: Domain) -> int:
     return reuse.cached_bytes() if reuse is not None else 0
 
 
-def _python_reuse(heap: Heap) -> tuple[int, int, int]:
-    """(blocks taken back, their pages, blocks parked) by the Python API's reuse caches of
-    ``heap``: the live domains' and, folded in when each was destroyed, the others'."""
+def _python_reuse(heap: Heap) -> tuple[int, int, int, int]:
+    """(blocks taken back, their pages, blocks parked, parked blocks that went on to the
+    heap) by the Python API's reuse caches of ``heap``: the live domains' and, folded in
+    when each was destroyed, the others'."""
     with heap._lock:  # destroy() moves a domain's counters to the heap's under it
-        hits, pages, parks = heap._reuse_retired
+        hits, pages, parks, returned = heap._reuse_retired
         doms = list(heap._domains)
     for dom in doms:
         if dom._reuse is not None:
             hits += dom._reuse.hits
             pages += dom._reuse.hit_pages
             parks += dom._reuse.parks
-    return hits, pages, parks
+            returned += dom._reuse.returned
+    return hits, pages, parks, returned
 
 
 def _numpy_parked_pages(rows: np.ndarray) -> int:
@@ -362,10 +366,16 @@ def _snapshots(heap: Heap) -> tuple[np.ndarray, np.ndarray]:
     return snapshot(state["nodes"]), counts
 
 
+def _domain_charges(heap: Heap) -> list[DomainCharges]:
+    """The charge book, with the allocators' latest work drained into it first."""
+    heap._charges.drain_allocators(heap._state["nodes"], heap.nodes)
+    return heap._charges.all()
+
+
 def heap_stats(heap: Heap) -> HeapStats:
     """What Heap.stats() returns; fields documented in this module's docstring."""
     page_size = heap.page_size
-    hits, hit_pages, parks = _python_reuse(heap)
+    hits, hit_pages, parks, returned = _python_reuse(heap)
     cached = sum(_cached_bytes(dom) for dom in heap._live_domains())
     rows, counts = _snapshots(heap)
     nodes = node_stats(heap, rows, counts)
@@ -380,7 +390,10 @@ def heap_stats(heap: Heap) -> HeapStats:
         max_memory=int(meta[M_PEAK_PAGES]) * page_size,
         total_bytes_allocated=(int(meta[M_TOTAL_PAGES]) + hit_pages) * page_size,
         num_allocations=sum(n["num_allocations"] for n in nodes) + int(meta[M_REUSED]) + hits,
-        num_frees=sum(n["num_frees"] for n in nodes) + int(meta[M_PARKS]) + parks,
+        # A parked block is freed (by the user) once; the heap counts it again when it goes
+        # on to the free lists.
+        num_frees=(sum(n["num_frees"] for n in nodes) + int(meta[M_PARKS]) + parks
+                   - int(meta[M_UNPARKED]) - returned),
         cached_bytes=cached,
         total_pages=heap.total_pages,
         free_pages=free,
@@ -398,7 +411,7 @@ def heap_stats(heap: Heap) -> HeapStats:
         scrub_cpu_seconds=sum((s.cpu_seconds for s in heap.scrubbers), 0.0),
         scrub_idle_cpu_seconds=sum((s.idle_cpu_seconds for s in heap.scrubbers), 0.0),
         scrub_deadline_cpu_seconds=sum((s.deadline_cpu_seconds for s in heap.scrubbers), 0.0),
-        domain_charges=heap._charges.all(),
+        domain_charges=_domain_charges(heap),
         nodes=nodes,
     )
 
@@ -421,14 +434,16 @@ def domain_stats(dom: Domain) -> DomainStats:
     page_size = heap.page_size
     cached = _cached_bytes(dom) + _numpy_parked_pages(row) * page_size
     reuse = dom._reuse
-    hits, hit_pages, parks = (reuse.hits, reuse.hit_pages, reuse.parks) if reuse else (0, 0, 0)
+    hits, hit_pages, parks, returned = ((reuse.hits, reuse.hit_pages, reuse.parks,
+                                         reuse.returned) if reuse else (0, 0, 0, 0))
     out = DomainStats(
         bytes_allocated=max(0, int(row[D_PAGES]) * page_size - cached),
         max_memory=int(row[D_PEAK]) * page_size,
         total_bytes_allocated=(int(row[D_TOTAL_PAGES]) + int(row[D_REUSED_PAGES])
                                + hit_pages) * page_size,
         num_allocations=int(row[D_ALLOCS]) + int(row[D_REUSED]) + hits,
-        num_frees=int(row[D_FREES]) + int(row[D_PARKS]) + parks,
+        num_frees=(int(row[D_FREES]) + int(row[D_PARKS]) + parks - int(row[D_UNPARKED])
+                   - returned),
         cached_bytes=cached,
         pages=int(row[D_PAGES]),
         peak_pages=int(row[D_PEAK]),

@@ -67,7 +67,6 @@ class SideResult:
     cap_sys_nice: bool | None  # None: /proc did not say
     heap_bytes: int
     nodes: int
-    scrubbers_idle_priority: list[bool | None]
     destroy_ms: float
     clean_after_ms: float | None  # None: not clean within the clean timeout
     clean_timed_out: bool
@@ -196,7 +195,6 @@ def measure_side(size: int, nodes: int | None = None,
     heap = Heap(size=size, nodes=nodes, scrub="idle")
     try:
         heap_bytes, heap_nodes = heap.total_pages * heap.page_size, heap.nodes
-        idle_priority = [getattr(s, "idle_priority", None) for s in heap.scrubbers]
         guest = _written_guest(heap, "guest")
         start = time.perf_counter()
         guest.destroy()
@@ -232,7 +230,7 @@ def measure_side(size: int, nodes: int | None = None,
              if t.name.startswith("xenheap-") and t.is_alive()]
     return SideResult(
         pid=pid, cap_sys_nice=cap_sys_nice, heap_bytes=heap_bytes, nodes=heap_nodes,
-        scrubbers_idle_priority=idle_priority, destroy_ms=destroy_ms,
+        destroy_ms=destroy_ms,
         clean_after_ms=clean_after_ms, clean_timed_out=not clean, tenant_pages=tenant_pages,
         all_pages_taken=tenant_pages == heap.total_pages, alloc_2mib_count=len(timings),
         alloc_2mib_max_ms=max(timings) * 1e3 if timings else None,
