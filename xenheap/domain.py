@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -150,6 +151,9 @@ class Domain:
         # memory ("sync" zeroes, debug poisons).
         self._reuse = ReuseCache(heap.reuse_bytes, self._view_of) if heap._reuse_blocks \
             else None
+        # Held while parked blocks go back to the heap: an allocation short of room that
+        # finds it held waits, then retries, rather than fail while they are in flight.
+        self._returning = threading.Lock()
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -327,7 +331,20 @@ class Domain:
 
     def _return_parked(self, close: bool = False) -> int:
         """Give the blocks parked for reuse (by the Python API and by numpy) back to the
-        heap, dirty; returns how many. ``close``: park none afterwards (the heap closes)."""
+        heap, dirty; returns how many (at least 1 if another thread was doing it: its
+        blocks are back by the time this returns, so an allocation short of room may
+        retry). ``close``: park none afterwards (the heap closes)."""
+        if self.heap._forked:
+            return 0  # the lock below may be held by a parent thread
+        waited = not self._returning.acquire(blocking=False)
+        if waited:
+            self._returning.acquire()
+        try:
+            return self._return_parked_locked(close) + int(waited)
+        finally:
+            self._returning.release()
+
+    def _return_parked_locked(self, close: bool) -> int:
         heap = self.heap
         entries = self._reuse.drain(close) if self._reuse is not None else []
         if close or heap._closed or self._destroyed:
