@@ -427,6 +427,12 @@ def _forget_parked(doms, meta, slot):
         parked += doms[slot, D_PARKED_COUNT + order]
     fetch_add(doms, (slot, D_UNPARKED), parked)
     fetch_add(meta, M_UNPARKED, parked)
+    _empty_parked(doms, slot)
+
+
+@njit(nogil=True, cache=True)
+def _empty_parked(doms, slot):
+    """Empty the parked-block stacks of slot ``slot``."""
     for order in range(NUMPY_PARK_ORDERS):
         doms[slot, D_PARKED + order] = NIL
         doms[slot, D_PARKED_COUNT + order] = 0
@@ -440,9 +446,7 @@ def open_domain(doms, slot, dom_id, max_pages):
         atomic_store(doms, (slot, field), 0)
     for cls in range(SLAB_CLASSES):
         doms[slot, D_SLABS + cls] = NIL
-    for order in range(NUMPY_PARK_ORDERS):  # the old tenant's stacks are gone
-        doms[slot, D_PARKED + order] = NIL
-        doms[slot, D_PARKED_COUNT + order] = 0
+    _empty_parked(doms, slot)  # the old tenant's stacks are gone
     doms[slot, D_HEAD] = NIL
     doms[slot, D_TAIL] = NIL
     doms[slot, D_MAX_PAGES] = max_pages

@@ -68,6 +68,11 @@ class Block:
         """The node whose arena holds the block."""
         return self.domain.heap._node_of(self.mfn)
 
+    def _in_use(self) -> bool:
+        """Not freed, and its domain and heap still there."""
+        dom = self.domain
+        return not self._freed and not dom._destroyed and not dom.heap._closed
+
     def _check_usable(self) -> None:
         if self.domain.heap.closed:
             raise HeapClosed(self.domain.heap._closed_reason)
@@ -94,8 +99,7 @@ class Block:
 
     def array(self, dtype: object = "uint8") -> np.ndarray:
         """A writable numpy view of the block (zero-copy) with the given dtype."""
-        dom = self.domain
-        if self._freed or dom._destroyed or dom.heap._closed:
+        if not self._in_use():
             self._check_usable()
         if dtype == "uint8":  # the default: no dtype to parse or check
             return self._bytes().view()
@@ -117,9 +121,8 @@ class Block:
 
     def __exit__(self, *exc_info: object) -> None:
         """Free the block, unless it was freed already or went with its domain or heap."""
-        dom = self.domain
-        if not self._freed and not dom._destroyed and not dom.heap._closed:
-            dom.free(self)
+        if self._in_use():
+            self.domain.free(self)
 
     def __repr__(self) -> str:
         return f"<Block mfn={self.mfn} order={self.order} of domain {self.domain.id}>"
@@ -256,12 +259,12 @@ class Domain:
 
     def order_for(self, nbytes: int) -> int:
         """The smallest order whose block holds ``nbytes`` bytes."""
-        if type(nbytes) is int and 0 < nbytes <= self.heap._max_block_bytes:  # nothing to parse
+        if type(nbytes) is int and 0 < nbytes <= self.heap._max_block_bytes:  # nothing to check
             return ((nbytes - 1) >> PAGE_SHIFT).bit_length()
         size = parse_size(nbytes, what="nbytes")
         if size == 0:
             raise InvalidArgument("nbytes must be positive")
-        order = (-(-size // self.heap.page_size) - 1).bit_length()
+        order = ((size - 1) >> PAGE_SHIFT).bit_length()
         self.heap._check_order(order, what=f"nbytes={size}")
         return order
 

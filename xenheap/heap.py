@@ -145,6 +145,7 @@ class Heap:
         with default_numpy_memory():  # never from a domain's handler the caller installed
             self._state = new_state(nr_nodes, pages_per_node, max_domains, prim.zeroed_array)
             self._all_nodes = np.arange(nr_nodes, dtype=np.int64)
+            self._charges = ChargeBook()  # scrub work by the domain that dirtied the memory
         self._fill_state(max_domains)
         s = self._state
         init_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
@@ -167,12 +168,10 @@ class Heap:
         # Live domains: to drain their reuse caches, and to drop their numpy handlers at close.
         # Changed and copied under self._lock (live_domains): the scrubber reads it too.
         self._domains: weakref.WeakSet[Domain] = weakref.WeakSet()
-        # The reuse counters of destroyed domains' caches (hits, hit pages, parks), for the
-        # statistics; a live domain's are in its cache.
+        # The reuse counters of destroyed domains' caches (hits, hit pages, parks, returned),
+        # for the statistics; a live domain's are in its cache.
         self._reuse_retired = (0, 0, 0, 0)
         self._next_tick = 0.0  # time.monotonic() of the next _tick's chores
-        with default_numpy_memory():
-            self._charges = ChargeBook()  # scrub work by the domain that dirtied the memory
         self._scrubbers: list[Scrubber] = []
         self._scrubber_of = [0] * nr_nodes
         if self._mode == MODE_IDLE:

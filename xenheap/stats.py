@@ -283,20 +283,22 @@ def _cached_bytes(dom: Domain) -> int:
     return reuse.cached_bytes() if reuse is not None else 0
 
 
-def _python_reuse(heap: Heap) -> tuple[int, int, int, int]:
+def _python_reuse(heap: Heap) -> tuple[int, int, int, int, int]:
     """(blocks taken back, their pages, blocks parked, parked blocks that went on to the
-    heap) by the Python API's reuse caches of ``heap``: the live domains' and, folded in
-    when each was destroyed, the others'."""
+    heap, bytes parked now) by the Python API's reuse caches of ``heap``: the live domains'
+    and, folded in when each was destroyed, the others' (none parked any more)."""
     with heap._lock:  # destroy() moves a domain's counters to the heap's under it
         hits, pages, parks, returned = heap._reuse_retired
         doms = list(heap._domains)
+    cached = 0
     for dom in doms:
         if dom._reuse is not None:
             hits += dom._reuse.hits
             pages += dom._reuse.hit_pages
             parks += dom._reuse.parks
             returned += dom._reuse.returned
-    return hits, pages, parks, returned
+            cached += dom._reuse.cached_bytes()
+    return hits, pages, parks, returned, cached
 
 
 def _numpy_parked_pages(rows: np.ndarray) -> int:
@@ -375,8 +377,7 @@ def _domain_charges(heap: Heap) -> list[DomainCharges]:
 def heap_stats(heap: Heap) -> HeapStats:
     """What Heap.stats() returns; fields documented in this module's docstring."""
     page_size = heap.page_size
-    hits, hit_pages, parks, returned = _python_reuse(heap)
-    cached = sum(_cached_bytes(dom) for dom in heap._live_domains())
+    hits, hit_pages, parks, returned, cached = _python_reuse(heap)
     rows, counts = _snapshots(heap)
     nodes = node_stats(heap, rows, counts)
     free = sum(n["free_pages"] for n in nodes)
