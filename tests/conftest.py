@@ -68,9 +68,9 @@ def stats_snapshot(heap: xenheap.Heap) -> dict:
 
 def domain_block_list(heap: xenheap.Heap, dom: xenheap.Domain) -> list[tuple[int, int]]:
     """(mfn, order) of every block on ``dom``'s list, read from the state (no concurrency)."""
-    ft32, ft8 = heap._state["ft32"], heap._state["ft8"]
+    ft32, ft8 = heap.core.state["ft32"], heap.core.state["ft8"]
     out = []
-    link = int(heap._state["doms"][dom._slot, D_HEAD])
+    link = int(heap.core.state["doms"][dom._slot, D_HEAD])
     while link != NIL:
         mfn = link - 1
         out.append((mfn, int(ft8[PG_ORDER, mfn])))
@@ -81,9 +81,9 @@ def domain_block_list(heap: xenheap.Heap, dom: xenheap.Domain) -> list[tuple[int
 
 def pages_read(heap: xenheap.Heap, mfn: int, npages: int) -> np.ndarray:
     """The bytes of pages [mfn, mfn + npages) straight from the arena (white-box)."""
-    node = heap._node_of(mfn)
-    arena = heap._arenas[node]
-    offset = (mfn - node * heap._pages_per_node) * heap.page_size
+    node = heap.core.node_of(mfn)
+    arena = heap.core.arenas[node]
+    offset = (mfn - node * heap.core.pages_per_node) * heap.page_size
     return arena.array[offset:offset + npages * heap.page_size]
 
 
@@ -142,12 +142,14 @@ def read_all_free_memory(heap: xenheap.Heap, value: int = 0) -> tuple[bool, int]
     only ``value``, destroy the domain; returns (all held it, pages allocated)."""
     dom = heap.create_domain("reader")
     clean = True
+    kept = []  # a dropped handle would be freed and handed out again
     for order in range(heap.max_order, -1, -1):
         while True:
             try:
                 blk = dom.alloc(order)
             except xenheap.OutOfMemory:
                 break
+            kept.append(blk)
             clean &= bool((blk.array() == value).all())
     held = dom.pages
     dom.destroy()

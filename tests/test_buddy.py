@@ -34,7 +34,7 @@ def free_list(heap: xenheap.Heap, node: int, order: int) -> list[tuple[int, int]
 
     Also checks the list's own bookkeeping: back links, tail and count.
     """
-    s = heap._state
+    s = heap.core.state
     ft32, ft8, lists = s["ft32"], s["ft8"], s["lists"]
     out = []
     prev = NIL
@@ -64,7 +64,7 @@ def all_free_chunks(heap: xenheap.Heap, node: int) -> dict[int, list[tuple[int, 
 
 def need_scrub(heap: xenheap.Heap, lo: int, hi: int) -> list[int]:
     """The mfns in [lo, hi) whose need_scrub is set."""
-    flags = heap._state["ft8"][PG_NEED_SCRUB, lo:hi]
+    flags = heap.core.state["ft8"][PG_NEED_SCRUB, lo:hi]
     return [lo + int(i) for i in np.flatnonzero(flags)]
 
 
@@ -77,7 +77,7 @@ def test_fresh_heap_is_one_clean_max_order_chunk_per_node(heap_factory) -> None:
     heap = heap_factory(4 * MiB, nodes=2)
     assert heap.max_order == 9  # 512 pages per node
     for node in range(2):
-        base = int(heap._state["nodes"][node, N_BASE])
+        base = int(heap.core.state["nodes"][node, N_BASE])
         assert base == node * 512
         assert all_free_chunks(heap, node) == {9: [(base, INVALID_DIRTY_IDX)]}
     assert need_scrub(heap, 0, heap.total_pages) == []
@@ -178,14 +178,15 @@ def test_a_dirty_chunk_is_used_only_when_no_clean_one_fits(heap_factory) -> None
     heap = heap_factory(2 * MiB, nodes=1)
     dom = heap.create_domain()
     a = dom.alloc(0)
-    dom.alloc(0)  # a's buddy stays in use: a cannot merge into a bigger (dirty) chunk
+    _buddy = dom.alloc(0)  # stays in use: a cannot merge into a bigger (dirty) chunk
     a.array()[:] = 0xEE
     a.free()  # the heap's only dirty page, an order-0 chunk of its own
     assert heap.stats()["dirty_pages"] == 1
     assert free_list(heap, 0, 0) == [(a.mfn, 1)]
-    got = []
+    got, kept = [], []
     for _ in range(heap.total_pages - 1):
         blk = dom.alloc(0)
+        kept.append(blk)
         got.append(blk.mfn)
         assert_zero(blk)
         if blk.mfn != a.mfn:
@@ -367,14 +368,15 @@ def test_any_node_prefers_the_local_node_then_falls_back_by_distance(heap_factor
     heap = heap_factory(6 * MiB, nodes=all_cpus_on_node0(3))  # we always run on node 0
     per_node = heap.total_pages // 3
     dom = heap.create_domain()
-    assert dom.alloc(0).node == 0
+    first = dom.alloc(0)
+    assert first.node == 0
     dom.populate(heap.stats()["nodes"][0]["free_pages"] * PAGE, node=0)
-    blk = dom.alloc(2)
-    assert blk.node == 1  # node 1 (distance 20) before node 2 (distance 30)
+    second = dom.alloc(2)
+    assert second.node == 1  # node 1 (distance 20) before node 2 (distance 30)
     dom.populate(heap.stats()["nodes"][1]["free_pages"] * PAGE, node=1)
-    blk = dom.alloc(2)
-    assert blk.node == 2
-    assert 2 * per_node <= blk.mfn < 3 * per_node
+    third = dom.alloc(2)
+    assert third.node == 2
+    assert 2 * per_node <= third.mfn < 3 * per_node
     dom.populate(heap.stats()["nodes"][2]["free_pages"] * PAGE)  # node=None: the rest
     assert heap.stats()["free_pages"] == 0
     with pytest.raises(xenheap.OutOfMemory):
@@ -412,8 +414,8 @@ def test_high_order_allocation_right_after_destroying_a_domain_that_held_everyth
     for node in range(2):
         assert all_free_chunks(heap, node) == {heap.max_order: [(node * 512, 1)]}
     other = heap.create_domain()
-    for node in range(2):
-        blk = other.alloc(heap.max_order, node=node)
+    taken = [other.alloc(heap.max_order, node=node) for node in range(2)]
+    for node, blk in enumerate(taken):
         assert blk.mfn == node * 512
         assert_zero(blk)
     assert heap.stats()["dirty_pages"] == 0

@@ -117,7 +117,7 @@ def test_a_frozen_scrubber_holding_a_chunk_does_not_make_allocators_wait():
         for blk in blocks[1::2]:  # four dirty chunks whose buddies stay in use: no merging
             blk.array()[:] = 0xEE
             blk.free()
-        ft8 = heap._state["ft8"]
+        ft8 = heap.core.state["ft8"]
         deadline = time.monotonic() + 30
         while not (ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING).any():  # wait until it holds one
             assert time.monotonic() < deadline, "the scrubber never took a chunk"

@@ -89,11 +89,12 @@ def test_quota_holds_under_concurrent_allocation():
     with xenheap.Heap("32MiB", scrub="alloc") as heap:
         dom = heap.create_domain("shared", max_bytes=64 * PAGE_SIZE)
         refused = []
+        kept = []
 
         def grab():
             for _ in range(64):
                 try:
-                    dom.alloc(0)
+                    kept.append(dom.alloc(0))
                 except xenheap.OutOfMemory:
                     refused.append(1)
 
@@ -132,7 +133,7 @@ def test_release_unused_drops_rss_and_memory_stays_clean():
 def test_release_unused_leaves_dirty_and_allocated_memory_alone():
     with xenheap.Heap("16MiB", scrub="alloc") as heap:
         # Resident, as memory the heap has used is: only resident memory can be released.
-        prim.libc_memset(heap._arenas[0].address, 0, 16 * 2**20)
+        prim.libc_memset(heap.core.arenas[0].address, 0, 16 * 2**20)
         dom = heap.create_domain()
         kept = dom.alloc(8)
         kept.array()[:] = 9
@@ -225,7 +226,7 @@ def test_scrubber_stalling_while_holding_a_chunk_only_delays_the_allocator():
         for blk in [dom.alloc(heap.max_order - 2) for _ in range(4)]:
             blk.array()[:] = 0xEE
         dom.destroy()
-        scrub_state = heap._state["ft8"][PG_SCRUB_STATE]
+        scrub_state = heap.core.state["ft8"][PG_SCRUB_STATE]
         deadline = time.monotonic() + WAIT_S
         while not (scrub_state == BUDDY_SCRUBBING).any():  # it took a chunk and stalls on it
             assert time.monotonic() < deadline
@@ -301,7 +302,7 @@ while heap.stats()['nodes'][0]['scrubber'] != 'scrubbing' and time.monotonic() <
 time.sleep(0.05)
 heap.close()
 assert any(s.is_alive() for s in heap.scrubbers), 'the stall ended early'
-assert not heap._arenas[0].closed
+assert not heap.core.arenas[0].closed
 for s in heap.scrubbers:
     s.join(30)
 print('survived')
@@ -315,7 +316,7 @@ def test_only_one_thread_scrubs_a_node_at_a_time():
     with xenheap.Heap("8MiB", scrub="alloc", reuse_bytes=0) as heap:  # the free makes dirt
         dom = heap.create_domain()
         dom.alloc(4).free()
-        s = heap._state
+        s = heap.core.state
         charges = np.zeros((8, 2), dtype=np.int64)
         args = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"], 0, 4096, 64, charges)
         s["nodes"][0, N_SCRUBBING] = 1  # as if another scrubber were working on node 0
@@ -334,7 +335,7 @@ def test_a_forked_child_freeing_inherited_arrays_does_not_touch_the_heap():
         dom = heap.create_domain()
         with dom.numpy_allocator():
             arrays = [np.ones(10), np.ones(100_000)]
-        s = heap._state
+        s = heap.core.state
         held = dom.stats()["numpy_pages"]
         hold_lock(s["doms"], dom._slot, D_LOCK)  # a parent thread mid-call at the fork
 
@@ -396,7 +397,7 @@ def test_a_refused_release_gives_every_chunk_back_and_raises():
         blocks = [dom.alloc(0) for _ in range(heap.total_pages)]
         for blk in blocks[::2]:
             blk.free()  # zeroed: clean, resident, many chunks
-        arena = heap._arenas[0]
+        arena = heap.core.arenas[0]
         if libc.mlock(ctypes.c_void_p(arena.address), ctypes.c_size_t(4 * 2**20)) != 0:
             pytest.skip("mlock refused (RLIMIT_MEMLOCK)")
         try:

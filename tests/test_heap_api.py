@@ -398,10 +398,10 @@ def test_check_passes_and_catches_corruption(heap) -> None:
     blk = dom.alloc(2)
     heap.check()
     # White-box: mark an allocated page dirty; the checker must notice.
-    heap._state["ft8"][PG_NEED_SCRUB, blk.mfn] = 1
+    heap.core.state["ft8"][PG_NEED_SCRUB, blk.mfn] = 1
     with pytest.raises(HeapCorruption, match="scrubbing"):
         heap.check()
-    heap._state["ft8"][PG_NEED_SCRUB, blk.mfn] = 0
+    heap.core.state["ft8"][PG_NEED_SCRUB, blk.mfn] = 0
     heap.check()
 
 
@@ -461,7 +461,7 @@ def test_quota_is_enforced_naming_the_domain(heap) -> None:
 def test_quota_rounds_up_to_pages(heap) -> None:
     dom = heap.create_domain(max_bytes=PAGE + 1)
     assert dom.max_bytes == 2 * PAGE
-    dom.alloc(1)
+    _held = dom.alloc(1)
     with pytest.raises(OutOfMemory):
         dom.alloc(0)
 
@@ -723,7 +723,7 @@ def test_check_while_a_scrub_finishes_leaves_the_free_lists_ordered(heap_factory
     a.free()
     c.free()  # two dirty order-0 chunks, their buddies in use: [a, c] on the order-0 list
     heap.check()
-    state = heap._state
+    state = heap.core.state
     # A real scrub step on c (the tail), stalled after zeroing it (its only granule).
     inject_fault(heap, "scrub_stall", 1_000_000)
     out: list[int] = []

@@ -23,7 +23,7 @@ def heap():
 
 def _in_heap(heap, arr):
     addr = arr.ctypes.data
-    return any(a.address <= addr < a.address + a.nbytes for a in heap._arenas)
+    return any(a.address <= addr < a.address + a.nbytes for a in heap.core.arenas)
 
 
 def test_arrays_inside_the_scope_live_in_the_heap_and_outside_they_do_not(heap):
@@ -239,8 +239,8 @@ def test_a_free_of_memory_the_heap_did_not_give_out_is_counted_not_done(heap):
         numpy_api.capsule_pointer(capsule, numpy_api.CAPSULE_NAME))
     before = heap.stats()
     stranger = np.zeros(64)  # numpy's own memory
-    inside = heap._arenas[0].address + 5 * PAGE_SIZE + 64  # free heap memory, no slab
-    for addr in (stranger.ctypes.data, inside, heap._arenas[0].address):
+    inside = heap.core.arenas[0].address + 5 * PAGE_SIZE + 64  # free heap memory, no slab
+    for addr in (stranger.ctypes.data, inside, heap.core.arenas[0].address):
         numpy_handler.numpy_free.ctypes(handler.allocator.ctx, addr, 64)
     after = heap.stats()
     assert after["bad_array_frees"] == 3

@@ -46,12 +46,14 @@ def _fill_and_destroy(heap, fraction=1.0, pattern=0x5A):
     want = int(heap.total_pages * fraction)
     got = 0
     order = heap.max_order
+    held = []  # a dropped handle would be freed and handed out again
     while got < want and order >= 0:
         try:
             blk = dom.alloc(order)
         except xenheap.OutOfMemory:
             order -= 1
             continue
+        held.append(blk)
         blk.array()[:] = pattern
         got += 1 << order
     dom.destroy()
@@ -103,7 +105,7 @@ def test_high_order_allocation_right_after_destroying_everything():
 
 
 def _first_tail_chunk(heap, node=0):
-    lists = heap._state["lists"]
+    lists = heap.core.state["lists"]
     for order in range(heap.max_order, -1, -1):
         link = lists[node, order, L_TAIL]
         if link:
@@ -116,13 +118,13 @@ def test_abort_handshake_hands_the_chunk_over_with_progress_kept():
     with xenheap.Heap("8MiB", scrub="alloc") as heap:
         _fill_and_destroy(heap, 1.0)
         head, order = _first_tail_chunk(heap)
-        ft32, ft8 = heap._state["ft32"], heap._state["ft8"]
+        ft32, ft8 = heap.core.state["ft32"], heap.core.state["ft8"]
         assert order == heap.max_order and ft32[PG_FIRST_DIRTY, head] == 1
         half = 1 << (order - 1)
         # "Scrub" the lower half the way the scrubber does: zero it, clear need_scrub.
-        heap._arenas[0].array[:half * PAGE_SIZE] = 0
+        heap.core.arenas[0].array[:half * PAGE_SIZE] = 0
         ft8[PG_NEED_SCRUB, head:head + half] = 0
-        heap._state["nodes"][0, N_NEED_SCRUB] -= half  # as the scrubber's granules do
+        heap.core.state["nodes"][0, N_NEED_SCRUB] -= half  # as the scrubber's granules do
         _store(ft8, PG_SCRUB_STATE, head, BUDDY_SCRUBBING)
 
         result = {}
@@ -174,6 +176,10 @@ def test_aborts_happen_under_randomised_timing():
     with xenheap.Heap("256MiB") as heap:
         for _ in range(40):
             _fill_and_destroy(heap, 1.0)
+            # On a loaded machine the scrubber starts only at the deadline: wait for it.
+            started = time.monotonic()
+            while heap.scrubbers[0].state != "scrubbing" and time.monotonic() - started < 3:
+                time.sleep(0.0005)
             time.sleep(rng.uniform(0, 0.002))
             dom = heap.create_domain()
             assert (dom.alloc(heap.max_order).array() == 0).all()

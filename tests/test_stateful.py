@@ -218,7 +218,7 @@ class HeapMachine(RuleBasedStateMachine):
         for mfn, o in new:
             assert o == order
             if node is not None:
-                assert self.heap._node_of(mfn) == node
+                assert self.heap.core.node_of(mfn) == node
             self.assert_fresh(mfn, o)
         self.populated[dom] += count << order
 

@@ -9,7 +9,8 @@ See README.md for the whole API and the scrub modes.
 """
 
 from xenheap import firstuse  # noqa: F401  (first: says so when numba compiles the kernels)
-from xenheap.domain import Block, Domain
+from xenheap.block import Block
+from xenheap.domain import Domain
 from xenheap.errors import (
     DomainDead,
     HeapClosed,

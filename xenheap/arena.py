@@ -8,6 +8,7 @@ import mmap
 import numpy as np
 
 from xenheap import prim
+from xenheap.block import ArenaBytes
 from xenheap.errors import HeapClosed, InvalidArgument
 from xenheap.topology import Node
 
@@ -38,7 +39,8 @@ class Arena:
         self.nbytes = nbytes
         self._mmap: mmap.mmap | None = prim.map_anonymous(nbytes)
         try:
-            self._array: np.ndarray | None = np.frombuffer(self._mmap, dtype=np.uint8)
+            self._array: np.ndarray | None = np.frombuffer(self._mmap, dtype=np.uint8).view(
+                ArenaBytes)
             self.address: int = int(self._array.ctypes.data)
             self.hugepage: bool = prim.advise_hugepage(self.address, nbytes)
             # Bind before anything touches the pages: placement happens at first fault.

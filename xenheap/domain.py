@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+from collections import deque
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +25,8 @@ from native_kernels.layout import (
     NUMPY_PARK_ORDERS,
     PAGE_SHIFT,
 )
+from xenheap.block import Block
+from xenheap.collect import domain_stats
 from xenheap.errors import (
     DomainDead,
     HeapClosed,
@@ -34,104 +38,18 @@ from xenheap.errors import (
 from xenheap.numpy_api import default_numpy_memory
 from xenheap.reuse import FREED_ALREADY, NOT_ISSUED, PARKED, REUSE_MAX_ORDER, ReuseCache
 from xenheap.sizes import format_size, parse_size
-from xenheap.stats import DomainStats, domain_stats
+from xenheap.stats import DomainStats
 
 if TYPE_CHECKING:
     from xenheap.heap import Heap
+
+log = logging.getLogger(__name__)
 
 _MFN_MASK = 0xFFFFFFFF
 # From this order up (256 KiB) a call may zero enough memory to be worth releasing the GIL
 # for (native_kernels/api.py says why small calls keep it).
 LONG_ORDER = 6
 _NO_ROWS = np.empty((0, 2), dtype=np.int64)  # populate: no handles wanted
-
-
-class Block:
-    """2**order contiguous pages owned by a domain, zeroed when handed out."""
-
-    __slots__ = ("_freed", "_tag", "domain", "mfn", "order")
-
-    def __init__(self, domain: Domain, mfn: int, order: int, tag: int) -> None:
-        self.domain = domain
-        self.mfn = mfn
-        self.order = order
-        self._tag = tag
-        self._freed = False
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the block in bytes."""
-        return self.domain.heap.page_size << self.order
-
-    @property
-    def node(self) -> int:
-        """The node whose arena holds the block."""
-        return self.domain.heap._node_of(self.mfn)
-
-    def _in_use(self) -> bool:
-        """Not freed, and its domain and heap still there."""
-        dom = self.domain
-        return not self._freed and not dom._destroyed and not dom.heap._closed
-
-    def _check_usable(self) -> None:
-        if self.domain.heap.closed:
-            raise HeapClosed(self.domain.heap._closed_reason)
-        if self._freed:
-            raise InvalidFree(f"{self!r} was freed")
-        if not self.domain.alive:
-            raise InvalidFree(f"{self!r} belongs to destroyed {self.domain!r}")
-
-    def view(self) -> memoryview:
-        """A writable memoryview of the block's ``nbytes`` bytes (zero-copy)."""
-        self._check_usable()
-        return self.domain.heap._view(self.mfn, self.nbytes)
-
-    def _bytes(self) -> np.ndarray:
-        """The block's bytes as a uint8 array: the reuse cache's view while the block cycles
-        through it (kept by the cache, never by the handle, so that a live handle does not
-        keep a closed heap's memory mapped), else a new one."""
-        reuse = self.domain._reuse
-        if reuse is not None:
-            u8 = reuse.views.get(self.mfn)
-            if u8 is not None and u8.size == self.nbytes:
-                return u8
-        return self.domain.heap._bytes(self.mfn, self.nbytes)
-
-    def array(self, dtype: object = "uint8") -> np.ndarray:
-        """A writable numpy view of the block (zero-copy) with the given dtype."""
-        if not self._in_use():
-            self._check_usable()
-        if dtype == "uint8":  # the default: no dtype to parse or check
-            return self._bytes().view()
-        try:
-            dt = np.dtype(dtype)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"bad dtype {dtype!r}: {exc}") from None
-        if dt.itemsize == 0 or self.nbytes % dt.itemsize or dt.hasobject:
-            raise InvalidArgument(f"dtype {dt} does not tile a block of {self.nbytes} bytes")
-        self._check_usable()
-        return self._bytes().view(dt)
-
-    def free(self) -> None:
-        """Give the block back to the heap; its pages become dirty (zeroed first in "sync")."""
-        self.domain.free(self)
-
-    def __enter__(self) -> Block:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        """Free the block, unless it was freed already or went with its domain or heap."""
-        if self._in_use():
-            self.domain.free(self)
-
-    def __repr__(self) -> str:
-        return f"<Block mfn={self.mfn} order={self.order} of domain {self.domain.id}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Block) and (other.mfn, other._tag) == (self.mfn, self._tag)
-
-    def __hash__(self) -> int:
-        return hash((self.mfn, self._tag))
 
 
 class Domain:
@@ -143,6 +61,7 @@ class Domain:
     def __init__(self, heap: Heap, slot: int, dom_id: int, name: str | None,
                  max_pages: int) -> None:
         self.heap = heap
+        self.core = heap.core  # the heap's internal surface (xenheap.core)
         self.id = dom_id
         self.name = name if name is not None else f"d{dom_id}"
         self._slot = slot
@@ -152,11 +71,13 @@ class Domain:
         self._final_stats: DomainStats | None = None
         # Freed blocks parked for reuse (xenheap.reuse); none where frees must write the
         # memory ("sync" zeroes, debug poisons).
-        self._reuse = ReuseCache(heap.reuse_bytes, self._view_of) if heap._reuse_blocks \
+        self._reuse = ReuseCache(heap.reuse_bytes, self._view_of) if self.core.reuse_blocks \
             else None
         # Held while parked blocks go back to the heap: an allocation short of room that
         # finds it held waits, then retries, rather than fail while they are in flight.
         self._returning = threading.Lock()
+        # (mfn, order, tag) of handles dropped unfreed (xenheap.block says why they wait).
+        self._dropped: deque[tuple[int, int, int]] = deque()
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -179,7 +100,27 @@ class Domain:
         and blocks held, the quota in pages, and pages held by live numpy arrays (which
         outlive a destroy until numpy frees them). A destroyed domain keeps its figures.
         Every field is in xenheap.stats."""
+        if self._dropped:
+            self._free_dropped()
         return domain_stats(self)
+
+    def _free_dropped(self) -> int:
+        """Free the blocks whose handles were dropped unfreed (any thread may call it);
+        returns how many went back."""
+        dropped = self._dropped
+        freed = 0
+        while dropped:
+            try:
+                mfn, order, tag = dropped.popleft()
+            except IndexError:  # another thread took the last one
+                break
+            blk = Block(self, mfn, order, tag)
+            try:
+                self.free(blk)
+                freed += 1
+            except (InvalidFree, HeapClosed) as exc:  # the domain or the heap went first
+                log.debug("dropped %r not freed: %s", blk, exc)
+        return freed
 
     # --- allocation ----------------------------------------------------------------------
     def _raise_for(self, code: int, what: str) -> None:
@@ -206,48 +147,52 @@ class Domain:
         Zeroed, unless ``zero=False`` (Xen's MEMF_no_scrub): then a block this domain freed
         may come back holding its old bytes. It never holds another domain's.
         """
-        heap = self.heap
+        if self._dropped:
+            self._free_dropped()
+        core = self.core
         reuse = self._reuse
         if (reuse is not None and node is None and type(order) is int
                 and 0 <= order <= REUSE_MAX_ORDER):
-            if heap._closed:  # before the lock: a forked child's copy may be held
-                raise HeapClosed(heap._closed_reason)
+            if core.closed:  # before the lock: a forked child's copy may be held
+                raise HeapClosed(core.closed_reason)
             entry = reuse.take(order, zero)
             if entry is not None:
-                return Block(self, entry[0], order, entry[1])
-        order = heap._check_order(order)
-        pref, exact = heap._placement(node)
+                return Block(self, entry[0], order, entry[1], True)
+        order = core.check_order(order)
+        pref, exact = core.placement(node)
         kernel = api.heap_alloc if order >= LONG_ORDER else api.heap_alloc_short
-        packed = self._call_making_room(kernel, heap._zone, self._slot, self.id, order, pref,
+        packed = self._call_making_room(kernel, core.zone, self._slot, self.id, order, pref,
                                         exact)
         if packed < 0:
             self._raise_for(packed, f"alloc(order={order})")
         mfn = packed & _MFN_MASK
         if reuse is not None:
             reuse.issue(mfn, order, packed >> 32)
-        return Block(self, mfn, order, packed >> 32)
+        return Block(self, mfn, order, packed >> 32, True)
 
     def _call_making_room(self, kernel, *args):
-        """heap._call(kernel, *args); if the quota or the heap was short, give parked blocks
+        """core.call(kernel, *args); if the quota or the heap was short, give parked blocks
         back (this domain's, or every domain's) and try once more."""
-        heap = self.heap
-        got = heap._call(kernel, *args)
-        if got in (E_QUOTA, E_NOMEM) and heap._flush_reuse(self if got == E_QUOTA else None):
-            got = heap._call(kernel, *args)
+        core = self.core
+        got = core.call(kernel, *args)
+        if got in (E_QUOTA, E_NOMEM) and core.flush_reuse(self if got == E_QUOTA else None):
+            got = core.call(kernel, *args)
         return got
 
     def alloc_many(self, count: int, order: int = 0, node: int | None = None) -> list[Block]:
         """``count`` zeroed blocks of 2**order pages in one call, all or nothing."""
-        heap = self.heap
-        order = heap._check_order(order)
+        if self._dropped:
+            self._free_dropped()
+        heap, core = self.heap, self.core
+        order = core.check_order(order)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise InvalidArgument(f"count must be a positive int, got {count!r}")
         if count << order > heap.total_pages:
             raise OutOfMemory(f"alloc_many({count}, order={order}) exceeds the whole heap")
-        pref, exact = heap._placement(node)
+        pref, exact = core.placement(node)
         with default_numpy_memory():
             out = np.empty((count, 2), dtype=np.int64)
-        got = self._call_making_room(api.heap_alloc_many, heap._zone, self._slot, self.id,
+        got = self._call_making_room(api.heap_alloc_many, core.zone, self._slot, self.id,
                                      count, order, pref, exact, out)
         if got < 0:
             self._raise_for(got, f"alloc_many({count}, order={order})")
@@ -255,17 +200,17 @@ class Domain:
         if self._reuse is not None:
             for mfn, tag in rows:
                 self._reuse.issue(mfn, order, tag)
-        return [Block(self, mfn, order, tag) for mfn, tag in rows]
+        return [Block(self, mfn, order, tag, True) for mfn, tag in rows]
 
     def order_for(self, nbytes: int) -> int:
         """The smallest order whose block holds ``nbytes`` bytes."""
-        if type(nbytes) is int and 0 < nbytes <= self.heap._max_block_bytes:  # nothing to check
+        if type(nbytes) is int and 0 < nbytes <= self.core.max_block_bytes:  # nothing to check
             return ((nbytes - 1) >> PAGE_SHIFT).bit_length()
         size = parse_size(nbytes, what="nbytes")
         if size == 0:
             raise InvalidArgument("nbytes must be positive")
         order = ((size - 1) >> PAGE_SHIFT).bit_length()
-        self.heap._check_order(order, what=f"nbytes={size}")
+        self.core.check_order(order, what=f"nbytes={size}")
         return order
 
     def alloc_bytes(self, nbytes: int, node: int | None = None, zero: bool = True) -> Block:
@@ -277,8 +222,10 @@ class Domain:
 
         Returns the number of blocks; they stay with the domain until it is destroyed.
         """
-        heap = self.heap
-        order = heap._check_order(order)
+        if self._dropped:
+            self._free_dropped()
+        heap, core = self.heap, self.core
+        order = core.check_order(order)
         size = parse_size(nbytes, what="nbytes")
         if size == 0:
             raise InvalidArgument("nbytes must be positive")
@@ -287,8 +234,8 @@ class Domain:
         if count << order > heap.total_pages:
             raise OutOfMemory(f"populate({format_size(size)}) exceeds the whole heap "
                               f"({format_size(heap.total_pages * heap.page_size)})")
-        pref, exact = heap._placement(node)
-        got = self._call_making_room(api.heap_alloc_many, heap._zone, self._slot, self.id,
+        pref, exact = core.placement(node)
+        got = self._call_making_room(api.heap_alloc_many, core.zone, self._slot, self.id,
                                      count, order, pref, exact, _NO_ROWS)
         if got < 0:
             self._raise_for(got, f"populate({format_size(size)}, order={order})")
@@ -300,11 +247,11 @@ class Domain:
             raise InvalidFree(f"not a Block: {blk!r}")
         if blk.domain is not self:
             raise InvalidFree(f"{blk!r} belongs to domain {blk.domain.id}, not {self.id}")
-        heap = self.heap
+        heap, core = self.heap, self.core
         reuse = self._reuse
         # numpy's callbacks cannot give the Python API's parked blocks back when a quota
         # runs short, so a domain with a quota and a numpy handler parks none.
-        if reuse is not None and not heap._closed and not (self._max_pages
+        if reuse is not None and not core.closed and not (self._max_pages
                                                            and self._capsule is not None):
             parked = reuse.give(blk)
             if parked == PARKED:
@@ -320,24 +267,24 @@ class Domain:
         # Only "sync" and debug mode write the block on free.
         long = blk.order >= LONG_ORDER and (heap.scrub_mode == "sync" or heap.debug)
         kernel = api.heap_free if long else api.heap_free_short
-        code = heap._call(kernel, self._slot, self.id, blk.mfn, blk.order, blk._tag)
+        code = core.call(kernel, self._slot, self.id, blk.mfn, blk.order, blk._tag)
         if code == E_DEAD:
             raise InvalidFree(f"{blk!r} belongs to destroyed {self!r}")
         if code == E_BAD_FREE:
             raise InvalidFree(f"{blk!r} is stale: it is no longer a block of {self!r}")
         blk._freed = True
         if code:
-            heap._wake(1 << heap._node_of(blk.mfn))
+            core.wake(1 << core.node_of(blk.mfn))
 
     def _view_of(self, mfn: int, order: int) -> np.ndarray:
-        return self.heap._bytes(mfn, self.heap.page_size << order)
+        return self.core.bytes_at(mfn, self.heap.page_size << order)
 
     def _return_parked(self, close: bool = False) -> int:
         """Give the blocks parked for reuse (by the Python API and by numpy) back to the
         heap, dirty; returns how many (at least 1 if another thread was doing it: its
         blocks are back by the time this returns, so an allocation short of room may
         retry). ``close``: park none afterwards (the heap closes)."""
-        if self.heap._forked:
+        if self.core.forked:
             return 0  # the lock below may be held by a parent thread
         waited = not self._returning.acquire(blocking=False)
         if waited:
@@ -348,59 +295,60 @@ class Domain:
             self._returning.release()
 
     def _return_parked_locked(self, close: bool) -> int:
-        heap = self.heap
+        core = self.core
         entries = self._reuse.drain(close) if self._reuse is not None else []
-        if close or heap._closed or self._destroyed:
+        if close or core.closed or self._destroyed:
             return len(entries)  # a closing heap's memory is gone with it; so is a dead domain's
         wake = 0
         try:
-            numpy_blocks = heap._call(api.heap_flush_parked, self._slot, self.id) \
+            numpy_blocks = core.call(api.heap_flush_parked, self._slot, self.id) \
                 if self._capsule is not None else 0
             for order, (mfn, tag) in entries:
                 # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
-                if heap._call(api.heap_free_short, self._slot, self.id, mfn, order, tag) > 0:
-                    wake |= 1 << heap._node_of(mfn)
+                if core.call(api.heap_free_short, self._slot, self.id, mfn, order, tag) > 0:
+                    wake |= 1 << core.node_of(mfn)
         except HeapClosed:  # closed meanwhile (a scrubber's chore): the memory goes with it
             return len(entries)
         if self._reuse is not None:
             self._reuse.count_returned(len(entries))
         if wake:
-            heap._wake(wake)
+            core.wake(wake)
         return len(entries) + max(numpy_blocks, 0)
 
     def _parked_numpy_since(self, stale: float) -> bool:
         """numpy blocks are parked and none was parked after ``stale`` (time.monotonic)."""
         if self._capsule is None:
             return False
-        row = domain_row(self.heap._state["doms"], self._slot)
+        row = domain_row(self.core.state["doms"], self._slot)
         return bool(row[D_ID] == self.id and row[D_PARKED_NS] < stale * 1e9
                     and row[D_PARKED_COUNT:D_PARKED_COUNT + NUMPY_PARK_ORDERS].any())
 
     def destroy(self) -> None:
         """Free all the domain's memory. Returns at once, leaving the pages dirty for the
         scrubbers, except in "sync" mode, which zeroes every page before returning."""
-        heap = self.heap
-        heap._refuse_if_forked()  # before the cache's lock: a parent thread may hold it
+        core = self.core
+        core.refuse_if_forked()  # before the cache's lock: a parent thread may hold it
         reuse = self._reuse
         if reuse is not None:  # parked blocks are on the domain's list: freed below
             reuse.count_returned(len(reuse.drain(close=True)))
-        with heap._lock:  # off the heap's live list, once; its reuse counters move there
-            if self in heap._domains:
-                heap._domains.discard(self)
+        with core.lock:  # off the heap's live list, once; its reuse counters move there
+            if self in core.domains:
+                core.domains.discard(self)
                 if reuse is not None:
-                    hits, pages, parks, returned = heap._reuse_retired
-                    heap._reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
+                    hits, pages, parks, returned = core.reuse_retired
+                    core.reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
                                            parks + reuse.parks, returned + reuse.returned)
-        status, wake = heap._call(api.heap_destroy, self._slot, self.id)
+        status, wake = core.call(api.heap_destroy, self._slot, self.id)
         if status < 0:
             raise DomainDead(f"{self!r} was already destroyed")
         self._destroyed = True
+        self._dropped.clear()  # their blocks went with the domain
         self._capsule = None  # arrays made with it hold their own reference
         self._final_stats = self.stats()
-        heap._charges.destroyed(self.id)
-        heap._retire_slot(self._slot)
+        core.charges.destroyed(self.id)
+        core.retire_slot(self._slot)
         if wake:
-            heap._wake(wake)
+            core.wake(wake)
 
     def numpy_allocator(self) -> contextlib.AbstractContextManager[Domain]:
         """``with dom.numpy_allocator():`` numpy arrays created in this thread or asyncio

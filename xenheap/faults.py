@@ -48,8 +48,9 @@ def inject_fault(heap: Heap, kind: str | None, arg: int = 0) -> None:
         raise InvalidArgument(f"fault must be one of {list(FAULTS)}, got {kind!r}")
     if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
         raise InvalidArgument(f"fault argument must be a non-negative int, got {arg!r}")
-    meta = heap._state["meta"]
-    heap._refuse_if_forked()
+    core = heap.core
+    meta = core.state["meta"]
+    core.refuse_if_forked()
     set_switch(meta, M_FAULT, FAULT_NONE)  # never a new kind with the old argument
     set_switch(meta, M_FAULT_ARG, arg)
     set_switch(meta, M_FAULT, FAULTS[kind])

@@ -77,8 +77,8 @@ def inherited_states() -> list[dict]:
 
 def make_handler(dom: Domain) -> object:
     """A new "mem_handler" capsule allocating from ``dom``."""
-    heap = dom.heap
-    s = heap._state
+    heap, core = dom.heap, dom.core
+    s = core.state
     # A ctypes record, not a numpy array: numpy would take it from the caller's current
     # handler, perhaps another domain's, and the handler's own bookkeeping must never come
     # from a handler.
@@ -92,15 +92,15 @@ def make_handler(dom: Domain) -> object:
     ctx[cb.CTX_MAX_DOMAINS] = s["doms"].shape[0]
     ctx[cb.CTX_SLOT] = dom._slot
     ctx[cb.CTX_DOM_ID] = dom.id
-    ctx[cb.CTX_NODE] = heap._placement(None)[0]
+    ctx[cb.CTX_NODE] = core.placement(None)[0]
     handler = _Handler(f"xenheap:{dom.name}".encode()[:126], 1,
                        _Allocator(ctypes.addressof(ctx), cb.numpy_malloc.address,
                                   cb.numpy_calloc.address, cb.numpy_realloc.address,
                                   cb.numpy_free.address))
     address = ctypes.addressof(handler)
     with _live_lock:
-        _live[address] = (handler, ctx, s, heap._arenas)
-    heap._numpy_handlers += 1
+        _live[address] = (handler, ctx, s, core.arenas)
+    core.numpy_handlers += 1
     return capsule_new(address, CAPSULE_NAME,
                         ctypes.cast(_capsule_destructor, ctypes.c_void_p))
 

@@ -98,8 +98,7 @@ def destroy_sweep(sizes: Sequence[int], repeats: int = 3, nodes: int | None = No
                     if progress is not None:
                         progress.stage(f"bench: destroy {size // MiB} MiB, {mode} "
                                        f"({r + 1}/{repeats})")
-                    guest, blocks, _ = populated_domain(heap, "guest")
-                    del blocks
+                    guest, _held, _ = populated_domain(heap, "guest")  # kept to the destroy
                     cycle = destroy_and_clean(heap, guest, progress)
                     runs[mode].append(DestroyRun(cycle.destroy_s, cycle.clean_s))
         sync_destroy_s = statistics.median(r.destroy_s for r in runs["sync"])
@@ -200,7 +199,6 @@ def scrub_throughput(size: int, node_counts: Sequence[int | None] = (1, 2),
             fill_rate = numpy_fill_bandwidth(blocks, repeats=3)
             del regions
             write_pattern(blocks)
-            del blocks
             cycle = destroy_and_clean(heap, guest, progress)
             rows.append(ScrubRow(
                 nodes=heap.nodes, emulated=heap.topology.emulated,

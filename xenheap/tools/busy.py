@@ -166,18 +166,21 @@ def _take_all(dom: Domain, timings: list[float] | None = None) -> list[Block]:
     return blocks
 
 
-def _written_guest(heap: Heap, name: str) -> Domain:
-    """A domain holding the whole heap, every byte written (so every page is resident)."""
+def _written_guest(heap: Heap, name: str) -> tuple[Domain, list[Block]]:
+    """A domain holding the whole heap, every byte written (so every page is resident), and
+    its blocks: held until the domain is destroyed, or dropping them would free them."""
     dom = heap.create_domain(name)
-    for blk in _take_all(dom):
+    blocks = _take_all(dom)
+    for blk in blocks:
         blk.array("uint64").fill(PATTERN)
-    return dom
+    return dom, blocks
 
 
 def _warm_up(nodes: int | None) -> None:
     """Load every kernel the side uses on a tiny heap, so no timing includes numba."""
     with Heap(size=4 << 20, nodes=nodes, scrub="idle") as heap:
-        _written_guest(heap, "warm-up").destroy()
+        guest, _blocks = _written_guest(heap, "warm-up")
+        guest.destroy()
         tenant = heap.create_domain("warm-up-tenant")
         any(blk.array().any() for blk in _take_all(tenant, []))
         tenant.destroy()
@@ -195,7 +198,7 @@ def measure_side(size: int, nodes: int | None = None,
     heap = Heap(size=size, nodes=nodes, scrub="idle")
     try:
         heap_bytes, heap_nodes = heap.total_pages * heap.page_size, heap.nodes
-        guest = _written_guest(heap, "guest")
+        guest, blocks = _written_guest(heap, "guest")
         start = time.perf_counter()
         guest.destroy()
         destroy_ms = (time.perf_counter() - start) * 1e3
@@ -203,7 +206,8 @@ def measure_side(size: int, nodes: int | None = None,
         clean = heap.wait_clean(clean_timeout)
         clean_after_ms = (time.perf_counter() - start) * 1e3 if clean else None
 
-        _written_guest(heap, "guest-2").destroy()
+        guest, blocks = _written_guest(heap, "guest-2")
+        guest.destroy()
         tenant = heap.create_domain("tenant")  # right away: its free memory is all dirty
         timings: list[float] = []
         blocks = _take_all(tenant, timings)
@@ -212,8 +216,8 @@ def measure_side(size: int, nodes: int | None = None,
         stats = heap.stats()
         abort_wait_max_ms = max(n["abort_wait_max_seconds"] for n in stats["nodes"]) * 1e3
         aborts = sum(n["aborts"] for n in stats["nodes"])
-        del blocks
         tenant.destroy()
+        del blocks
 
         final_clean = heap.wait_clean(final_clean_timeout)
         check_error: str | None = None

@@ -125,7 +125,6 @@ def run_mode(mode: str, size: int, nodes: int | None = None,
         del regions
         fill_rate = numpy_fill_bandwidth(blocks, repeats=2)
         write_pattern(blocks)  # the guest's data again, over the zeros just measured
-        del blocks
         cycle = destroy_and_clean(heap, guest, progress)
 
         samples = max(1, min(latency_samples, heap.total_pages // 4))
@@ -143,7 +142,6 @@ def run_mode(mode: str, size: int, nodes: int | None = None,
             if progress is not None:
                 progress.stage(f"demo ({mode}): allocating while the scrubber is busy")
             guest, blocks, _ = populated_domain(heap, "guest-2")
-            del blocks
             before = scrub_counters(heap)
             start = time.perf_counter()
             guest.destroy()
@@ -165,7 +163,6 @@ def run_mode(mode: str, size: int, nodes: int | None = None,
         if progress is not None:
             progress.stage(f"demo ({mode}): highest-order allocation and leak check")
         guest, blocks, _ = populated_domain(heap, "guest-3")
-        del blocks
         guest.destroy()
         taker = heap.create_domain("taker")
         big, big_s = try_alloc(taker, heap.max_order)

@@ -1,0 +1,159 @@
+"""Blocks live like Python buffers: freed when the last reference (handle or view) goes."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+import xenheap
+from tests.conftest import run_threads
+from xenheap.errors import InvalidFree
+
+PAGE = 4096
+
+
+@pytest.fixture(params=[0, "1MiB"], ids=["no-reuse", "reuse"])
+def dom(request, heap_factory) -> xenheap.Domain:
+    heap = heap_factory(8 << 20, nodes=1, reuse_bytes=request.param)
+    return heap.create_domain("blocks")
+
+
+def held(dom: xenheap.Domain) -> int:
+    """Bytes the user holds in ``dom`` (parked blocks are not counted)."""
+    gc.collect()
+    return dom.stats()["bytes_allocated"]
+
+
+def test_dropped_handles_are_freed(dom) -> None:
+    for _ in range(1000):
+        dom.alloc(0)
+    assert held(dom) == 0
+    dom.heap.check()
+
+
+def test_a_live_handle_is_not_freed(dom) -> None:
+    blk = dom.alloc(2)
+    assert held(dom) == 4 * PAGE
+    blk.free()
+    assert held(dom) == 0
+
+
+@pytest.mark.parametrize("derive", [
+    lambda a: a[5:100],
+    lambda a: a.view(np.uint32),
+    lambda a: np.asarray(a)[::2],
+    lambda a: a.reshape(2, -1)[1],
+    lambda a: memoryview(a),
+    lambda a: memoryview(a)[10:20],
+], ids=["slice", "dtype", "asarray", "reshape", "memoryview", "memoryview-slice"])
+def test_views_keep_the_block_and_its_bytes(dom, derive) -> None:
+    blk = dom.alloc(1)
+    blk.array()[:] = 7
+    view = derive(blk.array())
+    del blk
+    assert held(dom) == 2 * PAGE
+    # Other allocations (reusing whatever was freed) do not take or write its pages.
+    others = [dom.alloc(1) for _ in range(20)]
+    for other in others:
+        other.array()[:] = 9
+    del others, other
+    assert held(dom) == 2 * PAGE
+    assert set(np.asarray(view).tobytes()) == {7}
+    del view
+    assert held(dom) == 0
+    dom.heap.check()
+
+
+def test_the_handles_view_method_keeps_it_too(dom) -> None:
+    blk = dom.alloc(0)
+    mv = blk.view()
+    del blk
+    assert held(dom) == PAGE
+    mv[0] = 1
+    del mv
+    assert held(dom) == 0
+
+
+def test_copies_are_the_same_handle(dom) -> None:
+    blk = dom.alloc(0)
+    assert copy.copy(blk) is blk
+    assert copy.deepcopy([blk])[0] is blk
+    with pytest.raises(TypeError):
+        pickle.dumps(blk)
+    assert held(dom) == PAGE
+
+
+def test_a_hand_made_handle_never_frees_on_drop(dom) -> None:
+    blk = dom.alloc(0)
+    xenheap.Block(dom, blk.mfn, blk.order, blk._tag)  # dropped at once
+    assert held(dom) == PAGE
+    blk.free()
+    assert held(dom) == 0
+
+
+def test_freed_then_dropped_is_not_freed_twice(dom) -> None:
+    blk = dom.alloc(0)
+    blk.free()
+    with pytest.raises(InvalidFree):
+        blk.free()
+    del blk
+    assert held(dom) == 0
+    dom.heap.check()
+
+
+def test_dropped_after_destroy_or_close_does_nothing(heap_factory) -> None:
+    heap = heap_factory(8 << 20, nodes=1, reuse_bytes="1MiB")
+    dom = heap.create_domain()
+    blocks = [dom.alloc(0) for _ in range(8)]
+    dom.destroy()
+    del blocks
+    gc.collect()
+    assert not dom._dropped
+    other = heap.create_domain()
+    kept = other.alloc(0)
+    heap.close()
+    del kept
+    gc.collect()
+    assert not other._dropped
+
+
+def test_a_cycle_collected_by_the_gc_frees_its_block(dom) -> None:
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.me = holder  # only the cycle collector can free it
+    holder.blk = dom.alloc(0)
+    del holder
+    assert held(dom) == 0
+
+
+def test_dropped_from_many_threads(dom) -> None:
+    def drop(n: int) -> int:
+        for _ in range(n):
+            dom.alloc(0).array()[0] = 1
+        return n
+
+    run_threads(drop, [(300,), (300,)])
+    assert held(dom) == 0
+    dom.heap.check()
+
+
+def test_the_scrubbers_chore_frees_dropped_blocks(heap_factory) -> None:
+    heap = heap_factory(8 << 20, nodes=1, scrub="idle")
+    dom = heap.create_domain()
+    for _ in range(10):
+        dom.alloc(0)
+    gc.collect()
+    # No call on the domain: the heap's periodic chore frees them.
+    for _ in range(600):  # up to 30 s on a loaded machine; the chore runs every 50 ms
+        if not dom._dropped:
+            break
+        time.sleep(0.05)
+    assert not dom._dropped
+    assert dom.stats()["bytes_allocated"] == 0

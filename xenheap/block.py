@@ -1,0 +1,156 @@
+"""A block handle, and the views that keep it alive.
+
+A ``Block`` lives like a Python buffer: it is freed when its last reference goes, and the
+numpy arrays and memoryviews made from it count as references, so its bytes stay the
+domain's while any of them lives. ``free()`` (or ``with``) still gives it back at once.
+
+How the views hold it: ``array()`` makes a hidden root array of type ``_Owner`` that holds
+the handle, and returns a plain ndarray view of that root. numpy points every later view
+at the first array up the chain whose base is of another type, so a slice, a dtype view,
+``np.asarray`` or a memoryview of the user's array keeps the root, and so the handle,
+alive. That is why the arena's array has a type of its own (``ArenaBytes``): were the
+root's base a plain ndarray, numpy would skip the root and point views at the arena.
+
+The handle never holds its views (a closing heap must be able to drop its memory), and a
+dropped handle is not freed in ``__del__`` itself: that may run inside the garbage
+collector while this thread holds one of the domain's locks. It queues the block on its
+domain (``Domain._dropped``), which frees it at the next allocation, free or statistics
+call, or at the heap's next periodic chore (50 ms while a scrubber runs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NoReturn
+
+import numpy as np
+import numpy.typing as npt
+
+from xenheap.errors import HeapClosed, InvalidArgument, InvalidFree
+
+if TYPE_CHECKING:
+    from xenheap.domain import Domain
+
+__all__ = ["ArenaBytes", "Block"]
+
+
+class ArenaBytes(np.ndarray):
+    """The type of an arena's bytes: not a plain ndarray, so views stop at a block's root."""
+
+
+class _Owner(np.ndarray):
+    """The root of a block's views; ``block`` is the handle they keep alive."""
+
+    block: Block
+
+
+class Block:
+    """2**order contiguous pages owned by a domain, zeroed when handed out.
+
+    Freed by ``free()``, on leaving a ``with`` block, or once nothing refers to it or to a
+    view of it. Copies (``copy.copy``) are the same handle.
+    """
+
+    __slots__ = ("_freed", "_issued", "_tag", "domain", "mfn", "order")
+
+    def __init__(self, domain: Domain, mfn: int, order: int, tag: int,
+                 issued: bool = False) -> None:
+        """``issued``: the domain handed this handle out, so dropping it frees the block;
+        a handle made by hand never frees anything it is dropped."""
+        self.domain = domain
+        self.mfn = mfn
+        self.order = order
+        self._tag = tag
+        self._freed = False
+        self._issued = issued
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the block in bytes."""
+        return self.domain.heap.page_size << self.order
+
+    @property
+    def node(self) -> int:
+        """The node whose arena holds the block."""
+        return self.domain.core.node_of(self.mfn)
+
+    def _in_use(self) -> bool:
+        """Not freed, and its domain and heap still there."""
+        dom = self.domain
+        return not self._freed and not dom._destroyed and not dom.core.closed
+
+    def _check_usable(self) -> None:
+        if self.domain.heap.closed:
+            raise HeapClosed(self.domain.core.closed_reason)
+        if self._freed:
+            raise InvalidFree(f"{self!r} was freed")
+        if not self.domain.alive:
+            raise InvalidFree(f"{self!r} belongs to destroyed {self.domain!r}")
+
+    def _bytes(self) -> np.ndarray:
+        """The block's bytes as a uint8 array: the reuse cache's view while the block cycles
+        through it (kept by the cache, never by the handle, so that a live handle does not
+        keep a closed heap's memory mapped), else a new one."""
+        reuse = self.domain._reuse
+        if reuse is not None:
+            u8 = reuse.views.get(self.mfn)
+            if u8 is not None and u8.size == self.nbytes:
+                return u8
+        return self.domain.core.bytes_at(self.mfn, self.nbytes)
+
+    def array(self, dtype: npt.DTypeLike = "uint8") -> np.ndarray:
+        """A writable numpy view of the block (zero-copy) with the given dtype; it and the
+        views made from it keep the block alive."""
+        if not self._in_use():
+            self._check_usable()
+        root = self._bytes().view(_Owner)
+        root.block = self
+        if dtype == "uint8":  # the default: no dtype to parse or check
+            return root.view(type=np.ndarray)
+        try:
+            dt = np.dtype(dtype)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"bad dtype {dtype!r}: {exc}") from None
+        if dt.itemsize == 0 or self.nbytes % dt.itemsize or dt.hasobject:
+            raise InvalidArgument(f"dtype {dt} does not tile a block of {self.nbytes} bytes")
+        return root.view(dt, np.ndarray)
+
+    def view(self) -> memoryview:
+        """A writable memoryview of the block's ``nbytes`` bytes (zero-copy); it keeps the
+        block alive."""
+        return self.array().data
+
+    def free(self) -> None:
+        """Give the block back to the heap; its pages become dirty (zeroed first in "sync")."""
+        self.domain.free(self)
+
+    def __enter__(self) -> Block:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Free the block, unless it was freed already or went with its domain or heap."""
+        if self._in_use():
+            self.domain.free(self)
+
+    def __del__(self) -> None:
+        if self._issued and not self._freed:
+            dom = self.domain
+            if not dom._destroyed and not dom.core.closed:
+                dom._dropped.append((self.mfn, self.order, self._tag))
+
+    def __copy__(self) -> Block:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Block:
+        return self
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a Block is a handle on this process's memory; it cannot be pickled")
+
+    def __repr__(self) -> str:
+        return f"<Block mfn={self.mfn} order={self.order} of domain {self.domain.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Block) and (other.mfn, other._tag) == (self.mfn, self._tag)
+
+    def __hash__(self) -> int:
+        return hash((self.mfn, self._tag))
