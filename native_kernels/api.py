@@ -6,7 +6,7 @@ sequentially consistent read-modify-writes, so either the caller sees the flag o
 sees the caller (Dekker's handshake), without a Python lock on the hot path.
 """
 
-from numba import njit
+from numba import njit, types
 
 from native_kernels.atomics import fetch_add, fetch_or
 from native_kernels.domain import alloc_block, destroy_domain, free_block, populate
@@ -37,18 +37,39 @@ def close_heap(meta):
     return fetch_add(meta, M_IN_FLIGHT, 0)  # a read-modify-write: Dekker needs seq_cst
 
 
+# Each entry point comes twice: releasing the GIL, for calls that may zero a lot of memory,
+# and holding it, for the short ones. Dropping and retaking the GIL around a 1 us kernel
+# costs more than the kernel once threads contend for the GIL: alloc(0) + free pairs from
+# 1, 2, 4 threads ran 345k, 254k, 125k pairs/s releasing it and 368k, 437k, 472k holding it
+# (2-core development machine). The kernels are the same and thread-safe either way: numba's
+# nogil changes only a kernel's Python wrapper, so the GIL-holding twin just calls the other
+# one, which is compiled once and serves both (a first compile takes seconds per copy).
+
 @njit(nogil=True, cache=True)
-def _alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref, exact):
+def heap_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
+               exact):
+    """domain.alloc_block for the Python API (never pinned), without the GIL."""
     if not enter_heap(meta):
         return E_CLOSED
+    # pinned as a run-time bool, as numpy's allocations pass it: one compiled alloc_block
+    # serves both (see native_kernels.domain).
     result = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                         node_pref, exact, False)
+                         node_pref, exact, types.boolean(False))
     leave_heap(meta)
     return result
 
 
+@njit(nogil=False, cache=True)
+def heap_alloc_short(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                     node_pref, exact):
+    """heap_alloc holding the GIL, for small blocks."""
+    return heap_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                      node_pref, exact)
+
+
 @njit(nogil=True, cache=True)
-def _free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
+def heap_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
+    """domain.free_block for the Python API, without the GIL."""
     if not enter_heap(meta):
         return E_CLOSED
     result = free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
@@ -56,38 +77,10 @@ def _free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
     return result
 
 
-# Each entry point comes twice: releasing the GIL, for calls that may zero a lot of memory,
-# and holding it, for the short ones. Dropping and retaking the GIL around a 1 us kernel
-# costs more than the kernel once threads contend for the GIL: alloc(0) + free pairs from
-# 1, 2, 4 threads ran 345k, 254k, 125k pairs/s releasing it and 368k, 437k, 472k holding it
-# (2-core development machine). The kernels are the same and thread-safe either way.
-
-@njit(nogil=True, cache=True)
-def heap_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
-               exact):
-    """domain.alloc_block for the Python API (never pinned), without the GIL."""
-    return _alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
-                  exact)
-
-
-@njit(nogil=False, cache=True)
-def heap_alloc_short(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                     node_pref, exact):
-    """heap_alloc holding the GIL, for small blocks."""
-    return _alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
-                  exact)
-
-
-@njit(nogil=True, cache=True)
-def heap_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
-    """domain.free_block for the Python API, without the GIL."""
-    return _free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
-
-
 @njit(nogil=False, cache=True)
 def heap_free_short(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
     """heap_free holding the GIL, for frees that zero or poison nothing large."""
-    return _free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
+    return heap_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
 
 
 @njit(nogil=True, cache=True)

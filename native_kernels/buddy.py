@@ -8,7 +8,7 @@ failing while dirty memory waited, unmerged, to be scrubbed).
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 from native_kernels.atomics import (
     add_locked,
@@ -378,8 +378,8 @@ def scrub_taken_block(ft32, ft8, nodes, meta, mfn, order):
     addr = page_address(nodes, node, mfn)
     n = 1 << order
     # Cached stores: the caller touches the block next.
-    scrubbed = zero_dirty_runs(ft32, ft8, nodes, node, addr, mfn, 0, n,
-                               SCRUB_PATTERN if debug else 0, False, nodes)
+    scrubbed = zero_dirty_runs(ft32, ft8, nodes, node, addr, mfn, types.int64(0), n,
+                               SCRUB_PATTERN if debug else 0, types.boolean(False), nodes)
     if scrubbed:
         fetch_add(nodes, (node, N_NEED_SCRUB), -scrubbed)
         fetch_add(nodes, (node, N_ALLOC_SCRUBBED), scrubbed)
@@ -482,7 +482,7 @@ def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub, dirtier):
         while link != NIL and blocks < FREE_BATCH and node_of(meta, link - 1) == node:
             mfn = link - 1
             link = ft32[PG_NEXT, mfn]
-            order = ft8[PG_ORDER, mfn]
+            order = types.int64(ft8[PG_ORDER, mfn])  # as free_heap_pages passes it
             disown(ft32, mfn)
             _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier)
             pages += 1 << order

@@ -4,10 +4,15 @@ A domain's blocks form a list through the same frame-table links the free lists 
 is on exactly one of the two), guarded by the domain's own lock (Xen's page_alloc_lock).
 The node lock and a domain lock are never held together: allocation takes the node lock,
 drops it, zeroes, then links under the domain lock; free and destroy do the reverse.
+
+Where callers of one kernel differ, a constant argument goes as a run-time value
+(``types.boolean(True)``, ``types.int64(0)``, an ft8 byte widened): numba compiles a kernel
+once per argument types, a literal constant and a uint8 are types of their own, and each
+extra copy of a kernel with a large call tree adds seconds to a first, uncached run.
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 from native_kernels.atomics import atomic_load, atomic_max, atomic_store, fetch_add
 from native_kernels.buddy import (
@@ -173,7 +178,8 @@ def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exa
     mfn = packed & MFN_MASK
     tag = packed >> 32
     if scrub_taken_block(ft32, ft8, nodes, meta, mfn, order) < 0:
-        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True, 0)
+        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, types.boolean(True),
+                        types.int64(0))
         return E_CORRUPT, 0
     fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), 1)
     atomic_store(ft32, (PG_TAG, mfn), tag)
@@ -194,14 +200,16 @@ def _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order
     fetch_add(nodes, (node, N_FREES), 1)
     addr = page_address(nodes, node, mfn)
     debug = meta[M_DEBUG] != 0
-    if meta[M_MODE] == MODE_SYNC:
+    sync = meta[M_MODE] == MODE_SYNC
+    if sync:
         stream_fill_pages(addr, 1 << order, SCRUB_PATTERN if debug else 0)
         fetch_add(nodes, (node, N_SYNC_SCRUBBED), 1 << order)
-        return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, False, 0)
-    if debug:
-        stream_fill_pages(addr, 1 << order, POISON_PATTERN)
-    fetch_add(doms, (slot, D_DIRTIED_PAGES), 1 << order)
-    return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, True, dom_id)
+    else:
+        if debug:
+            stream_fill_pages(addr, 1 << order, POISON_PATTERN)
+        fetch_add(doms, (slot, D_DIRTIED_PAGES), 1 << order)
+    return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, not sync,
+                           0 if sync else dom_id)
 
 
 @njit(nogil=True, cache=True)
@@ -214,7 +222,8 @@ def _undo_take(ft32, ft8, nodes, lists, meta, first):
         link = ft32[PG_NEXT, mfn]
         disown(ft32, mfn)
         fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), -1)
-        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, ft8[PG_ORDER, mfn], False, 0)
+        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, types.int64(ft8[PG_ORDER, mfn]),
+                        types.boolean(False), types.int64(0))
 
 
 @njit(nogil=True, cache=True)
@@ -227,14 +236,14 @@ def _release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, first, pag
     """
     if meta[M_MODE] != MODE_SYNC and meta[M_DEBUG] == 0:
         fetch_add(doms, (slot, D_DIRTIED_PAGES), pages)
-        return free_heap_chain(ft32, ft8, nodes, lists, meta, first, True, dom_id)
+        return free_heap_chain(ft32, ft8, nodes, lists, meta, first, types.boolean(True), dom_id)
     wake = 0
     link = first
     while link != NIL:
         mfn = link - 1
         link = ft32[PG_NEXT, mfn]
         if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
-                          ft8[PG_ORDER, mfn]):
+                          types.int64(ft8[PG_ORDER, mfn])):
             wake |= 1 << node_of(meta, mfn)
     return wake
 
@@ -254,7 +263,8 @@ def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, 
                            pinned)
     if mfn < 0:
         return mfn
-    status = _link_chain(ft32, doms, meta, slot, dom_id, mfn, mfn, 1, 1 << order, pinned)
+    status = _link_chain(ft32, doms, meta, slot, dom_id, mfn, mfn, types.int64(1), 1 << order,
+                         pinned)
     if status < 0:
         ft32[PG_NEXT, mfn] = NIL
         _undo_take(ft32, ft8, nodes, lists, meta, mfn + 1)
@@ -283,8 +293,9 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
             capacity += atomic_load(lists, (node, j, L_COUNT)) << (j - order)
     if capacity < count:
         return E_NOMEM
-    first = -1
-    last = -1
+    # Typed from the start: numba would also compile _link_chain for a literal -1 first.
+    first = types.int64(-1)
+    last = types.int64(-1)
     status = 0
     fail_after = atomic_load(meta, M_FAULT_ARG) if atomic_load(meta, M_FAULT) \
         == FAULT_POPULATE_FAIL else count
@@ -293,7 +304,7 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
             status = E_FAULT
             break
         mfn, tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref,
-                               exact, False)
+                               exact, types.boolean(False))
         if mfn < 0:
             status = mfn
             break
@@ -309,7 +320,7 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
         first = mfn
     if status == 0 and count > 0:
         status = _link_chain(ft32, doms, meta, slot, dom_id, first, last, count, count << order,
-                             False)
+                             types.boolean(False))
     if status < 0:
         if first >= 0:
             _undo_take(ft32, ft8, nodes, lists, meta, first + 1)
@@ -357,7 +368,7 @@ def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
             or atomic_load(ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)):
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
-    order = ft8[PG_ORDER, mfn]
+    order = types.int64(ft8[PG_ORDER, mfn])
     _unlink(ft32, doms, meta, slot, mfn, order)
     fetch_add(doms, (slot, D_NUMPY_PAGES), -(1 << order))
     atomic_store(ft32, (PG_OWNER, mfn), 0)
@@ -404,7 +415,7 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
         link = ft32[PG_NEXT, mfn]
         if atomic_load(ft32, (PG_OWNER, mfn)) & OWNER_PINNED:
             continue
-        _unlink(ft32, doms, meta, slot, mfn, ft8[PG_ORDER, mfn])
+        _unlink(ft32, doms, meta, slot, mfn, types.int64(ft8[PG_ORDER, mfn]))
         detached_pages += 1 << ft8[PG_ORDER, mfn]
         ft32[PG_NEXT, mfn] = detached
         detached = mfn + 1

@@ -101,8 +101,8 @@ def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
     if order >= NUMPY_PARK_ORDERS:
         return 0
     spin_lock(doms, slot, D_LOCK)
-    mfn = _pop(ft32, nodes, doms, meta, slot, order, True) if is_alive(doms, slot, dom_id) \
-        else -1
+    mfn = _pop(ft32, nodes, doms, meta, slot, order, types.boolean(True)) \
+        if is_alive(doms, slot, dom_id) else -1
     spin_unlock(doms, slot, D_LOCK)
     if mfn < 0:
         return 0
@@ -122,13 +122,13 @@ def flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     for order in range(NUMPY_PARK_ORDERS):
         while True:
             spin_lock(doms, slot, D_LOCK)
-            mfn = _pop(ft32, nodes, doms, meta, slot, order, False) \
+            mfn = _pop(ft32, nodes, doms, meta, slot, order, types.boolean(False)) \
                 if is_alive(doms, slot, dom_id) else -1
             spin_unlock(doms, slot, D_LOCK)
             if mfn < 0:
                 break
             if free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order,
-                          atomic_load(ft32, (PG_TAG, mfn))) >= 0:
+                          types.int64(atomic_load(ft32, (PG_TAG, mfn)))) >= 0:
                 freed += 1
     fetch_add(doms, (slot, D_UNPARKED), freed)
     fetch_add(meta, M_UNPARKED, freed)

@@ -6,7 +6,7 @@ MADV_DONTNEED reads zero when touched again, so the chunks come back clean (dirt
 mode, where clean means "holds the scrub pattern").
 """
 
-from numba import njit
+from numba import njit, types
 
 from native_kernels.atomics import add_locked, atomic_load, fetch_add
 from native_kernels.buddy import free_heap_pages
@@ -76,5 +76,5 @@ def return_claimed_chunks(ft32, ft8, nodes, lists, meta, node, chunks, released_
         if chunks[i, C_ORDER] == CHUNK_UNUSED:
             break
         free_heap_pages(ft32, ft8, nodes, lists, meta, chunks[i, C_MFN], chunks[i, C_ORDER],
-                        debug and chunks[i, C_RELEASED] != 0, 0)
+                        debug and chunks[i, C_RELEASED] != 0, types.int64(0))
     fetch_add(nodes, (node, N_RELEASED), released_pages)

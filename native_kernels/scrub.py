@@ -9,7 +9,7 @@ happens: need_scrub and node_need_scrub drop granule by granule, and first_dirty
 far we got.
 """
 
-from numba import njit
+from numba import njit, types
 
 from native_kernels.atomics import (
     atomic_cas,
@@ -113,8 +113,8 @@ def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     i = start
     while i < size:
         end = min(i + granule_pages, size)
-        cleared = zero_dirty_runs(ft32, ft8, nodes, node, addr, head, i, end, value, True,
-                                  charges)
+        cleared = zero_dirty_runs(ft32, ft8, nodes, node, addr, head, i, end, value,
+                                  types.boolean(True), charges)
         if cleared:
             fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
             fetch_add(nodes, (node, N_SCRUBBED), cleared)

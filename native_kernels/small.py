@@ -157,7 +157,7 @@ def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes
     if addr:
         return addr
     packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id,
-                         slab_order(cls), node_pref, False, True)
+                         slab_order(cls), node_pref, types.boolean(False), types.boolean(True))
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
@@ -257,11 +257,11 @@ def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
     if addr:
         return addr | OLD_BYTES
     packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                         node_pref, False, True)
+                         node_pref, types.boolean(False), types.boolean(True))
     if packed in (E_QUOTA, E_NOMEM) and flush_parked(
             ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
         packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                             node_pref, False, True)
+                             node_pref, types.boolean(False), types.boolean(True))
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
