@@ -84,6 +84,7 @@ from native_kernels.layout import (
     SCRUB_PATTERN,
     SLAB_CLASSES,
 )
+from native_kernels.links import detach_all, link_head, unlink
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.pages import stream_fill_pages
 
@@ -129,14 +130,7 @@ def _link_chain(ft32, doms, meta, slot, dom_id, first, last, nblocks, npages, pi
     if _over_quota(doms, slot, npages):
         spin_unlock(doms, slot, D_LOCK)
         return E_QUOTA
-    head = doms[slot, D_HEAD]
-    ft32[PG_NEXT, last] = head
-    if head == NIL:
-        doms[slot, D_TAIL] = last + 1
-    else:
-        ft32[PG_PREV, head - 1] = last + 1
-    ft32[PG_PREV, first] = NIL
-    doms[slot, D_HEAD] = first + 1
+    link_head(ft32, doms, (slot, D_HEAD), (slot, D_TAIL), first, last)
     pages = fetch_add(doms, (slot, D_PAGES), npages) + npages
     atomic_max(doms, (slot, D_PEAK), pages)
     fetch_add(doms, (slot, D_TOTAL_PAGES), npages)
@@ -153,16 +147,7 @@ def _link_chain(ft32, doms, meta, slot, dom_id, first, last, nblocks, npages, pi
 @njit(nogil=True, cache=True)
 def _unlink(ft32, doms, meta, slot, mfn, order):
     """Take block ``mfn`` off its domain's list and counters; caller holds the domain lock."""
-    nxt = ft32[PG_NEXT, mfn]
-    prv = ft32[PG_PREV, mfn]
-    if prv == NIL:
-        doms[slot, D_HEAD] = nxt
-    else:
-        ft32[PG_NEXT, prv - 1] = nxt
-    if nxt == NIL:
-        doms[slot, D_TAIL] = prv
-    else:
-        ft32[PG_PREV, nxt - 1] = prv
+    unlink(ft32, doms, (slot, D_HEAD), (slot, D_TAIL), mfn)
     fetch_add(doms, (slot, D_PAGES), -(1 << order))
     fetch_add(meta, M_USED_PAGES, -(1 << order))
     fetch_add(doms, (slot, D_BLOCKS), -1)
@@ -398,9 +383,7 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     _forget_parked(doms, meta, slot)  # parked blocks are unpinned: freed below with the rest
     if atomic_load(doms, (slot, D_NUMPY_PAGES)) == 0:  # nothing pinned: detach it all
         detached_pages = atomic_load(doms, (slot, D_PAGES))
-        detached = doms[slot, D_HEAD]
-        doms[slot, D_HEAD] = NIL
-        doms[slot, D_TAIL] = NIL
+        detached = detach_all(doms, (slot, D_HEAD), (slot, D_TAIL))
         fetch_add(doms, (slot, D_FREES), atomic_load(doms, (slot, D_BLOCKS)))
         fetch_add(meta, M_USED_PAGES, -atomic_load(doms, (slot, D_PAGES)))
         atomic_store(doms, (slot, D_PAGES), 0)

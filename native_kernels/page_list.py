@@ -15,55 +15,28 @@ from native_kernels.layout import (
     L_COUNT,
     L_HEAD,
     L_TAIL,
-    NIL,
     PG_FIRST_DIRTY,
-    PG_NEXT,
     PG_ORDER,
-    PG_PREV,
     PG_SCRUB_STATE,
 )
+from native_kernels.links import link_head, link_tail, unlink
 
 
 @njit(nogil=True, cache=True)
 def page_list_add(ft32, lists, node, order, mfn, at_tail):
     """Link chunk ``mfn`` at the head (or tail) of list (node, order)."""
-    link = mfn + 1
+    head, tail = (node, order, L_HEAD), (node, order, L_TAIL)
     if at_tail:
-        tail = lists[node, order, L_TAIL]
-        ft32[PG_PREV, mfn] = tail
-        ft32[PG_NEXT, mfn] = NIL
-        if tail == NIL:
-            lists[node, order, L_HEAD] = link
-        else:
-            ft32[PG_NEXT, tail - 1] = link
-        lists[node, order, L_TAIL] = link
+        link_tail(ft32, lists, head, tail, mfn)
     else:
-        head = lists[node, order, L_HEAD]
-        ft32[PG_NEXT, mfn] = head
-        ft32[PG_PREV, mfn] = NIL
-        if head == NIL:
-            lists[node, order, L_TAIL] = link
-        else:
-            ft32[PG_PREV, head - 1] = link
-        lists[node, order, L_HEAD] = link
+        link_head(ft32, lists, head, tail, mfn, mfn)
     add_locked(lists, (node, order, L_COUNT), 1)
 
 
 @njit(nogil=True, cache=True)
 def page_list_del(ft32, lists, node, order, mfn):
     """Unlink chunk ``mfn`` from list (node, order)."""
-    nxt = ft32[PG_NEXT, mfn]
-    prv = ft32[PG_PREV, mfn]
-    if prv == NIL:
-        lists[node, order, L_HEAD] = nxt
-    else:
-        ft32[PG_NEXT, prv - 1] = nxt
-    if nxt == NIL:
-        lists[node, order, L_TAIL] = prv
-    else:
-        ft32[PG_PREV, nxt - 1] = prv
-    ft32[PG_NEXT, mfn] = NIL
-    ft32[PG_PREV, mfn] = NIL
+    unlink(ft32, lists, (node, order, L_HEAD), (node, order, L_TAIL), mfn)
     add_locked(lists, (node, order, L_COUNT), -1)
 
 
