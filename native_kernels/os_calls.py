@@ -1,7 +1,7 @@
 """The two OS calls a kernel makes itself: mincore and madvise(MADV_DONTNEED).
 
 Everything else the OS offers goes through xenheap.prim, from Python. These two sit inside
-the zeroing loop (native_kernels.buddy.zero_dirty_runs), which runs without the GIL, so
+the zeroing loop (native_kernels.cleaning.zero_dirty_runs), which runs without the GIL, so
 they are declared to LLVM by name, as the libc symbols they are: numba then caches the
 kernels that call them (a ctypes function pointer would be a different address in every
 process and would forbid the cache).

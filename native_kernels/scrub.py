@@ -19,7 +19,8 @@ from native_kernels.atomics import (
     monotonic_ns,
     usleep,
 )
-from native_kernels.buddy import page_address, zero_dirty_runs
+from native_kernels.buddy import page_address
+from native_kernels.cleaning import zero_dirty_runs
 from native_kernels.layout import (
     BUDDY_NOT_SCRUBBING,
     BUDDY_SCRUB_ABORT,
@@ -68,7 +69,7 @@ def _let_go(ft32, ft8, head, progress, size):
 def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages,
                      charges):
     """Scrub up to about ``budget_pages`` of one dirty chunk of ``node``, adding the pages
-    zeroed to ``charges`` by the domain that dirtied them (buddy.charge_pages).
+    zeroed to ``charges`` by the domain that dirtied them (cleaning.charge_pages).
 
     Returns the pages zeroed (possibly 0), NOTHING_DIRTY when no free list of the node
     has a dirty chunk at its tail or another thread is scrubbing the node, or E_FAULT when

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from native_kernels import layout
-from native_kernels.layout import LayoutError, check_layout
+from native_kernels.layout_rules import LayoutError, check_layout
 from xenheap import prim
 
 LAYOUT_SOURCE = Path(layout.__file__).read_text(encoding="utf-8")

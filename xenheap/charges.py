@@ -24,7 +24,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from native_kernels.buddy import drain_charges
+from native_kernels.cleaning import drain_charges
 from native_kernels.layout import CHARGE_SLOTS, PAGE_SIZE
 
 HISTORY = 1024  # destroyed domains whose charges stay readable

@@ -1,0 +1,194 @@
+"""Cleaning dirty pages, and charging the work to the domain that dirtied them.
+
+A chunk's dirty pages are cleaned run by run (``zero_dirty_runs``): zeroed in place, with
+ordinary stores when the memory is used next (scrub-on-allocate) or streaming stores when it
+is not (the idle scrubber); runs of RESIDENCY_MIN_PAGES and more are first asked whether
+they are in RAM (``mincore``), and the pages that are not are dropped with MADV_DONTNEED
+instead of being faulted in to be zeroed. Each freed dirty page names its dirtier in
+``PG_TAG``, so the time a run took is charged to that domain: into the caller's table (a
+scrubber's) or into the node's allocator charge slots, which xenheap.charges drains.
+"""
+
+import numpy as np
+from numba import njit
+
+from native_kernels.atomics import (
+    atomic_cas,
+    atomic_load,
+    fetch_add,
+    monotonic_ns,
+)
+from native_kernels.layout import (
+    CH_ID,
+    CH_NS,
+    CH_PAGES,
+    CHARGE_SLOTS,
+    CHARGE_WORDS,
+    N_CHARGE_LOST_NS,
+    N_CHARGE_LOST_PAGES,
+    N_CHARGES,
+    N_UNMAPPED,
+    PAGE_SHIFT,
+    PG_NEED_SCRUB,
+    PG_TAG,
+)
+from native_kernels.os_calls import MADV_DONTNEED, sys_madvise, sys_mincore
+from native_kernels.pages import fill_pages, stream_fill_pages
+
+# Dirty runs from this length up are checked for residency (mincore) before zeroing: a
+# system call costs about what zeroing 16 pages does.
+RESIDENCY_MIN_PAGES = 16
+
+
+@njit(nogil=True, cache=True)
+def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming, charges):
+    """Fill the dirty pages among pages [lo, hi) of the chunk or block at ``head`` (whose
+    memory starts at ``addr``) with ``value``, run by run, and clear their need_scrub.
+
+    Returns how many. The caller holds the pages alone (a scrubber while BUDDY_SCRUBBING,
+    an allocator after taking the block), so need_scrub is written with plain stores.
+    ``streaming`` bypasses the caches, for memory nobody reads next. The work is charged
+    to the domains that dirtied the pages (PG_TAG of a dirty free page): pages into the
+    caller's ``charges`` table of (id, pages) rows (a scrubber's, see charge_pages), or,
+    when ``charges`` is ``nodes`` itself (an allocator), pages and nanoseconds into the
+    node's charge slots.
+    """
+    cleared = 0
+    shared = charges.shape[1] != 2
+    p = lo
+    while p < hi:
+        if ft8[PG_NEED_SCRUB, head + p] == 0:
+            p += 1
+            continue
+        q = p
+        while q < hi and ft8[PG_NEED_SCRUB, head + q] != 0:
+            ft8[PG_NEED_SCRUB, head + q] = 0
+            q += 1
+        started = monotonic_ns() if shared else 0
+        if value == 0 and q - p >= RESIDENCY_MIN_PAGES:
+            _zero_resident_runs(nodes, node, addr + (p << PAGE_SHIFT), q - p, streaming)
+        elif streaming:
+            stream_fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
+        else:
+            fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
+        _charge_run(ft32, nodes, node, head + p, q - p,
+                    monotonic_ns() - started if shared else 0, charges)
+        cleared += q - p
+        p = q
+    return cleared
+
+
+@njit(nogil=True, cache=True)
+def _charge_run(ft32, nodes, node, first, npages, ns, charges):
+    """Charge zeroing pages [first, first + npages), which took ``ns``, to whoever dirtied
+    them, a stretch of pages with the same dirtier at a time (see zero_dirty_runs)."""
+    i = 0
+    while i < npages:
+        dirtier = ft32[PG_TAG, first + i]
+        j = i + 1
+        while j < npages and ft32[PG_TAG, first + j] == dirtier:
+            j += 1
+        if charges.shape[1] != 2:
+            record_alloc_charge(nodes, node, dirtier, j - i, ns * (j - i) // npages)
+        else:
+            charge_pages(charges, dirtier, j - i)
+        i = j
+
+
+@njit(nogil=True, cache=True)
+def charge_pages(charges, dirtier, pages):
+    """Add ``pages`` for domain ``dirtier`` to a thread's own table of (id, pages) rows; the
+    last row takes what finds no room (id -1)."""
+    last = charges.shape[0] - 1
+    for r in range(last):
+        if charges[r, 1] == 0 or charges[r, 0] == dirtier:
+            charges[r, 0] = dirtier
+            charges[r, 1] += pages
+            return
+    charges[last, 0] = -1
+    charges[last, 1] += pages
+
+
+@njit(nogil=True, cache=True)
+def record_alloc_charge(nodes, node, dirtier, pages, ns):
+    """Add an allocator's scrub work for domain ``dirtier`` to the node's charge slots
+    (layout.N_CHARGES), claiming a slot by CAS; without a slot (or a domain), to
+    N_CHARGE_LOST_*."""
+    if dirtier > 0:
+        for k in range(CHARGE_SLOTS):
+            slot = N_CHARGES + ((dirtier + k) % CHARGE_SLOTS) * CHARGE_WORDS
+            owner = atomic_load(nodes, (node, slot + CH_ID))
+            if owner == 0 and atomic_cas(nodes, (node, slot + CH_ID), 0, dirtier):
+                owner = dirtier
+            elif owner == 0:
+                owner = atomic_load(nodes, (node, slot + CH_ID))  # lost the race: whose?
+            if owner == dirtier:
+                fetch_add(nodes, (node, slot + CH_PAGES), pages)
+                fetch_add(nodes, (node, slot + CH_NS), ns)
+                return
+    fetch_add(nodes, (node, N_CHARGE_LOST_PAGES), pages)
+    fetch_add(nodes, (node, N_CHARGE_LOST_NS), ns)
+
+
+@njit(nogil=True, cache=True)
+def drain_charges(nodes, node, out):
+    """Move the node's allocator charges into ``out`` rows (id, pages, ns), CHARGE_SLOTS + 1
+    of them (the last for work no slot took, id -1); returns the rows.
+
+    Atomic subtractions, so work recorded meanwhile is kept for the next drain; a slot that
+    had nothing since the last drain is freed for another domain.
+    """
+    rows = 0
+    for k in range(CHARGE_SLOTS):
+        slot = N_CHARGES + k * CHARGE_WORDS
+        owner = atomic_load(nodes, (node, slot + CH_ID))
+        if owner == 0:
+            continue
+        pages = atomic_load(nodes, (node, slot + CH_PAGES))
+        ns = atomic_load(nodes, (node, slot + CH_NS))
+        if pages == 0 and ns == 0:
+            atomic_cas(nodes, (node, slot + CH_ID), owner, 0)
+            continue
+        fetch_add(nodes, (node, slot + CH_PAGES), -pages)
+        fetch_add(nodes, (node, slot + CH_NS), -ns)
+        out[rows, 0] = owner
+        out[rows, 1] = pages
+        out[rows, 2] = ns
+        rows += 1
+    pages = atomic_load(nodes, (node, N_CHARGE_LOST_PAGES))
+    ns = atomic_load(nodes, (node, N_CHARGE_LOST_NS))
+    if pages or ns:  # work no slot could take: the last row, as id -1
+        fetch_add(nodes, (node, N_CHARGE_LOST_PAGES), -pages)
+        fetch_add(nodes, (node, N_CHARGE_LOST_NS), -ns)
+        out[rows, 0] = -1
+        out[rows, 1] = pages
+        out[rows, 2] = ns
+        rows += 1
+    return rows
+
+
+@njit(nogil=True, cache=True)
+def _zero_resident_runs(nodes, node, addr, npages, streaming):
+    """Zero the pages of a run that are in RAM; drop the others with MADV_DONTNEED.
+
+    Writing a page that is not in RAM would fault it in (and add to the process's RSS) only
+    to zero it; dropping it makes it read zero for the price of a page-table walk, also
+    when it was swapped out (it would read its old bytes back).
+    """
+    vector = np.empty(npages, dtype=np.uint8)
+    if sys_mincore(addr, npages << PAGE_SHIFT, vector.ctypes.data) != 0:
+        vector[:] = 1  # cannot tell: zero it all
+    p = 0
+    while p < npages:
+        resident = vector[p] & 1
+        q = p + 1
+        while q < npages and (vector[q] & 1) == resident:
+            q += 1
+        start = addr + (p << PAGE_SHIFT)
+        if resident == 0 and sys_madvise(start, (q - p) << PAGE_SHIFT, MADV_DONTNEED) == 0:
+            fetch_add(nodes, (node, N_UNMAPPED), q - p)
+        elif streaming:
+            stream_fill_pages(start, q - p, 0)
+        else:
+            fill_pages(start, q - p, 0)
+        p = q
