@@ -1,4 +1,4 @@
-"""Domains (tenants, sessions, guests) and the blocks they own: handles onto the heap's state."""
+"""Domains (tenants, sessions, guests): owners of blocks, destroyed with all they hold at once."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class Domain:
     def __init__(self, heap: Heap, slot: int, dom_id: int, name: str | None,
                  max_pages: int) -> None:
         self.heap = heap
-        self.core = heap.core  # the heap's internal surface (xenheap.core)
+        self.core = heap.core  # the heap's internal surface (xenheap.core), not for users
         self.id = dom_id
         self.name = name if name is not None else f"d{dom_id}"
         self._slot = slot

@@ -75,6 +75,9 @@ class Heap:
     only). ``reuse_bytes``: how much of its own freed memory a domain may keep for reuse,
     per block order up to 2 MiB blocks (xenheap.reuse); 0 turns reuse off. Thread-safe; the
     heap work runs without the GIL.
+
+    ``core`` is what the heap shares with its domains (xenheap.core): xenheap's internal
+    surface, not for applications.
     """
 
     def __init__(self, size: int | str = "1GiB", nodes: int | Sequence[Sequence[int]] | None
