@@ -22,6 +22,8 @@ from native_kernels.layout import (
     MAX_ORDER_LIMIT,
     META_FIELDS,
     NODE_FIELDS,
+    PAGE_SIZE,
+    SLAB_MAX_OBJECT,
 )
 from native_kernels.raw import (
     address_to_voidptr,
@@ -29,7 +31,15 @@ from native_kernels.raw import (
     pointer_to,
     voidptr_to_address,
 )
-from native_kernels.small import OLD_BYTES, array_alloc, array_free, array_realloc
+from native_kernels.small import (
+    OLD_BYTES,
+    array_alloc,
+    array_free,
+    array_realloc,
+    drop_empty_slab,
+    release_small,
+    take_small,
+)
 
 CTX_FT32 = 0  # addresses of the state arrays
 CTX_FT8 = 1
@@ -73,6 +83,31 @@ def _state(c):
 
 
 @njit(nogil=True, cache=True)
+def _take_small(ctx, nbytes):
+    """small.take_small for context record ``ctx``: numpy's hot path builds only the arrays
+    it reads (an address, 0 for the full path, or E_DEAD)."""
+    c = carray(pointer_to(voidptr_to_address(ctx), types.int64), CTX_FIELDS)
+    return take_small(
+        carray(pointer_to(c[CTX_NODES], types.int64), (c[CTX_NR_NODES], NODE_FIELDS)),
+        carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
+        carray(pointer_to(c[CTX_META], types.int64), META_FIELDS),
+        c[CTX_SLOT], c[CTX_DOM_ID], nbytes)
+
+
+@njit(nogil=True, cache=True)
+def _release_small(c, meta, addr):
+    """small.release_small for context record ``c``, building only the arrays it reads."""
+    n = c[CTX_NR_PAGES]
+    return release_small(carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n)),
+                         carray(pointer_to(c[CTX_FT8], types.uint8), (FT8_FIELDS, n)),
+                         carray(pointer_to(c[CTX_NODES], types.int64),
+                                (c[CTX_NR_NODES], NODE_FIELDS)),
+                         carray(pointer_to(c[CTX_DOMS], types.int64),
+                                (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
+                         meta, c[CTX_SLOT], c[CTX_DOM_ID], addr)
+
+
+@njit(nogil=True, cache=True)
 def _array_alloc(ctx, nbytes):
     c = _context(ctx)
     ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
@@ -87,7 +122,12 @@ def _null_or(addr):
 
 @cfunc(_MALLOC_SIG, nopython=True, cache=True)
 def numpy_malloc(ctx, size):
-    addr = _array_alloc(ctx, types.int64(size))
+    nbytes = types.int64(size)
+    if 0 < nbytes <= SLAB_MAX_OBJECT:  # the hot path; 0: no slab of the class has room
+        addr = _take_small(ctx, nbytes)
+        if addr != 0:
+            return _null_or(addr)
+    addr = _array_alloc(ctx, nbytes)
     return _null_or(addr & ~OLD_BYTES if addr > 0 else addr)
 
 
@@ -96,6 +136,12 @@ def numpy_calloc(ctx, nelem, elsize):
     nbytes = types.int64(nelem) * types.int64(elsize)
     if elsize != 0 and nbytes // types.int64(elsize) != types.int64(nelem):
         return _null_or(0)  # overflow
+    if 0 < nbytes <= SLAB_MAX_OBJECT:  # the hot path: a slab object, zeroed here
+        addr = _take_small(ctx, nbytes)
+        if addr > 0:
+            memset_bytes(addr, 0, nbytes)
+        if addr != 0:
+            return _null_or(addr)
     addr = _array_alloc(ctx, nbytes)
     if addr > 0:
         c = _context(ctx)
@@ -126,8 +172,19 @@ def numpy_free(ctx, ptr, size):
     if addr == 0:
         return
     c = _context(ctx)
-    ft32, ft8, nodes, lists, doms, meta, _zone = _state(c)
+    meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
     if atomic_load(meta, M_FORKED):
         return  # an inherited array in a forked child: its locks may never be released
-    if array_free(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT], c[CTX_DOM_ID], addr) < 0:
+    if addr & (PAGE_SIZE - 1):  # a slab object: the hot path, then its slab if emptied
+        status = _release_small(c, meta, addr)
+        if status > 0:
+            ft32, ft8, nodes, lists, doms, meta, _zone = _state(c)
+            status = drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT],
+                                     c[CTX_DOM_ID], status - 1)
+    else:
+        ft32, ft8, nodes, lists, doms, meta, _zone = _state(c)
+        status = array_free(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT], c[CTX_DOM_ID],
+                            addr)
+    if status < 0:
         fetch_add(meta, M_BAD_ARRAY_FREES, 1)  # nothing freed; Heap.stats() reports it
+

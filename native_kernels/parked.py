@@ -35,7 +35,6 @@ from native_kernels.layout import (
     M_TOTAL_PAGES,
     M_UNPARKED,
     NIL,
-    NUMPY_PARK_MAX,
     NUMPY_PARK_ORDERS,
     OWNER_PINNED,
     PG_ORDER,
@@ -45,16 +44,27 @@ from native_kernels.layout import (
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.raw import pointer_to
 
+# An emptied slab of more than a page (native_kernels.small) is parked too, up to this many
+# per order: a burst of small arrays that comes and goes (1,000 arrays of 8-1000 bytes
+# empty 33 order-2 slabs) then cycles through the domain's own slabs, not through the
+# heap and its scrubbing. Bounded like the stacks themselves: this many blocks per order.
+SLAB_PARK_MAX = 64
 
-@njit(nogil=True, cache=True)
+# The kernels numpy's allocations and frees call are compiled with ``_nrt=False``, as
+# native_kernels.small explains: no reference-count calls around their array arguments.
+
+
+@njit(nogil=True, cache=True, _nrt=False)
 def _link_word(nodes, meta, mfn):
     """The first 8 bytes of block ``mfn``: the stack's next link (mfn + 1, or NIL)."""
     return pointer_to(page_address(nodes, node_of(meta, mfn), mfn), types.int64)
 
 
-@njit(nogil=True, cache=True)
-def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn):
-    """Keep block ``mfn``, which numpy just freed, for the domain's next arrays.
+@njit(nogil=True, cache=True, _nrt=False)
+def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn, limit):
+    """Keep block ``mfn``, which numpy just freed, for the domain's next arrays, if its
+    order's stack holds fewer than ``limit`` blocks (NUMPY_PARK_MAX for an array's block,
+    SLAB_PARK_MAX for an emptied slab).
 
     True if parked; False if it must be freed instead (not parkable, stack full, or not a
     pinned block of this live domain).
@@ -65,7 +75,7 @@ def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn):
     order = ft8[PG_ORDER, mfn]
     if (not is_alive(doms, slot, dom_id) or order >= NUMPY_PARK_ORDERS
             or atomic_load(ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)
-            or doms[slot, D_PARKED_COUNT + order] >= NUMPY_PARK_MAX):
+            or doms[slot, D_PARKED_COUNT + order] >= limit):
         spin_unlock(doms, slot, D_LOCK)
         return False
     _link_word(nodes, meta, mfn)[0] = doms[slot, D_PARKED + order]
@@ -80,9 +90,10 @@ def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn):
     return True
 
 
-@njit(nogil=True, cache=True)
-def _pop(ft32, nodes, doms, meta, slot, order, pin):
-    """Take the top of the order's stack (caller holds the domain lock); its mfn or -1."""
+@njit(nogil=True, cache=True, _nrt=False)
+def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
+    """Take the top of the order's stack (caller holds the domain lock); its mfn or -1.
+    ``pin``: for numpy again (count_reuse then counts it as an allocation)."""
     link = doms[slot, D_PARKED + order]
     if link == NIL:
         return -1
@@ -95,23 +106,29 @@ def _pop(ft32, nodes, doms, meta, slot, order, pin):
     return mfn
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, _nrt=False)
 def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
     """A parked block of ``order`` pinned for a new array: its address, or 0 if none."""
     if order >= NUMPY_PARK_ORDERS:
         return 0
     spin_lock(doms, slot, D_LOCK)
-    mfn = _pop(ft32, nodes, doms, meta, slot, order, types.boolean(True)) \
+    mfn = pop_parked(ft32, nodes, doms, meta, slot, order, types.boolean(True)) \
         if is_alive(doms, slot, dom_id) else -1
     spin_unlock(doms, slot, D_LOCK)
     if mfn < 0:
         return 0
-    # As an allocation, for the statistics (pyarrow's num_allocations and total bytes).
+    count_reuse(doms, meta, slot, order)
+    return page_address(nodes, node_of(meta, mfn), mfn)
+
+
+@njit(nogil=True, cache=True, _nrt=False)
+def count_reuse(doms, meta, slot, order):
+    """Count a parked block taken back as an allocation, for the statistics (pyarrow's
+    num_allocations and total bytes)."""
     fetch_add(doms, (slot, D_REUSED), 1)
     fetch_add(doms, (slot, D_REUSED_PAGES), 1 << order)
     fetch_add(meta, M_REUSED, 1)
     fetch_add(meta, M_TOTAL_PAGES, 1 << order)
-    return page_address(nodes, node_of(meta, mfn), mfn)
 
 
 @njit(nogil=True, cache=True)
@@ -122,7 +139,7 @@ def flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     for order in range(NUMPY_PARK_ORDERS):
         while True:
             spin_lock(doms, slot, D_LOCK)
-            mfn = _pop(ft32, nodes, doms, meta, slot, order, types.boolean(False)) \
+            mfn = pop_parked(ft32, nodes, doms, meta, slot, order, types.boolean(False)) \
                 if is_alive(doms, slot, dom_id) else -1
             spin_unlock(doms, slot, D_LOCK)
             if mfn < 0:

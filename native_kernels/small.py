@@ -8,7 +8,7 @@ page-aligned (the header comes first) and blocks always are: that tells the two 
 free and realloc, where numpy gives no size.
 """
 
-from numba import carray, njit, types
+from numba import njit, types
 
 from native_kernels.atomics import atomic_load
 from native_kernels.buddy import node_of, page_address
@@ -27,6 +27,7 @@ from native_kernels.layout import (
     N_BASE,
     N_PAGES,
     NIL,
+    NUMPY_PARK_MAX,
     OWNER_PINNED,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -44,14 +45,30 @@ from native_kernels.layout import (
     SLAB_MIN_OBJECT,
 )
 from native_kernels.locks import spin_lock, spin_unlock
-from native_kernels.parked import flush_parked, park_block, take_parked
+from native_kernels.parked import (
+    SLAB_PARK_MAX,
+    count_reuse,
+    flush_parked,
+    park_block,
+    pop_parked,
+    take_parked,
+)
 from native_kernels.raw import memcpy_bytes, pointer_to, trailing_zeros
 
 MAX_SLAB_ORDER = SLAB_CLASSES - 5
+SLAB_MIN_SHIFT = SLAB_MIN_OBJECT.bit_length() - 1  # objects of class c: 1 << (this + c)
 OLD_BYTES = 1  # flag in an address from array_alloc: the memory may hold old bytes
 
+# numpy's hot path (take_small, release_small and the helpers they call) is compiled with
+# numba's ``_nrt=False``: otherwise numba brackets every function that takes arrays with
+# out-of-line reference-count calls (NRT_incref/NRT_decref, a pair per array, even for
+# carrays that own nothing), and on this path they cost more than the work itself (an
+# allocation + free of a slab object went from about 260 to 115 ns with them gone and
+# fewer arrays passed). Such kernels may take arrays but not make them (no carray), so
+# they reach slab headers through raw pointers.
 
-@njit(nogil=True, cache=True)
+
+@njit(nogil=True, cache=True, _nrt=False)
 def size_class(nbytes):
     """The smallest class whose objects hold ``nbytes``."""
     cls = 0
@@ -74,60 +91,61 @@ def order_for_bytes(meta, nbytes):
     return order
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, _nrt=False)
 def slab_order(cls):
     """Order of a class's slab block: one page up to 256-byte objects, then larger."""
     return max(0, cls - 4)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, _nrt=False)
 def slab_capacity(cls):
     """Objects per slab of class ``cls``."""
-    return ((PAGE_SIZE << slab_order(cls)) - SLAB_HEADER_BYTES) // (SLAB_MIN_OBJECT << cls)
+    return ((PAGE_SIZE << slab_order(cls)) - SLAB_HEADER_BYTES) >> (SLAB_MIN_SHIFT + cls)
 
 
-@njit(nogil=True, cache=True)
-def _header(nodes, meta, mfn):
-    return carray(pointer_to(page_address(nodes, node_of(meta, mfn), mfn), types.uint64),
-                  SLAB_HEADER_BYTES // 8)
+@njit(nogil=True, cache=True, _nrt=False)
+def _block_address(nodes, meta, mfn):
+    """Address of block ``mfn``; a one-node heap skips node_of's division."""
+    node = 0 if meta[M_NR_NODES] == 1 else node_of(meta, mfn)
+    return page_address(nodes, node, mfn)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, _nrt=False)
 def _slab_push(nodes, meta, doms, slot, cls, mfn):
     """Put slab ``mfn`` at the head of its class's list; caller holds the domain lock."""
     head = doms[slot, D_SLABS + cls]
-    hdr = _header(nodes, meta, mfn)
+    hdr = pointer_to(_block_address(nodes, meta, mfn), types.uint64)
     hdr[SH_NEXT] = head
     hdr[SH_PREV] = NIL
     if head != NIL:
-        _header(nodes, meta, head - 1)[SH_PREV] = mfn + 1
+        pointer_to(_block_address(nodes, meta, head - 1), types.uint64)[SH_PREV] = mfn + 1
     doms[slot, D_SLABS + cls] = mfn + 1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, _nrt=False)
 def _slab_remove(nodes, meta, doms, slot, cls, mfn):
     """Take slab ``mfn`` off its class's list; caller holds the domain lock."""
-    hdr = _header(nodes, meta, mfn)
+    hdr = pointer_to(_block_address(nodes, meta, mfn), types.uint64)
     nxt = hdr[SH_NEXT]
     prv = hdr[SH_PREV]
     if prv == NIL:
         doms[slot, D_SLABS + cls] = nxt
     else:
-        _header(nodes, meta, prv - 1)[SH_NEXT] = nxt
+        pointer_to(_block_address(nodes, meta, prv - 1), types.uint64)[SH_NEXT] = nxt
     if nxt != NIL:
-        _header(nodes, meta, nxt - 1)[SH_PREV] = prv
+        pointer_to(_block_address(nodes, meta, nxt - 1), types.uint64)[SH_PREV] = prv
     hdr[SH_NEXT] = NIL
     hdr[SH_PREV] = NIL
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, _nrt=False)
 def _take_object(nodes, meta, doms, slot, cls):
     """An object from the first slab of the class with room, or 0; under the domain lock."""
     link = doms[slot, D_SLABS + cls]
     if link == NIL:
         return 0
     mfn = link - 1
-    hdr = _header(nodes, meta, mfn)
+    hdr = pointer_to(_block_address(nodes, meta, mfn), types.uint64)
     capacity = slab_capacity(cls)
     # A listed slab has room, so its lowest clear bit is below its capacity.
     for word in range(SH_BITMAP, SH_BITMAP + SLAB_BITMAP_WORDS):
@@ -140,31 +158,76 @@ def _take_object(nodes, meta, doms, slot, cls):
         if hdr[SH_USED] == capacity:
             _slab_remove(nodes, meta, doms, slot, cls, mfn)
         i = (word - SH_BITMAP) * 64 + bit
-        return (page_address(nodes, node_of(meta, mfn), mfn) + SLAB_HEADER_BYTES
-                + i * (SLAB_MIN_OBJECT << cls))
+        return _block_address(nodes, meta, mfn) + SLAB_HEADER_BYTES + (i << (SLAB_MIN_SHIFT + cls))
     return 0
 
 
 @njit(nogil=True, cache=True)
-def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
+def _init_slab(nodes, meta, mfn, cls):
+    """Write the header of a new, empty slab of class ``cls`` at block ``mfn``: the block
+    may hold the debug pattern, or a parked block's link and its domain's old bytes."""
+    hdr = pointer_to(_block_address(nodes, meta, mfn), types.uint64)
+    for word in range(SLAB_HEADER_BYTES // 8):
+        hdr[word] = 0
+    hdr[SH_CLASS] = cls + 1
+
+
+@njit(nogil=True, cache=True, _nrt=False)
+def take_small(nodes, doms, meta, slot, dom_id, nbytes):
+    """numpy's hot path for ``nbytes`` (1 to SLAB_MAX_OBJECT): an object of the first listed
+    slab of its class, under the domain lock alone. Its address; 0 if no slab of the class
+    has room (array_alloc then makes one); E_DEAD.
+
+    Only three state arrays, and no call below it that takes more: numba passes every
+    array as its seven or more words, so a call that takes all seven arrays costs more
+    than this whole path.
+    """
+    if atomic_load(meta, M_CLOSED):
+        return E_DEAD
     cls = size_class(nbytes)
+    spin_lock(doms, slot, D_LOCK)
+    addr = _take_object(nodes, meta, doms, slot, cls) if is_alive(doms, slot, dom_id) \
+        else E_DEAD
+    spin_unlock(doms, slot, D_LOCK)
+    return addr
+
+
+@njit(nogil=True, cache=True)
+def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
+    addr = take_small(nodes, doms, meta, slot, dom_id, nbytes)
+    if addr != 0:
+        return addr
+    cls = size_class(nbytes)
+    order = slab_order(cls)
+    # No slab with room: a slab the domain emptied and parked (native_kernels.parked) comes
+    # back under the lock, so no free ever finds it pinned without its header. Another
+    # thread may have listed a slab meanwhile: that one is used first.
     spin_lock(doms, slot, D_LOCK)
     if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
         return E_DEAD
     addr = _take_object(nodes, meta, doms, slot, cls)
+    reused = -1 if addr else pop_parked(ft32, nodes, doms, meta, slot, order,
+                                         types.boolean(True))
+    if reused >= 0:
+        _init_slab(nodes, meta, reused, cls)
+        _slab_push(nodes, meta, doms, slot, cls, reused)
+        addr = _take_object(nodes, meta, doms, slot, cls)
     spin_unlock(doms, slot, D_LOCK)
+    if reused >= 0:
+        count_reuse(doms, meta, slot, order)
     if addr:
         return addr
-    packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id,
-                         slab_order(cls), node_pref, types.boolean(False), types.boolean(True))
+    packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                         node_pref, types.boolean(False), types.boolean(True))
+    if packed in (E_QUOTA, E_NOMEM) and flush_parked(
+            ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+        packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                             node_pref, types.boolean(False), types.boolean(True))
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
-    hdr = _header(nodes, meta, mfn)
-    for word in range(SLAB_HEADER_BYTES // 8):
-        hdr[word] = 0  # the block may hold the debug pattern rather than zeros
-    hdr[SH_CLASS] = cls + 1
+    _init_slab(nodes, meta, mfn, cls)
     spin_lock(doms, slot, D_LOCK)
     if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
@@ -176,7 +239,7 @@ def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes
     return addr
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, _nrt=False)
 def _page_of(nodes, meta, addr):
     """The mfn holding address ``addr``, or -1 if no arena holds it."""
     for node in range(meta[M_NR_NODES]):
@@ -186,22 +249,26 @@ def _page_of(nodes, meta, addr):
     return -1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, _nrt=False)
 def _find_slab(ft32, ft8, nodes, meta, slot, page):
     """The head of the slab of ``slot`` holding page ``page``, or -1; under the domain lock."""
-    base = nodes[node_of(meta, page), N_BASE]
+    base = nodes[0 if meta[M_NR_NODES] == 1 else node_of(meta, page), N_BASE]
     for order in range(MAX_SLAB_ORDER + 1):
         head = base + ((page - base) & ~((1 << order) - 1))
         if (atomic_load(ft32, (PG_OWNER, head)) == ((slot + 1) | OWNER_PINNED)
                 and ft8[PG_ORDER, head] == order):
-            cls = _header(nodes, meta, head)[SH_CLASS]
+            cls = pointer_to(_block_address(nodes, meta, head), types.uint64)[SH_CLASS]
             if cls != 0 and slab_order(cls - 1) == order:
                 return head
     return -1
 
 
-@njit(nogil=True, cache=True)
-def _small_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
+@njit(nogil=True, cache=True, _nrt=False)
+def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
+    """numpy's hot path for freeing slab object ``addr``, under the domain lock alone (few
+    arrays, as take_small). 0 if done; E_BAD_FREE if it is no object of this domain in
+    use; head + 1 of its slab if that slab is now empty, off every list, for the caller
+    to park or free."""
     page = _page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
@@ -211,14 +278,15 @@ def _small_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
     if head < 0:
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
-    hdr = _header(nodes, meta, head)
+    start = _block_address(nodes, meta, head)
+    hdr = pointer_to(start, types.uint64)
     cls = hdr[SH_CLASS] - 1
-    size = SLAB_MIN_OBJECT << cls
-    offset = addr - page_address(nodes, node_of(meta, head), head) - SLAB_HEADER_BYTES
-    i = offset // size
+    offset = addr - start - SLAB_HEADER_BYTES
+    shift = SLAB_MIN_SHIFT + cls  # objects are 1 << shift bytes: no division
+    i = offset >> shift
     word = SH_BITMAP + (i >> 6)
     bit = types.uint64(1) << types.uint64(i & 63)
-    if offset < 0 or offset % size != 0 or hdr[word] & bit == 0:
+    if offset < 0 or offset & ((1 << shift) - 1) or hdr[word] & bit == 0:
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
     hdr[word] &= ~bit
@@ -229,9 +297,24 @@ def _small_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
     if empty:
         _slab_remove(nodes, meta, doms, slot, cls, head)
     spin_unlock(doms, slot, D_LOCK)
-    if empty:
-        return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head)
-    return 0
+    return head + 1 if empty else 0
+
+
+@njit(nogil=True, cache=True)
+def drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head):
+    """Slab ``head``, which release_small emptied: off every list, so nobody takes an object
+    from it meanwhile. Kept for the domain's next slab of its order, or freed; 1 if a
+    scrubber should wake, else 0 or < 0 (as free_pinned_block).
+
+    Only slabs of more than a page are kept: they hold 15 objects of 512 bytes and up, so
+    a burst of arrays empties them by the dozen (51 of the 66 slabs that 1,000 arrays of
+    8-1000 bytes use), while one page holds 15 to 252 smaller objects; and an order-0
+    slab would take the place of a 4 KiB array's block on the stack of that order.
+    """
+    if ft8[PG_ORDER, head] > 0 and park_block(ft32, ft8, nodes, doms, meta, slot, dom_id,
+                                               head, SLAB_PARK_MAX):
+        return 0
+    return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head)
 
 
 @njit(nogil=True, cache=True)
@@ -272,11 +355,14 @@ def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
 def array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
     """Give back what array_alloc returned; 1 if a scrubber should wake, else 0 or < 0."""
     if addr & (PAGE_SIZE - 1):
-        return _small_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr)
+        head = release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
+        if head <= 0:
+            return head
+        return drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head - 1)
     page = _page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
-    if park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, page):
+    if park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, page, NUMPY_PARK_MAX):
         return 0
     return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, page)
 
@@ -295,7 +381,8 @@ def array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
     head = _find_slab(ft32, ft8, nodes, meta, slot, page)
     size = E_BAD_FREE
     if head >= 0:
-        size = SLAB_MIN_OBJECT << (_header(nodes, meta, head)[SH_CLASS] - 1)
+        hdr = pointer_to(_block_address(nodes, meta, head), types.uint64)
+        size = SLAB_MIN_OBJECT << (hdr[SH_CLASS] - 1)
     spin_unlock(doms, slot, D_LOCK)
     return size
 

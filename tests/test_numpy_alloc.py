@@ -309,3 +309,92 @@ assert dom.stats()["pages"] == dom.stats()["numpy_pages"] == 1
 heap.check()
 print("done")
 """)
+
+
+# --- issue 12: numpy's hot path; emptied slabs of more than a page parked for reuse -------
+def _parked(heap, dom):
+    from native_kernels.layout import D_PARKED_COUNT, NUMPY_PARK_ORDERS
+
+    row = heap.core.state["doms"][dom._slot]
+    return [int(n) for n in row[D_PARKED_COUNT:D_PARKED_COUNT + NUMPY_PARK_ORDERS]]
+
+
+def test_emptied_large_slabs_are_parked_and_the_next_burst_reuses_them(heap):
+    dom = heap.create_domain()
+    with dom.numpy_allocator():
+        first = [np.full(125, i, dtype=np.int64) for i in range(60)]  # 1000 B: 4-page slabs
+        slabs = dom.stats()["blocks"]
+        addrs = {a.ctypes.data for a in first}
+        del first
+        parked = _parked(heap, dom)
+        assert parked[2] == slabs and dom.stats()["numpy_pages"] == 0
+        heap.check()
+        second = [np.full(125, -i, dtype=np.int64) for i in range(60)]
+        assert {a.ctypes.data for a in second} == addrs  # the same slabs, no heap call
+        assert dom.stats()["blocks"] == slabs and _parked(heap, dom)[2] == 0
+        assert all((a == -i).all() for i, a in enumerate(second))
+        zeroed = [np.zeros(125, dtype=np.int64) for _ in range(20)]  # calloc zeroes
+        assert all(not a.any() for a in zeroed)
+        del second, zeroed
+    heap.check()
+    dom.destroy()  # the parked slabs go with the domain, dirty
+    assert not dom.alive and dom.stats()["pages"] == 0
+    assert heap.stats()["free_pages"] == heap.total_pages
+    heap.check()
+
+
+def test_page_slabs_still_go_back_to_the_heap(heap):
+    dom = heap.create_domain()
+    with dom.numpy_allocator():
+        arrays = [np.zeros(8, dtype=np.int64) for _ in range(500)]  # one-page slabs
+        del arrays
+    assert _parked(heap, dom) == [0, 0, 0, 0]
+    assert dom.stats()["pages"] == 0
+    heap.check()
+
+
+def test_parked_slabs_make_room_when_the_quota_is_short():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain(max_bytes=40 * PAGE_SIZE)
+        with dom.numpy_allocator():
+            arrays = [np.ones(125) for _ in range(120)]  # 1000 B: 8 slabs of 4 pages
+            del arrays
+            assert _parked(heap, dom)[2] == 8 and dom.stats()["pages"] == 32
+            big = np.ones(28 * 512)  # 32 pages: only with the parked slabs given back
+            small = np.ones(100)  # a new slab of 4 pages, within the quota too
+            assert big.sum() == 28 * 512 and small.sum() == 100
+            assert _parked(heap, dom)[2] == 0
+        del big, small
+        heap.check()
+
+
+def test_small_arrays_freed_by_other_threads_under_the_hot_path(heap):
+    dom = heap.create_domain()
+    made: list = []
+    with dom.numpy_allocator():
+        for n in range(4000):
+            made.append(np.full(1 + n % 250, n % 127, dtype=np.int8))
+
+    def free_half(part: list) -> None:
+        part.clear()  # numpy frees these objects from this thread
+
+    def churn() -> None:
+        with dom.numpy_allocator():
+            for _ in range(20):
+                keep = [np.full(1 + k % 250, 5, dtype=np.int8) for k in range(300)]
+                assert all((a == 5).all() for a in keep)
+                del keep
+
+    halves = [made[:2000], made[2000:]]
+    del made
+    threads = [threading.Thread(target=free_half, args=(h,)) for h in halves]
+    threads += [threading.Thread(target=churn) for _ in range(2)]
+    for t in threads:
+        t.start()
+    del halves
+    for t in threads:
+        t.join(WAIT_S)
+        assert not t.is_alive()
+    assert dom.stats()["numpy_pages"] == 0
+    assert heap.stats()["bad_array_frees"] == 0
+    heap.check()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 import numpy.typing as npt
 
+from native_kernels.layout import PAGE_SIZE
 from xenheap.errors import HeapClosed, InvalidArgument, InvalidFree
 
 if TYPE_CHECKING:
@@ -91,16 +92,18 @@ class Block:
         through it (kept by the cache, never by the handle, so that a live handle does not
         keep a closed heap's memory mapped), else a new one."""
         reuse = self.domain._reuse
+        nbytes = PAGE_SIZE << self.order
         if reuse is not None:
             u8 = reuse.views.get(self.mfn)
-            if u8 is not None and u8.size == self.nbytes:
+            if u8 is not None and u8.size == nbytes:
                 return u8
-        return self.domain.core.bytes_at(self.mfn, self.nbytes)
+        return self.domain.core.bytes_at(self.mfn, nbytes)
 
     def array(self, dtype: npt.DTypeLike = "uint8") -> np.ndarray:
         """A writable numpy view of the block (zero-copy) with the given dtype; it and the
         views made from it keep the block alive."""
-        if not self._in_use():
+        dom = self.domain
+        if self._freed or dom._destroyed or dom.core.closed:  # _in_use(), inlined: hot path
             self._check_usable()
         root = self._bytes().view(_Owner)
         root.block = self
