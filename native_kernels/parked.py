@@ -1,11 +1,12 @@
 """Blocks numpy freed that a domain keeps for its next arrays (numpy's hot path).
 
 numpy allocates and frees array data at a high rate, often the same sizes again and again.
-A block that numpy frees goes, up to NUMPY_PARK_MAX per order and for orders below
-NUMPY_PARK_ORDERS, onto a per-domain stack (layout.D_PARKED) instead of back to the heap:
-the next array of that order takes it back under the domain's lock alone, without the
-node's lock, the buddy lists or scrubbing. Only this domain ever wrote it, so isolation
-holds; ``array_alloc`` reports that it may hold old bytes, and calloc zeroes it.
+A block that numpy frees goes, up to NUMPY_PARK_MAX per order (emptied slabs up to
+SLAB_PARK_MAX) and for orders below NUMPY_PARK_ORDERS, onto a per-domain stack
+(layout.D_PARKED) instead of back to the heap: the next array of that order takes it back
+under the domain's lock alone, without the node's lock, the buddy lists or scrubbing. Only
+this domain ever wrote it, so isolation holds; ``array_alloc`` reports that it may hold old
+bytes, and calloc zeroes it.
 
 A parked block stays on the domain's block list, unpinned (owner without OWNER_PINNED), so
 it counts against the quota and a destroy frees it like any other. The stack's link lives
@@ -44,11 +45,10 @@ from native_kernels.layout import (
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.raw import pointer_to
 
-# An emptied slab of more than a page (native_kernels.small) is parked too, up to this many
-# per order: a burst of small arrays that comes and goes (1,000 arrays of 8-1000 bytes
-# empty 33 order-2 slabs) then cycles through the domain's own slabs, not through the
-# heap and its scrubbing. Bounded like the stacks themselves: this many blocks per order.
-SLAB_PARK_MAX = 64
+# An emptied slab of more than a page (native_kernels.small) is parked too, up to
+# layout.SLAB_PARK_MAX per order: a burst of small arrays that comes and goes (1,000 arrays
+# of 8-1000 bytes empty 33 order-2 slabs) then cycles through the domain's own slabs, not
+# through the heap and its scrubbing.
 
 # The kernels numpy's allocations and frees call are compiled with ``_nrt=False``, as
 # native_kernels.small explains: no reference-count calls around their array arguments.

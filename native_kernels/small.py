@@ -43,10 +43,10 @@ from native_kernels.layout import (
     SLAB_HEADER_BYTES,
     SLAB_MAX_OBJECT,
     SLAB_MIN_OBJECT,
+    SLAB_PARK_MAX,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.parked import (
-    SLAB_PARK_MAX,
     count_reuse,
     flush_parked,
     park_block,
@@ -193,6 +193,19 @@ def take_small(nodes, doms, meta, slot, dom_id, nbytes):
 
 
 @njit(nogil=True, cache=True)
+def _alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref):
+    """A block pinned for numpy (alloc_block); if the quota or the heap is short, the
+    domain's parked blocks go back to the heap first and it tries once more."""
+    packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                         node_pref, types.boolean(False), types.boolean(True))
+    if packed in (E_QUOTA, E_NOMEM) and flush_parked(
+            ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+        packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                             node_pref, types.boolean(False), types.boolean(True))
+    return packed
+
+
+@njit(nogil=True, cache=True)
 def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
     addr = take_small(nodes, doms, meta, slot, dom_id, nbytes)
     if addr != 0:
@@ -218,12 +231,8 @@ def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes
         count_reuse(doms, meta, slot, order)
     if addr:
         return addr
-    packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                         node_pref, types.boolean(False), types.boolean(True))
-    if packed in (E_QUOTA, E_NOMEM) and flush_parked(
-            ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
-        packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                             node_pref, types.boolean(False), types.boolean(True))
+    packed = _alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                           node_pref)
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
@@ -339,12 +348,8 @@ def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
     addr = take_parked(ft32, nodes, doms, meta, slot, dom_id, order)
     if addr:
         return addr | OLD_BYTES
-    packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                         node_pref, types.boolean(False), types.boolean(True))
-    if packed in (E_QUOTA, E_NOMEM) and flush_parked(
-            ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
-        packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                             node_pref, types.boolean(False), types.boolean(True))
+    packed = _alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                           node_pref)
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK

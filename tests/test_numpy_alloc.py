@@ -26,6 +26,28 @@ def _in_heap(heap, arr):
     return any(a.address <= addr < a.address + a.nbytes for a in heap.core.arenas)
 
 
+def test_one_allocator_context_is_entered_once_and_restores_numpys_handler(heap):
+    dom = heap.create_domain("once")
+    scope = dom.numpy_allocator()
+    with scope:
+        with pytest.raises(RuntimeError, match="already entered"):
+            scope.__enter__()
+        assert get_handler_name() == "xenheap:once"
+    assert get_handler_name() == "default_allocator"
+    with scope:  # entered again after leaving: fine
+        assert get_handler_name() == "xenheap:once"
+    assert get_handler_name() == "default_allocator"
+
+
+def test_entering_the_allocator_frees_dropped_blocks_numpy_could_not(heap):
+    dom = heap.create_domain("quota", max_bytes="64KiB")
+    blocks = [dom.alloc(0) for _ in range(16)]  # the whole quota
+    del blocks  # dropped at once: queued, and the quota stays full until they are freed
+    with dom.numpy_allocator():
+        arr = np.ones(8192, dtype=np.uint8)  # needs two pages of the quota
+    assert int(arr.sum()) == 8192
+
+
 def test_arrays_inside_the_scope_live_in_the_heap_and_outside_they_do_not(heap):
     dom = heap.create_domain("t")
     with dom.numpy_allocator():

@@ -8,13 +8,17 @@ import mmap
 import numpy as np
 
 from xenheap import prim
-from xenheap.block import ArenaBytes
 from xenheap.errors import HeapClosed, InvalidArgument
 from xenheap.topology import Node
 
-__all__ = ["Arena"]
+__all__ = ["Arena", "ArenaBytes"]
 
 log = logging.getLogger(__name__)
+
+
+class ArenaBytes(np.ndarray):
+    """The type of an arena's bytes: not a plain ndarray, so that numpy's views of a block
+    stop at the block's root (xenheap.block says why)."""
 
 
 class Arena:

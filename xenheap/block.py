@@ -8,14 +8,16 @@ How the views hold it: ``array()`` makes a hidden root array of type ``_Owner`` 
 the handle, and returns a plain ndarray view of that root. numpy points every later view
 at the first array up the chain whose base is of another type, so a slice, a dtype view,
 ``np.asarray`` or a memoryview of the user's array keeps the root, and so the handle,
-alive. That is why the arena's array has a type of its own (``ArenaBytes``): were the
-root's base a plain ndarray, numpy would skip the root and point views at the arena.
+alive. That is why the arena's array has a type of its own (xenheap.arena.ArenaBytes):
+were the root's base a plain ndarray, numpy would skip the root and point views at the
+arena.
 
 The handle never holds its views (a closing heap must be able to drop its memory), and a
 dropped handle is not freed in ``__del__`` itself: that may run inside the garbage
 collector while this thread holds one of the domain's locks. It queues the block on its
-domain (``Domain._dropped``), which frees it at the next allocation, free or statistics
-call, or at the heap's next periodic chore (50 ms while a scrubber runs).
+domain (``Domain._dropped``), which frees it at the next allocation or statistics call (or
+``numpy_allocator()`` entry), or at the heap's periodic chore (every 0.05 to 0.1 s while a
+scrubber runs).
 """
 
 from __future__ import annotations
@@ -31,11 +33,7 @@ from xenheap.errors import HeapClosed, InvalidArgument, InvalidFree
 if TYPE_CHECKING:
     from xenheap.domain import Domain
 
-__all__ = ["ArenaBytes", "Block"]
-
-
-class ArenaBytes(np.ndarray):
-    """The type of an arena's bytes: not a plain ndarray, so views stop at a block's root."""
+__all__ = ["Block"]
 
 
 class _Owner(np.ndarray):

@@ -17,9 +17,11 @@ The surface:
 - Life: ``lock`` (domain slots, the live set, the closed flag), ``closed``,
   ``closed_reason``, ``forked`` (an inherited copy in a forked child), ``refuse_if_forked``.
 - Calls: ``call`` (a guarded kernel call), ``wake`` (scrubbers of some nodes),
-  ``placement`` (the node to allocate from), ``check_order``.
+  ``placement`` (the node to allocate from), ``check_order``, ``dirty_pages`` (over
+  ``all_nodes`` or some).
 - Memory: ``node_of``, ``locate``, ``bytes_at`` (a uint8 view of some pages).
-- Domains: ``live_domains``, ``flush_reuse``, slots (``take_slot``, ``retire_slot``),
+- Domains: ``live_domains``, ``flush_reuse``, ``free_dropped``, slots (``take_slot``,
+  ``retire_slot``),
   ``reuse_retired`` (destroyed domains' reuse counters), ``numpy_handlers``.
 - Scrubbers: ``scrubbers`` and ``scrubber_of`` (node -> index), set by the Heap.
 """
@@ -216,6 +218,12 @@ class HeapCore:
         True if any went back."""
         doms = [dom] if dom is not None else self.live_domains()
         return sum(d._free_dropped() + d._return_parked() for d in doms) > 0
+
+    def free_dropped(self) -> None:
+        """Free the blocks whose handles the live domains' users dropped (xenheap.block)."""
+        for dom in self.live_domains():
+            if dom._dropped:
+                dom._free_dropped()
 
     def take_slot(self, max_pages: int) -> tuple[int, int]:
         """A free domain slot, opened for a new domain: (slot, domain id)."""

@@ -76,8 +76,11 @@ class Domain:
         # Held while parked blocks go back to the heap: an allocation short of room that
         # finds it held waits, then retries, rather than fail while they are in flight.
         self._returning = threading.Lock()
-        # (mfn, order, tag) of handles dropped unfreed (xenheap.block says why they wait).
+        # (mfn, order, tag) of handles dropped unfreed (xenheap.block says why they wait),
+        # and the lock of whoever frees them: a second caller waits, so that its stats()
+        # does not count blocks another thread took off the queue but has not freed yet.
         self._dropped: deque[tuple[int, int, int]] = deque()
+        self._dropping = threading.Lock()
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -107,19 +110,23 @@ class Domain:
     def _free_dropped(self) -> int:
         """Free the blocks whose handles were dropped unfreed (any thread may call it);
         returns how many went back."""
+        if self.core.forked:
+            return 0  # the lock below may be held by a parent thread; the child frees none
         dropped = self._dropped
         freed = 0
-        while dropped:
-            try:
-                mfn, order, tag = dropped.popleft()
-            except IndexError:  # another thread took the last one
-                break
-            blk = Block(self, mfn, order, tag)
-            try:
-                self.free(blk)
-                freed += 1
-            except (InvalidFree, HeapClosed) as exc:  # the domain or the heap went first
-                log.debug("dropped %r not freed: %s", blk, exc)
+        with self._dropping:
+            while dropped:
+                try:
+                    mfn, order, tag = dropped.popleft()
+                except IndexError:  # a destroy cleared the queue meanwhile
+                    break
+                blk = Block(self, mfn, order, tag)
+                try:
+                    self.free(blk)
+                    freed += 1
+                except (InvalidFree, HeapClosed) as exc:  # destroyed or closed meanwhile
+                    log.debug("dropped %r not freed: its domain or heap went first (%s)",
+                              blk, exc)
         return freed
 
     # --- allocation ----------------------------------------------------------------------
@@ -368,6 +375,8 @@ class Domain:
             from xenheap.numpy_alloc import make_handler
 
             self._capsule = make_handler(self)
+            if self._max_pages:  # from now on it parks none (free() says why): nor keeps any
+                self._return_parked()
         return self._capsule
 
     def __enter__(self) -> Domain:

@@ -121,6 +121,7 @@ class Heap:
         self.debug = debug
         self._release_lock = threading.Lock()  # one release_unused at a time
         self._next_tick = 0.0  # time.monotonic() of the next _tick's chores
+        self._chores = threading.Lock()  # held by _tick's chores; check() holds it to wait
         if core.mode == MODE_IDLE:
             with default_numpy_memory():
                 self._start_scrubbers()
@@ -158,20 +159,22 @@ class Heap:
         blocks and idle domains' parked blocks go back to the heap, and the allocators'
         scrub charges into the book before their slots fill up."""
         now = time.monotonic()
-        if now < self._next_tick:
-            return
-        self._next_tick = now + TICK_S
-        self._tidy_domains()
-        self.core.charges.drain_allocators(self.core.state["nodes"], self.nodes)
+        if now < self._next_tick or not self._chores.acquire(blocking=False):
+            return  # not yet, or check() is looking at the heap: its frees would show
+        try:
+            self._next_tick = now + TICK_S
+            self._tidy_domains()
+            self.core.charges.drain_allocators(self.core.state["nodes"], self.nodes)
+        finally:
+            self._chores.release()
 
     def _tidy_domains(self) -> None:
         """Free the blocks whose handles were dropped, and give back the parked blocks of
         domains that have not used them for a while, so that they reach the scrubbers (and
         the dirty-lifetime bound) too."""
+        self.core.free_dropped()
         stale = time.monotonic() - REUSE_IDLE_S
         for dom in self.core.live_domains():
-            if dom._dropped:
-                dom._free_dropped()
             reuse = dom._reuse
             # Each kind by its own clock; both go back together (a busy one just refills).
             if (reuse is not None and reuse.used_at < stale and reuse.cached_bytes()) \
@@ -203,9 +206,7 @@ class Heap:
         pools use (bytes_allocated, max_memory, total_bytes_allocated, num_allocations),
         in pages where pages are the point; xenheap.stats documents every field."""
         self.core.refuse_if_forked()
-        for dom in self.core.live_domains():
-            if dom._dropped:
-                dom._free_dropped()
+        self.core.free_dropped()
         return collect.heap_stats(self)
 
     def dump(self) -> str:
@@ -218,14 +219,16 @@ class Heap:
         """Raise HeapCorruption naming the first broken invariant.
 
         Exact when no call changes the heap meanwhile (allocation, free, destroy,
-        release_unused, numpy's callbacks); running scrubbers are stopped for it.
+        release_unused, numpy's callbacks); running scrubbers are stopped for it, and the
+        heap's periodic chores wait.
         """
         s = self.core.state
         with self.core.lock:
             if self.core.closed:
                 raise HeapClosed(self.core.closed_reason)
-        code, mfn = check_kernels.check_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"],
-                                             s["doms"], s["meta"])
+        with self._chores:
+            code, mfn = check_kernels.check_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"],
+                                                 s["doms"], s["meta"])
         if code != check_kernels.OK:
             raise HeapCorruption(f"{stats.INVARIANTS[code]} (at mfn {mfn})")
 
@@ -382,6 +385,7 @@ def _disown_heaps_after_fork() -> None:
         core = heap.core
         core.lock = threading.Lock()
         heap._release_lock = threading.Lock()
+        heap._chores = threading.Lock()
         core.closed = True
         core.forked = True
         core.closed_reason = FORKED_REASON

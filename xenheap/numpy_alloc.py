@@ -115,18 +115,26 @@ class numpy_allocator:
 
     def __init__(self, dom: Domain) -> None:
         self._dom = dom
+        self._previous: object | None = None  # the handler to restore; set while entered
 
     def __enter__(self) -> Domain:
         dom = self._dom
+        if self._previous is not None:  # one handler to restore, as a generator's would be
+            raise RuntimeError("this numpy_allocator() is already entered; call "
+                               "dom.numpy_allocator() again for another block")
         if dom.heap.closed:
             raise HeapClosed("the heap is closed")
         if not dom.alive:
             raise DomainDead(f"{dom!r} was destroyed")
-        self._previous = set_handler(dom._numpy_handler())
+        handler = dom._numpy_handler()
+        if dom._dropped:  # numpy's callbacks cannot free them, should the quota run short
+            dom._free_dropped()
+        self._previous = set_handler(handler)
         return dom
 
     def __exit__(self, *exc_info: object) -> None:
-        set_handler(self._previous)
+        previous, self._previous = self._previous, None
+        set_handler(previous)
 
 
 def handlers_for(state: dict) -> int:

@@ -1,4 +1,5 @@
-"""Statistics and the debug dump: every counter named, typed and documented, with its unit.
+"""Statistics: every counter named, typed and documented, with its unit (xenheap.collect
+reads them, and writes the debug dump).
 
 Units are in the names, as jemalloc's are: ``_bytes`` and ``_pages`` are counts of bytes and
 of pages (``page_size`` bytes each), ``_seconds`` is a float in seconds. Fields without a
