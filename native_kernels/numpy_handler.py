@@ -10,6 +10,7 @@ its usual MemoryError. No Python object is touched, so numpy may call them witho
 
 from numba import carray, cfunc, njit, types
 
+from native_kernels.arrays import OLD_BYTES, array_alloc, array_free, array_realloc
 from native_kernels.atomics import atomic_load, fetch_add
 from native_kernels.layout import (
     DOM_FIELDS,
@@ -31,15 +32,7 @@ from native_kernels.raw import (
     pointer_to,
     voidptr_to_address,
 )
-from native_kernels.small import (
-    OLD_BYTES,
-    array_alloc,
-    array_free,
-    array_realloc,
-    drop_empty_slab,
-    release_small,
-    take_small,
-)
+from native_kernels.small import drop_empty_slab, release_small, take_small
 
 CTX_FT32 = 0  # addresses of the state arrays
 CTX_FT8 = 1

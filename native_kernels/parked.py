@@ -5,7 +5,7 @@ A block that numpy frees goes, up to NUMPY_PARK_MAX per order (emptied slabs up 
 SLAB_PARK_MAX) and for orders below NUMPY_PARK_ORDERS, onto a per-domain stack
 (layout.D_PARKED) instead of back to the heap: the next array of that order takes it back
 under the domain's lock alone, without the node's lock, the buddy lists or scrubbing. Only
-this domain ever wrote it, so isolation holds; ``array_alloc`` reports that it may hold old
+this domain ever wrote it, so isolation holds; ``arrays.array_alloc`` reports that it may hold old
 bytes, and calloc zeroes it.
 
 A parked block stays on the domain's block list, unpinned (owner without OWNER_PINNED), so

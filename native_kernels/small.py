@@ -1,11 +1,9 @@
-"""Memory for numpy arrays: whole pinned blocks for large data, slabs for small objects.
+"""Slabs: small objects for numpy arrays (native_kernels.arrays gives larger data a block).
 
 Objects up to SLAB_MAX_OBJECT bytes come from per-domain slabs: a pinned block split into
 equal objects of one size class, with a header at its start (layout.SH_*). Slabs with a free
-object are listed per class in the domain's row; a slab goes back to the heap (dirty) when
-its last object is freed. Larger data gets a pinned block of its own. Slab objects are never
-page-aligned (the header comes first) and blocks always are: that tells the two apart in
-free and realloc, where numpy gives no size.
+object are listed per class in the domain's row. An emptied one-page slab goes back to the
+heap (dirty); a larger one is parked for the class's next slab (drop_empty_slab says why).
 """
 
 from numba import njit, types
@@ -27,7 +25,6 @@ from native_kernels.layout import (
     N_BASE,
     N_PAGES,
     NIL,
-    NUMPY_PARK_MAX,
     OWNER_PINNED,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -41,7 +38,6 @@ from native_kernels.layout import (
     SLAB_BITMAP_WORDS,
     SLAB_CLASSES,
     SLAB_HEADER_BYTES,
-    SLAB_MAX_OBJECT,
     SLAB_MIN_OBJECT,
     SLAB_PARK_MAX,
 )
@@ -51,13 +47,11 @@ from native_kernels.parked import (
     flush_parked,
     park_block,
     pop_parked,
-    take_parked,
 )
-from native_kernels.raw import memcpy_bytes, pointer_to, trailing_zeros
+from native_kernels.raw import pointer_to, trailing_zeros
 
 MAX_SLAB_ORDER = SLAB_CLASSES - 5
 SLAB_MIN_SHIFT = SLAB_MIN_OBJECT.bit_length() - 1  # objects of class c: 1 << (this + c)
-OLD_BYTES = 1  # flag in an address from array_alloc: the memory may hold old bytes
 
 # numpy's hot path (take_small, release_small and the helpers they call) is compiled with
 # numba's ``_nrt=False``: otherwise numba brackets every function that takes arrays with
@@ -104,7 +98,7 @@ def slab_capacity(cls):
 
 
 @njit(nogil=True, cache=True, _nrt=False)
-def _block_address(nodes, meta, mfn):
+def block_address(nodes, meta, mfn):
     """Address of block ``mfn``; a one-node heap skips node_of's division."""
     node = 0 if meta[M_NR_NODES] == 1 else node_of(meta, mfn)
     return page_address(nodes, node, mfn)
@@ -114,26 +108,26 @@ def _block_address(nodes, meta, mfn):
 def _slab_push(nodes, meta, doms, slot, cls, mfn):
     """Put slab ``mfn`` at the head of its class's list; caller holds the domain lock."""
     head = doms[slot, D_SLABS + cls]
-    hdr = pointer_to(_block_address(nodes, meta, mfn), types.uint64)
+    hdr = pointer_to(block_address(nodes, meta, mfn), types.uint64)
     hdr[SH_NEXT] = head
     hdr[SH_PREV] = NIL
     if head != NIL:
-        pointer_to(_block_address(nodes, meta, head - 1), types.uint64)[SH_PREV] = mfn + 1
+        pointer_to(block_address(nodes, meta, head - 1), types.uint64)[SH_PREV] = mfn + 1
     doms[slot, D_SLABS + cls] = mfn + 1
 
 
 @njit(nogil=True, cache=True, _nrt=False)
 def _slab_remove(nodes, meta, doms, slot, cls, mfn):
     """Take slab ``mfn`` off its class's list; caller holds the domain lock."""
-    hdr = pointer_to(_block_address(nodes, meta, mfn), types.uint64)
+    hdr = pointer_to(block_address(nodes, meta, mfn), types.uint64)
     nxt = hdr[SH_NEXT]
     prv = hdr[SH_PREV]
     if prv == NIL:
         doms[slot, D_SLABS + cls] = nxt
     else:
-        pointer_to(_block_address(nodes, meta, prv - 1), types.uint64)[SH_NEXT] = nxt
+        pointer_to(block_address(nodes, meta, prv - 1), types.uint64)[SH_NEXT] = nxt
     if nxt != NIL:
-        pointer_to(_block_address(nodes, meta, nxt - 1), types.uint64)[SH_PREV] = prv
+        pointer_to(block_address(nodes, meta, nxt - 1), types.uint64)[SH_PREV] = prv
     hdr[SH_NEXT] = NIL
     hdr[SH_PREV] = NIL
 
@@ -145,7 +139,7 @@ def _take_object(nodes, meta, doms, slot, cls):
     if link == NIL:
         return 0
     mfn = link - 1
-    hdr = pointer_to(_block_address(nodes, meta, mfn), types.uint64)
+    hdr = pointer_to(block_address(nodes, meta, mfn), types.uint64)
     capacity = slab_capacity(cls)
     # A listed slab has room, so its lowest clear bit is below its capacity.
     for word in range(SH_BITMAP, SH_BITMAP + SLAB_BITMAP_WORDS):
@@ -158,7 +152,7 @@ def _take_object(nodes, meta, doms, slot, cls):
         if hdr[SH_USED] == capacity:
             _slab_remove(nodes, meta, doms, slot, cls, mfn)
         i = (word - SH_BITMAP) * 64 + bit
-        return _block_address(nodes, meta, mfn) + SLAB_HEADER_BYTES + (i << (SLAB_MIN_SHIFT + cls))
+        return block_address(nodes, meta, mfn) + SLAB_HEADER_BYTES + (i << (SLAB_MIN_SHIFT + cls))
     return 0
 
 
@@ -166,7 +160,7 @@ def _take_object(nodes, meta, doms, slot, cls):
 def _init_slab(nodes, meta, mfn, cls):
     """Write the header of a new, empty slab of class ``cls`` at block ``mfn``: the block
     may hold the debug pattern, or a parked block's link and its domain's old bytes."""
-    hdr = pointer_to(_block_address(nodes, meta, mfn), types.uint64)
+    hdr = pointer_to(block_address(nodes, meta, mfn), types.uint64)
     for word in range(SLAB_HEADER_BYTES // 8):
         hdr[word] = 0
     hdr[SH_CLASS] = cls + 1
@@ -176,7 +170,7 @@ def _init_slab(nodes, meta, mfn, cls):
 def take_small(nodes, doms, meta, slot, dom_id, nbytes):
     """numpy's hot path for ``nbytes`` (1 to SLAB_MAX_OBJECT): an object of the first listed
     slab of its class, under the domain lock alone. Its address; 0 if no slab of the class
-    has room (array_alloc then makes one); E_DEAD.
+    has room (arrays.array_alloc then makes one); E_DEAD.
 
     Only three state arrays, and no call below it that takes more: numba passes every
     array as its seven or more words, so a call that takes all seven arrays costs more
@@ -193,7 +187,7 @@ def take_small(nodes, doms, meta, slot, dom_id, nbytes):
 
 
 @njit(nogil=True, cache=True)
-def _alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref):
+def alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref):
     """A block pinned for numpy (alloc_block); if the quota or the heap is short, the
     domain's parked blocks go back to the heap first and it tries once more."""
     packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
@@ -206,7 +200,7 @@ def _alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order
 
 
 @njit(nogil=True, cache=True)
-def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
+def small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
     addr = take_small(nodes, doms, meta, slot, dom_id, nbytes)
     if addr != 0:
         return addr
@@ -231,7 +225,7 @@ def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes
         count_reuse(doms, meta, slot, order)
     if addr:
         return addr
-    packed = _alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+    packed = alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
                            node_pref)
     if packed < 0:
         return packed
@@ -249,7 +243,7 @@ def _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes
 
 
 @njit(nogil=True, cache=True, _nrt=False)
-def _page_of(nodes, meta, addr):
+def page_of(nodes, meta, addr):
     """The mfn holding address ``addr``, or -1 if no arena holds it."""
     for node in range(meta[M_NR_NODES]):
         offset = addr - nodes[node, N_ADDR]
@@ -259,14 +253,14 @@ def _page_of(nodes, meta, addr):
 
 
 @njit(nogil=True, cache=True, _nrt=False)
-def _find_slab(ft32, ft8, nodes, meta, slot, page):
+def find_slab(ft32, ft8, nodes, meta, slot, page):
     """The head of the slab of ``slot`` holding page ``page``, or -1; under the domain lock."""
     base = nodes[0 if meta[M_NR_NODES] == 1 else node_of(meta, page), N_BASE]
     for order in range(MAX_SLAB_ORDER + 1):
         head = base + ((page - base) & ~((1 << order) - 1))
         if (atomic_load(ft32, (PG_OWNER, head)) == ((slot + 1) | OWNER_PINNED)
                 and ft8[PG_ORDER, head] == order):
-            cls = pointer_to(_block_address(nodes, meta, head), types.uint64)[SH_CLASS]
+            cls = pointer_to(block_address(nodes, meta, head), types.uint64)[SH_CLASS]
             if cls != 0 and slab_order(cls - 1) == order:
                 return head
     return -1
@@ -278,16 +272,16 @@ def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
     arrays, as take_small). 0 if done; E_BAD_FREE if it is no object of this domain in
     use; head + 1 of its slab if that slab is now empty, off every list, for the caller
     to park or free."""
-    page = _page_of(nodes, meta, addr)
+    page = page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
     spin_lock(doms, slot, D_LOCK)
-    head = _find_slab(ft32, ft8, nodes, meta, slot, page) \
+    head = find_slab(ft32, ft8, nodes, meta, slot, page) \
         if holds_blocks(doms, slot, dom_id) else -1
     if head < 0:
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
-    start = _block_address(nodes, meta, head)
+    start = block_address(nodes, meta, head)
     hdr = pointer_to(start, types.uint64)
     cls = hdr[SH_CLASS] - 1
     offset = addr - start - SLAB_HEADER_BYTES
@@ -324,93 +318,3 @@ def drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head):
                                                head, SLAB_PARK_MAX):
         return 0
     return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head)
-
-
-@njit(nogil=True, cache=True)
-def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
-    """Memory for ``nbytes`` of array data owned by the domain; an address, or an error < 0.
-
-    The address has OLD_BYTES set when the memory may hold the domain's own earlier bytes,
-    as malloc's would (a slab object, a parked block); otherwise it comes zeroed.
-    """
-    if atomic_load(meta, M_CLOSED):
-        return E_DEAD
-    if nbytes < 0:  # a size_t past int64: more than any heap holds
-        return E_NOMEM
-    nbytes = max(nbytes, 1)
-    if nbytes <= SLAB_MAX_OBJECT:
-        addr = _small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
-                            node_pref)
-        return addr | OLD_BYTES if addr > 0 else addr
-    order = order_for_bytes(meta, nbytes)
-    if order < 0:
-        return E_NOMEM
-    addr = take_parked(ft32, nodes, doms, meta, slot, dom_id, order)
-    if addr:
-        return addr | OLD_BYTES
-    packed = _alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                           node_pref)
-    if packed < 0:
-        return packed
-    mfn = packed & MFN_MASK
-    return page_address(nodes, node_of(meta, mfn), mfn)
-
-
-@njit(nogil=True, cache=True)
-def array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
-    """Give back what array_alloc returned; 1 if a scrubber should wake, else 0 or < 0."""
-    if addr & (PAGE_SIZE - 1):
-        head = release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
-        if head <= 0:
-            return head
-        return drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head - 1)
-    page = _page_of(nodes, meta, addr)
-    if page < 0:
-        return E_BAD_FREE
-    if park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, page, NUMPY_PARK_MAX):
-        return 0
-    return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, page)
-
-
-@njit(nogil=True, cache=True)
-def array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
-    """Bytes usable at ``addr`` (its object's or block's size), or an error < 0."""
-    page = _page_of(nodes, meta, addr)
-    if page < 0:
-        return E_BAD_FREE
-    if addr & (PAGE_SIZE - 1) == 0:
-        if atomic_load(ft32, (PG_OWNER, page)) != ((slot + 1) | OWNER_PINNED):
-            return E_BAD_FREE
-        return PAGE_SIZE << ft8[PG_ORDER, page]
-    spin_lock(doms, slot, D_LOCK)
-    head = _find_slab(ft32, ft8, nodes, meta, slot, page)
-    size = E_BAD_FREE
-    if head >= 0:
-        hdr = pointer_to(_block_address(nodes, meta, head), types.uint64)
-        size = SLAB_MIN_OBJECT << (hdr[SH_CLASS] - 1)
-    spin_unlock(doms, slot, D_LOCK)
-    return size
-
-
-@njit(nogil=True, cache=True)
-def array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, addr, nbytes,
-                  node_pref):
-    """Resize array data keeping its bytes: in place while the new size fits and uses more
-    than half the room; else allocate, copy, free. An address, or an error < 0."""
-    if addr == 0:
-        new = array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
-                          node_pref)
-        return new & ~OLD_BYTES if new > 0 else new
-    room = array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
-    if room < 0:
-        return room
-    if room // 2 < nbytes <= room:
-        return addr
-    new = array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
-                      node_pref)
-    if new < 0:
-        return new
-    new &= ~OLD_BYTES
-    memcpy_bytes(new, addr, min(room, nbytes))
-    array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr)
-    return new

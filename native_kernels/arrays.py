@@ -1,0 +1,133 @@
+"""Memory for numpy arrays: what numpy's callbacks (native_kernels.numpy_handler) call.
+
+Objects up to SLAB_MAX_OBJECT bytes come from the domain's slabs (native_kernels.small);
+larger data gets a pinned block of its own, a parked one (native_kernels.parked) first.
+Slab objects are never page-aligned (the slab's header comes first) and blocks always are:
+that tells the two apart in free and realloc, where numpy gives no size.
+"""
+
+from numba import njit, types
+
+from native_kernels.atomics import atomic_load
+from native_kernels.buddy import node_of, page_address
+from native_kernels.domain import MFN_MASK, free_pinned_block
+from native_kernels.layout import (
+    D_LOCK,
+    E_BAD_FREE,
+    E_DEAD,
+    E_NOMEM,
+    M_CLOSED,
+    NUMPY_PARK_MAX,
+    OWNER_PINNED,
+    PAGE_SIZE,
+    PG_ORDER,
+    PG_OWNER,
+    SH_CLASS,
+    SLAB_MAX_OBJECT,
+    SLAB_MIN_OBJECT,
+)
+from native_kernels.locks import spin_lock, spin_unlock
+from native_kernels.parked import park_block, take_parked
+from native_kernels.raw import memcpy_bytes, pointer_to
+from native_kernels.small import (
+    alloc_pinned,
+    block_address,
+    drop_empty_slab,
+    find_slab,
+    order_for_bytes,
+    page_of,
+    release_small,
+    small_alloc,
+)
+
+OLD_BYTES = 1  # flag in an address from array_alloc: the memory may hold old bytes
+
+
+@njit(nogil=True, cache=True)
+def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
+    """Memory for ``nbytes`` of array data owned by the domain; an address, or an error < 0.
+
+    The address has OLD_BYTES set when the memory may hold the domain's own earlier bytes,
+    as malloc's would (a slab object, a parked block); otherwise it comes zeroed.
+    """
+    if atomic_load(meta, M_CLOSED):
+        return E_DEAD
+    if nbytes < 0:  # a size_t past int64: more than any heap holds
+        return E_NOMEM
+    nbytes = max(nbytes, 1)
+    if nbytes <= SLAB_MAX_OBJECT:
+        addr = small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
+                            node_pref)
+        return addr | OLD_BYTES if addr > 0 else addr
+    order = order_for_bytes(meta, nbytes)
+    if order < 0:
+        return E_NOMEM
+    addr = take_parked(ft32, nodes, doms, meta, slot, dom_id, order)
+    if addr:
+        return addr | OLD_BYTES
+    packed = alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                           node_pref)
+    if packed < 0:
+        return packed
+    mfn = packed & MFN_MASK
+    return page_address(nodes, node_of(meta, mfn), mfn)
+
+
+@njit(nogil=True, cache=True)
+def array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
+    """Give back what array_alloc returned; 1 if a scrubber should wake, else 0 or < 0."""
+    if addr & (PAGE_SIZE - 1):
+        head = release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
+        if head <= 0:
+            return head
+        return drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head - 1)
+    page = page_of(nodes, meta, addr)
+    if page < 0:
+        return E_BAD_FREE
+    if park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, page, NUMPY_PARK_MAX):
+        return 0
+    return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, page)
+
+
+@njit(nogil=True, cache=True)
+def array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
+    """Bytes usable at ``addr`` (its object's or block's size), or an error < 0."""
+    page = page_of(nodes, meta, addr)
+    if page < 0:
+        return E_BAD_FREE
+    if addr & (PAGE_SIZE - 1) == 0:
+        if atomic_load(ft32, (PG_OWNER, page)) != ((slot + 1) | OWNER_PINNED):
+            return E_BAD_FREE
+        return PAGE_SIZE << ft8[PG_ORDER, page]
+    spin_lock(doms, slot, D_LOCK)
+    head = find_slab(ft32, ft8, nodes, meta, slot, page)
+    size = E_BAD_FREE
+    if head >= 0:
+        hdr = pointer_to(block_address(nodes, meta, head), types.uint64)
+        size = SLAB_MIN_OBJECT << (hdr[SH_CLASS] - 1)
+    spin_unlock(doms, slot, D_LOCK)
+    return size
+
+
+@njit(nogil=True, cache=True)
+def array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, addr, nbytes,
+                  node_pref):
+    """Resize array data keeping its bytes: in place while the new size fits and uses more
+    than half the room; else allocate, copy, free. An address, or an error < 0."""
+    if addr == 0:
+        new = array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
+                          node_pref)
+        return new & ~OLD_BYTES if new > 0 else new
+    room = array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
+    if room < 0:
+        return room
+    if room // 2 < nbytes <= room:
+        return addr
+    new = array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
+                      node_pref)
+    if new < 0:
+        return new
+    new &= ~OLD_BYTES
+    memcpy_bytes(new, addr, min(room, nbytes))
+    array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr)
+    return new
