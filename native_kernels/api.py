@@ -9,7 +9,8 @@ sees the caller (Dekker's handshake), without a Python lock on the hot path.
 from numba import njit, types
 
 from native_kernels.atomics import fetch_add, fetch_or
-from native_kernels.domain import alloc_block, destroy_domain, free_block, populate
+from native_kernels.domain import alloc_block, free_block, populate
+from native_kernels.domain_life import destroy_domain
 from native_kernels.layout import E_CLOSED, M_CLOSED, M_IN_FLIGHT
 from native_kernels.parked import flush_parked
 

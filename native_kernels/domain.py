@@ -1,4 +1,4 @@
-"""Domains: who owns which block. The kernels the Python API calls.
+"""Domains: who owns which block; the kernels that allocate, populate and free them.
 
 A domain's blocks form a list through the same frame-table links the free lists use (a block
 is on exactly one of the two), guarded by the domain's own lock (Xen's page_alloc_lock).
@@ -11,7 +11,6 @@ once per argument types, a literal constant and a uint8 are types of their own, 
 extra copy of a kernel with a large call tree adds seconds to a first, uncached run.
 """
 
-import numpy as np
 from numba import njit, types
 
 from native_kernels.atomics import atomic_load, atomic_max, atomic_store, fetch_add
@@ -35,17 +34,10 @@ from native_kernels.layout import (
     D_MAX_PAGES,
     D_NUMPY_PAGES,
     D_PAGES,
-    D_PARKED,
-    D_PARKED_COUNT,
-    D_PARKS,
     D_PEAK,
-    D_REUSED,
-    D_REUSED_PAGES,
-    D_SLABS,
     D_STATE,
     D_TAIL,
     D_TOTAL_PAGES,
-    D_UNPARKED,
     DOM_ALIVE,
     DOM_DEAD,
     DOM_DYING,
@@ -66,14 +58,12 @@ from native_kernels.layout import (
     M_NR_PAGES,
     M_PEAK_PAGES,
     M_TOTAL_PAGES,
-    M_UNPARKED,
     M_USED_PAGES,
     MODE_SYNC,
     N_ALLOCS,
     N_FREES,
     N_SYNC_SCRUBBED,
     NIL,
-    NUMPY_PARK_ORDERS,
     OWNER_PINNED,
     PG_NEXT,
     PG_ORDER,
@@ -82,9 +72,8 @@ from native_kernels.layout import (
     PG_TAG,
     POISON_PATTERN,
     SCRUB_PATTERN,
-    SLAB_CLASSES,
 )
-from native_kernels.links import detach_all, link_head, unlink
+from native_kernels.links import link_head, unlink
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.pages import stream_fill_pages
 
@@ -145,7 +134,7 @@ def _link_chain(ft32, doms, meta, slot, dom_id, first, last, nblocks, npages, pi
 
 
 @njit(nogil=True, cache=True)
-def _unlink(ft32, doms, meta, slot, mfn, order):
+def unlink_block(ft32, doms, meta, slot, mfn, order):
     """Take block ``mfn`` off its domain's list and counters; caller holds the domain lock."""
     unlink(ft32, doms, (slot, D_HEAD), (slot, D_TAIL), mfn)
     fetch_add(doms, (slot, D_PAGES), -(1 << order))
@@ -212,7 +201,7 @@ def _undo_take(ft32, ft8, nodes, lists, meta, first):
 
 
 @njit(nogil=True, cache=True)
-def _release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, first, pages):
+def release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, first, pages):
     """Release every block of a chain of ``pages`` pages linked through PG_NEXT, which
     domain ``slot`` no longer owns; returns the nodes to wake.
 
@@ -333,7 +322,7 @@ def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, ta
             or atomic_load(ft32, (PG_TAG, mfn)) != tag):
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
-    _unlink(ft32, doms, meta, slot, mfn, order)
+    unlink_block(ft32, doms, meta, slot, mfn, order)
     # Clear ownership before dropping the lock: a racing free of the same handle must fail.
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     spin_unlock(doms, slot, D_LOCK)
@@ -354,7 +343,7 @@ def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
     order = types.int64(ft8[PG_ORDER, mfn])
-    _unlink(ft32, doms, meta, slot, mfn, order)
+    unlink_block(ft32, doms, meta, slot, mfn, order)
     fetch_add(doms, (slot, D_NUMPY_PAGES), -(1 << order))
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     if (atomic_load(doms, (slot, D_STATE)) == DOM_DYING
@@ -363,95 +352,3 @@ def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
     spin_unlock(doms, slot, D_LOCK)
     return 1 if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
                                order) else 0
-
-
-@njit(nogil=True, cache=True)
-def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
-    """Mark the domain destroyed and free its blocks (dirty, or zeroed in "sync" mode).
-
-    Blocks pinned by live numpy arrays stay on its list until numpy frees them (the domain
-    is DOM_DYING meanwhile, as Xen keeps a dying domain's referenced pages); the others are
-    detached under the domain lock and freed without it. Returns (status, wake): status 0 or
-    E_DEAD, and the bit mask of the nodes whose scrubber should wake. They are apart because
-    with 64 nodes the mask's top bit makes it negative, where it would read as an error.
-    """
-    spin_lock(doms, slot, D_LOCK)
-    if not is_alive(doms, slot, dom_id):
-        spin_unlock(doms, slot, D_LOCK)
-        return E_DEAD, 0
-    atomic_store(doms, (slot, D_STATE), DOM_DYING)
-    _forget_parked(doms, meta, slot)  # parked blocks are unpinned: freed below with the rest
-    if atomic_load(doms, (slot, D_NUMPY_PAGES)) == 0:  # nothing pinned: detach it all
-        detached_pages = atomic_load(doms, (slot, D_PAGES))
-        detached = detach_all(doms, (slot, D_HEAD), (slot, D_TAIL))
-        fetch_add(doms, (slot, D_FREES), atomic_load(doms, (slot, D_BLOCKS)))
-        fetch_add(meta, M_USED_PAGES, -atomic_load(doms, (slot, D_PAGES)))
-        atomic_store(doms, (slot, D_PAGES), 0)
-        atomic_store(doms, (slot, D_BLOCKS), 0)
-        link = NIL
-    else:
-        detached_pages = 0
-        detached = NIL
-        link = doms[slot, D_HEAD]
-    while link != NIL:
-        mfn = link - 1
-        link = ft32[PG_NEXT, mfn]
-        if atomic_load(ft32, (PG_OWNER, mfn)) & OWNER_PINNED:
-            continue
-        _unlink(ft32, doms, meta, slot, mfn, types.int64(ft8[PG_ORDER, mfn]))
-        detached_pages += 1 << ft8[PG_ORDER, mfn]
-        ft32[PG_NEXT, mfn] = detached
-        detached = mfn + 1
-    pinned = atomic_load(doms, (slot, D_BLOCKS)) != 0
-    spin_unlock(doms, slot, D_LOCK)
-    wake = _release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, detached,
-                          detached_pages)
-    if not pinned:
-        atomic_store(doms, (slot, D_STATE), DOM_DEAD)
-    return 0, wake
-
-
-@njit(nogil=True, cache=True)
-def _forget_parked(doms, meta, slot):
-    """Empty the domain's stacks of parked numpy blocks (native_kernels.parked) without
-    touching the blocks, which a destroy frees (counted as D_UNPARKED); caller holds the
-    domain lock or owns the slot."""
-    parked = 0
-    for order in range(NUMPY_PARK_ORDERS):
-        parked += doms[slot, D_PARKED_COUNT + order]
-    fetch_add(doms, (slot, D_UNPARKED), parked)
-    fetch_add(meta, M_UNPARKED, parked)
-    _empty_parked(doms, slot)
-
-
-@njit(nogil=True, cache=True)
-def _empty_parked(doms, slot):
-    """Empty the parked-block stacks of slot ``slot``."""
-    for order in range(NUMPY_PARK_ORDERS):
-        doms[slot, D_PARKED + order] = NIL
-        doms[slot, D_PARKED_COUNT + order] = 0
-
-
-@njit(nogil=True, cache=True)
-def open_domain(doms, slot, dom_id, max_pages):
-    """Start a new domain in a free (or dead) slot; alive only once every field is set."""
-    for field in (D_PAGES, D_BLOCKS, D_PEAK, D_ALLOCS, D_FREES, D_NUMPY_PAGES, D_TOTAL_PAGES,
-                  D_REUSED, D_REUSED_PAGES, D_PARKS, D_DIRTIED_PAGES, D_UNPARKED):
-        atomic_store(doms, (slot, field), 0)
-    for cls in range(SLAB_CLASSES):
-        doms[slot, D_SLABS + cls] = NIL
-    _empty_parked(doms, slot)  # the old tenant's stacks are gone
-    doms[slot, D_HEAD] = NIL
-    doms[slot, D_TAIL] = NIL
-    doms[slot, D_MAX_PAGES] = max_pages
-    atomic_store(doms, (slot, D_ID), dom_id)
-    atomic_store(doms, (slot, D_STATE), DOM_ALIVE)
-
-
-@njit(nogil=True, cache=True)
-def domain_row(doms, slot):
-    """A copy of a domain's row, each field read atomically (for statistics)."""
-    out = np.empty(doms.shape[1], dtype=np.int64)
-    for field in range(doms.shape[1]):
-        out[field] = atomic_load(doms, (slot, field))
-    return out

@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 
 from native_kernels.counters import snapshot
-from native_kernels.domain import domain_row
+from native_kernels.domain_life import domain_row
 from native_kernels.layout import (
     ABORT_HIST_BUCKETS,
     D_ALLOCS,

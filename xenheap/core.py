@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from native_kernels import domain as domain_kernels
+from native_kernels import domain_life
 from native_kernels.buddy import init_heap
 from native_kernels.counters import column_sum
 from native_kernels.layout import (
@@ -239,7 +239,7 @@ class HeapCore:
         state = self.state["doms"][slot, D_STATE]
         if state not in (DOM_FREE, DOM_DEAD):
             raise HeapCorruption(f"domain slot {slot} was handed out while in state {state}")
-        domain_kernels.open_domain(self.state["doms"], slot, dom_id, max_pages)
+        domain_life.open_domain(self.state["doms"], slot, dom_id, max_pages)
         return slot, dom_id
 
     def retire_slot(self, slot: int) -> None:
@@ -252,7 +252,7 @@ class HeapCore:
         doms = self.state["doms"]
         still_dying = []
         for slot in self._dying_slots:
-            if domain_kernels.domain_row(doms, slot)[D_STATE] == DOM_DEAD:
+            if domain_life.domain_row(doms, slot)[D_STATE] == DOM_DEAD:
                 self._free_slots.append(slot)
             else:
                 still_dying.append(slot)

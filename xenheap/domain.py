@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from native_kernels import api
-from native_kernels.domain import domain_row
+from native_kernels.domain_life import domain_row
 from native_kernels.layout import (
     D_ID,
     D_PARKED_COUNT,
