@@ -11,8 +11,6 @@ import time
 import weakref
 from collections.abc import Sequence
 
-import numpy as np
-
 from native_kernels import api
 from native_kernels import check as check_kernels
 from native_kernels.layout import (
@@ -24,25 +22,16 @@ from native_kernels.layout import (
     MODE_SYNC,
     PAGE_SIZE,
 )
-from native_kernels.release import (
-    C_MFN,
-    C_ORDER,
-    C_RELEASED,
-    CHUNK_UNUSED,
-    CLAIM_FIELDS,
-    claim_clean_chunks,
-    return_claimed_chunks,
-)
-from xenheap import collect, prim, stats
+from xenheap import collect, stats
 from xenheap.core import HeapCore
 from xenheap.domain import Domain
 from xenheap.errors import (
     HeapClosed,
     HeapCorruption,
     InvalidArgument,
-    ReleaseFailed,
 )
 from xenheap.numpy_api import default_numpy_memory
+from xenheap.release import release_unused
 from xenheap.reuse import DEFAULT_REUSE_BYTES, REUSE_IDLE_S
 from xenheap.scrubber import Scrubber, plan_scrubbers, stop_all
 from xenheap.sizes import parse_size
@@ -51,7 +40,6 @@ from xenheap.topology import resolve_topology
 log = logging.getLogger(__name__)
 
 SCRUB_MODES = {"idle": MODE_IDLE, "sync": MODE_SYNC, "alloc": MODE_ALLOC}
-RELEASE_BATCH = 4096  # chunks claimed per release_unused step
 DEFAULT_MAX_DOMAINS = 4096
 DEFAULT_SCRUB_DEADLINE_S = 1.0
 TICK_S = 0.05  # how often the first scrubber does the heap's periodic chores (_tick)
@@ -266,61 +254,8 @@ class Heap:
         limit = self.total_pages if nbytes is None else \
             min(self.total_pages, -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE))
         self.core.refuse_if_forked()
-        released = [0]
-        meta = self.core.state["meta"]
         with self._release_lock:
-            if not api.enter_heap(meta):  # held across the OS calls: close() waits for them
-                raise HeapClosed(self.core.closed_reason)
-            try:
-                for node in range(self.nodes):
-                    if released[0] < limit:
-                        self._release_node(node, limit - released[0], released)
-            except OSError as exc:
-                raise ReleaseFailed(f"release_unused gave back {released[0] * PAGE_SIZE} "
-                                    f"bytes, then the OS refused: {exc}",
-                                    released[0] * PAGE_SIZE) from exc
-            finally:
-                api.leave_heap(meta)
-                if self.debug:
-                    self.core.wake((1 << self.nodes) - 1)  # released pages came back dirty
-        log.debug("released %d pages to the OS", released[0])
-        return released[0] * PAGE_SIZE
-
-    def _release_node(self, node: int, limit: int, released: list[int]) -> None:
-        """release_unused for one node; adds the pages given to the OS to ``released[0]``."""
-        arena = self.core.arenas[node]
-        base = node * self.core.pages_per_node
-        batches = []
-        pages = 0
-        try:
-            # Claim all the chunks first: one given back goes to its list's head, where the
-            # next claim would take it again. A batch is listed before it is filled, so an
-            # interrupt anywhere still finds every claimed chunk in the finally below.
-            claimed = 0
-            while claimed < limit:
-                with default_numpy_memory():
-                    chunks = np.full((RELEASE_BATCH, CLAIM_FIELDS), CHUNK_UNUSED,
-                                     dtype=np.int64)
-                batches.append(chunks)
-                count = claim_clean_chunks(*self.core.node_arrays, node, limit - claimed, chunks)
-                claimed += int((1 << chunks[:count, C_ORDER]).sum())
-                if count < RELEASE_BATCH:
-                    break
-            for chunks in batches:
-                for row in chunks:
-                    if row[C_ORDER] == CHUNK_UNUSED:
-                        break
-                    addr = arena.address + (int(row[C_MFN]) - base) * PAGE_SIZE
-                    size = PAGE_SIZE << int(row[C_ORDER])
-                    resident = prim.resident_pages(addr, size)
-                    if resident:
-                        prim.release_pages(addr, size)
-                        row[C_RELEASED] = 1
-                        pages += resident
-        finally:
-            released[0] += pages
-            for i, chunks in enumerate(batches):
-                return_claimed_chunks(*self.core.node_arrays, node, chunks, 0 if i else pages)
+            return release_unused(self.core, limit)
 
     def close(self) -> None:
         """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent.
