@@ -3,7 +3,7 @@ the shapes xenheap.stats defines and documents, and the debug dump."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
@@ -222,15 +222,9 @@ def domain_stats(dom: Domain) -> DomainStats:
     core.refuse_if_forked()
     core.charges.drain_allocators(core.state["nodes"], heap.nodes)
     charges = core.charges.of(dom.id)  # scrubbing goes on after a destroy: always fresh
-    billed: dict[str, float] = {
-        "scrubbed_bytes": charges["scrubbed_bytes"],
-        "scrub_idle_cpu_seconds": charges["idle_cpu_seconds"],
-        "scrub_deadline_cpu_seconds": charges["deadline_cpu_seconds"],
-        "scrub_alloc_cpu_seconds": charges["alloc_cpu_seconds"],
-    }
     row = domain_row(core.state["doms"], dom._slot)
-    if row[D_ID] != dom.id:  # the slot went to another domain after this one died
-        return cast(DomainStats, {**(dom._final_stats or _EMPTY_DOMAIN), **billed})
+    if row[D_ID] != dom.id and dom._final_row is not None:
+        row = dom._final_row  # the slot went to another domain after this one died
     page_size = heap.page_size
     cached = _cached_bytes(dom) + _numpy_parked_pages(row) * page_size
     reuse = dom._reuse
@@ -258,12 +252,6 @@ def domain_stats(dom: Domain) -> DomainStats:
     )
     return out
 
-
-_EMPTY_DOMAIN = DomainStats(bytes_allocated=0, max_memory=0, total_bytes_allocated=0,
-                            num_allocations=0, num_frees=0, cached_bytes=0, pages=0,
-                            peak_pages=0, blocks=0, max_pages=0, numpy_pages=0,
-                            dirtied_bytes=0, scrubbed_bytes=0, scrub_idle_cpu_seconds=0.0,
-                            scrub_deadline_cpu_seconds=0.0, scrub_alloc_cpu_seconds=0.0)
 
 
 def heap_resident_bytes(heap: Heap) -> int:

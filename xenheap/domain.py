@@ -68,7 +68,8 @@ class Domain:
         self._max_pages = max_pages
         self._destroyed = False
         self._capsule: object | None = None
-        self._final_stats: DomainStats | None = None
+        # Its row as a destroy left it: the statistics once the slot has a new domain.
+        self._final_row: np.ndarray | None = None
         # Freed blocks parked for reuse (xenheap.reuse); none where frees must write the
         # memory ("sync" zeroes, debug poisons).
         self._reuse = ReuseCache(heap.reuse_bytes, self._view_of) if self.core.reuse_blocks \
@@ -351,7 +352,7 @@ class Domain:
         self._destroyed = True
         self._dropped.clear()  # their blocks went with the domain
         self._capsule = None  # arrays made with it hold their own reference
-        self._final_stats = self.stats()
+        self._final_row = domain_row(core.state["doms"], self._slot)
         core.charges.destroyed(self.id)
         core.retire_slot(self._slot)
         if wake:
