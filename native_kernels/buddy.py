@@ -59,13 +59,14 @@ from native_kernels.layout import (
     PGS_FREE,
     PGS_INUSE,
     SCRUB_PATTERN,
+    TAG_MASK,
+    TAG_MIXED,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.page_list import page_list_add_scrub, page_list_del
 from native_kernels.pages import pages_hold
 from native_kernels.raw import fill_row, fill_row32
 
-TAG_MASK = 0x7FFFFFFF
 FREE_BATCH = 64  # blocks a destroy frees per hold of a node's lock
 WAKE_DIRTY_PAGES = 256  # dirty pages (1 MiB) at which a free wakes the node's scrubber
 
@@ -155,6 +156,7 @@ def _take_chunk(ft32, ft8, nodes, lists, node, head, j, order):
     check_and_stop_scrub(ft8, nodes, node, head)
     first_dirty = atomic_load(ft32, (PG_FIRST_DIRTY, head))
     page_list_del(ft32, lists, node, j, head)
+    chunk_tag = atomic_load(ft32, (PG_TAG, head))
     pg = head
     while j > order:
         j -= 1
@@ -163,6 +165,7 @@ def _take_chunk(ft32, ft8, nodes, lists, node, head, j, order):
             else INVALID_DIRTY_IDX
         page_list_add_scrub(ft32, ft8, lists, node, j, pg, lower)
         pg += half
+        _split_tag(ft32, chunk_tag, pg)  # the next part's head: the block's, at the end
         if first_dirty != INVALID_DIRTY_IDX:
             first_dirty = first_dirty - half if first_dirty - 1 >= half else 1
     fill_row(ft8, PG_STATE, pg, 1 << order, PGS_INUSE)
@@ -172,6 +175,16 @@ def _take_chunk(ft32, ft8, nodes, lists, node, head, j, order):
     tag = (nodes[node, N_TAG] + 1) & TAG_MASK
     nodes[node, N_TAG] = tag
     return pg, tag
+
+
+@njit(nogil=True, cache=True)
+def _split_tag(ft32, chunk_tag, pg):
+    """Give ``pg``, a new head inside a chunk whose PG_TAG was ``chunk_tag``, its share of
+    it: the same dirtier, or, in a mixed chunk, the mark on its page's own."""
+    if chunk_tag & TAG_MIXED:
+        atomic_store(ft32, (PG_TAG, pg), (ft32[PG_TAG, pg] & TAG_MASK) | TAG_MIXED)
+    else:
+        atomic_store(ft32, (PG_TAG, pg), chunk_tag)
 
 
 @njit(nogil=True, cache=True)
@@ -240,7 +253,7 @@ def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dir
     fill_row(ft8, PG_STATE, mfn, 1 << order, PGS_FREE)
     if need_scrub:
         fill_row(ft8, PG_NEED_SCRUB, mfn, 1 << order, 1)
-        fill_row32(ft32, PG_TAG, mfn, 1 << order, dirtier)
+    tag = dirtier if need_scrub else 0  # the chunk's PG_TAG (layout): written at the end
     first_dirty = 1 if need_scrub else INVALID_DIRTY_IDX
     rel = mfn - base
     while order < max_order:
@@ -254,6 +267,8 @@ def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dir
             break
         check_and_stop_scrub(ft8, nodes, node, buddy)
         buddy_dirty = atomic_load(ft32, (PG_FIRST_DIRTY, buddy))
+        tag = _merged_tag(ft32, tag, first_dirty != INVALID_DIRTY_IDX, base + rel, buddy,
+                          half, buddy_dirty != INVALID_DIRTY_IDX)
         page_list_del(ft32, lists, node, order, buddy)
         if buddy_rel < rel:  # buddy is the predecessor: its first_dirty comes first
             if buddy_dirty != INVALID_DIRTY_IDX:
@@ -265,6 +280,28 @@ def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dir
             first_dirty = buddy_dirty + half
         order += 1
     page_list_add_scrub(ft32, ft8, lists, node, order, base + rel, first_dirty)
+    if tag & TAG_MIXED:  # the head word keeps the head page's own dirtier
+        tag |= ft32[PG_TAG, base + rel] & TAG_MASK
+    atomic_store(ft32, (PG_TAG, base + rel), tag)
+
+
+@njit(nogil=True, cache=True)
+def _merged_tag(ft32, tag, dirty, head, buddy, half, buddy_dirty):
+    """PG_TAG of the chunk that merging chunk ``head`` (tag ``tag``) with its free buddy
+    makes, both of ``half`` pages; caller holds the node's lock."""
+    buddy_tag = atomic_load(ft32, (PG_TAG, buddy))
+    if not buddy_dirty:
+        return tag
+    if not dirty:
+        return buddy_tag
+    if tag == buddy_tag and not tag & TAG_MIXED:
+        return tag
+    # Dirt of two domains in one chunk: each dirty page names its own from now on.
+    if not tag & TAG_MIXED:
+        fill_row32(ft32, PG_TAG, head, half, tag)
+    if not buddy_tag & TAG_MIXED:
+        fill_row32(ft32, PG_TAG, buddy, half, buddy_tag)
+    return TAG_MIXED
 
 
 @njit(nogil=True, cache=True)

@@ -31,6 +31,8 @@ from native_kernels.layout import (
     PAGE_SHIFT,
     PG_NEED_SCRUB,
     PG_TAG,
+    TAG_MASK,
+    TAG_MIXED,
 )
 from native_kernels.os_calls import MADV_DONTNEED, sys_madvise, sys_mincore
 from native_kernels.pages import fill_pages, stream_fill_pages
@@ -55,6 +57,7 @@ def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming
     """
     cleared = 0
     shared = charges.shape[1] != 2
+    head_tag = atomic_load(ft32, (PG_TAG, head))  # the caller holds the chunk: it stays put
     p = lo
     while p < hi:
         if ft8[PG_NEED_SCRUB, head + p] == 0:
@@ -71,7 +74,7 @@ def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming
             stream_fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
         else:
             fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
-        _charge_run(ft32, nodes, node, head + p, q - p,
+        _charge_run(ft32, nodes, node, head_tag, head + p, q - p,
                     monotonic_ns() - started if shared else 0, charges)
         cleared += q - p
         p = q
@@ -79,20 +82,31 @@ def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming
 
 
 @njit(nogil=True, cache=True)
-def _charge_run(ft32, nodes, node, first, npages, ns, charges):
-    """Charge zeroing pages [first, first + npages), which took ``ns``, to whoever dirtied
-    them, a stretch of pages with the same dirtier at a time (see zero_dirty_runs)."""
+def _charge_run(ft32, nodes, node, head_tag, first, npages, ns, charges):
+    """Charge zeroing pages [first, first + npages) of a chunk whose PG_TAG is ``head_tag``,
+    which took ``ns``, to whoever dirtied them: the chunk's one dirtier, or, in a mixed
+    chunk, each stretch of pages with the same dirtier in turn (see layout.PG_TAG)."""
+    if not head_tag & TAG_MIXED:
+        _charge(nodes, node, head_tag, npages, ns, charges)
+        return
     i = 0
     while i < npages:
-        dirtier = ft32[PG_TAG, first + i]
+        dirtier = ft32[PG_TAG, first + i] & TAG_MASK
         j = i + 1
-        while j < npages and ft32[PG_TAG, first + j] == dirtier:
+        while j < npages and ft32[PG_TAG, first + j] & TAG_MASK == dirtier:
             j += 1
-        if charges.shape[1] != 2:
-            record_alloc_charge(nodes, node, dirtier, j - i, ns * (j - i) // npages)
-        else:
-            charge_pages(charges, dirtier, j - i)
+        _charge(nodes, node, dirtier, j - i, ns * (j - i) // npages, charges)
         i = j
+
+
+@njit(nogil=True, cache=True)
+def _charge(nodes, node, dirtier, pages, ns, charges):
+    """``pages`` of ``dirtier``'s, zeroed in ``ns``: into a scrubber's own table of (id,
+    pages) rows, or, when ``charges`` is ``nodes`` itself (an allocator), the node's slots."""
+    if charges.shape[1] != 2:
+        record_alloc_charge(nodes, node, dirtier, pages, ns)
+    else:
+        charge_pages(charges, dirtier, pages)
 
 
 @njit(nogil=True, cache=True)

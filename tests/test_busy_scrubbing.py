@@ -17,7 +17,15 @@ import psutil
 import pytest
 
 import xenheap
-from native_kernels.layout import BUDDY_SCRUBBING, PG_SCRUB_STATE
+from native_kernels.layout import (
+    BUDDY_SCRUBBING,
+    L_HEAD,
+    NIL,
+    PG_NEXT,
+    PG_SCRUB_STATE,
+    PG_TAG,
+    TAG_MIXED,
+)
 from xenheap.faults import inject_fault
 
 MiB = 2**20
@@ -198,3 +206,50 @@ def test_scrub_on_allocate_is_charged_to_the_dirtier_and_outlives_its_slot():
         names = [c["name"] for c in heap.stats()["domain_charges"]]
         assert "dirty" in names and "heir" in names
         heap.check()
+
+
+def test_dirt_of_several_domains_in_one_chunk_is_charged_to_each():
+    """Frees write the dirtier on a chunk's head only; buddies freed by different domains
+    merge into one chunk whose pages then each name theirs, and splitting it again hands
+    each part its share: whoever zeroes any of it charges every domain exactly its bytes."""
+    with xenheap.Heap("8MiB", nodes=1, scrub="alloc", reuse_bytes=0) as heap:
+        doms = [heap.create_domain(f"d{i}") for i in range(3)]
+        held: list[list] = [[], [], []]
+        full = False
+        while not full:  # the whole heap, interleaved: buddies belong to different domains
+            for i, d in enumerate(doms):
+                try:
+                    held[i].append(d.alloc(i))  # 1, 2 and 4 pages
+                except xenheap.OutOfMemory:
+                    full = True
+        for blocks in held:
+            for blk in blocks:
+                blk.array()[:] = 1
+        for k in range(max(len(b) for b in held)):  # freed interleaved: merges mix them
+            for blocks in held:
+                if k < len(blocks):
+                    blocks[k].free()
+        assert heap.stats()["dirty_pages"] == sum(len(b) << i for i, b in enumerate(held))
+        taker = heap.create_domain("taker")
+        taken = [taker.alloc(0)]  # splits the one, mixed, chunk: every part is mixed too
+        assert all(tag & TAG_MIXED for tag in _free_chunk_tags(heap))
+        taken += [taker.alloc(o) for o in (3, 1, 5, 2, 0, 4, 6)]
+        taker.populate(heap.stats()["free_pages"] * 4096)  # and all the rest
+        assert heap.stats()["dirty_pages"] == 0 and len(taken) == 8
+        for i, d in enumerate(doms):
+            st = d.stats()
+            assert st["dirtied_bytes"] == st["scrubbed_bytes"] == len(held[i]) * (4096 << i)
+        assert taker.stats()["scrubbed_bytes"] == 0
+        heap.check()
+
+
+def _free_chunk_tags(heap: xenheap.Heap) -> list[int]:
+    """PG_TAG of every free chunk's head (white-box: the free lists of node 0)."""
+    ft32, lists = heap.core.state["ft32"], heap.core.state["lists"]
+    tags = []
+    for order in range(heap.max_order + 1):
+        link = int(lists[0, order, L_HEAD])
+        while link != NIL:
+            tags.append(int(ft32[PG_TAG, link - 1]))
+            link = int(ft32[PG_NEXT, link - 1])
+    return tags
