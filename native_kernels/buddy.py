@@ -73,8 +73,9 @@ WAKE_DIRTY_PAGES = 256  # dirty pages (1 MiB) at which a free wakes the node's s
 
 @njit(nogil=True, cache=True)
 def node_of(meta, mfn):
-    """The node holding page ``mfn`` (nodes are equal-sized, consecutive mfn ranges)."""
-    return mfn // meta[M_PAGES_PER_NODE]
+    """The node holding page ``mfn`` (nodes are equal-sized, consecutive mfn ranges); a
+    one-node heap skips the division, which costs more than the rest of a small path."""
+    return 0 if meta[M_NR_NODES] == 1 else mfn // meta[M_PAGES_PER_NODE]
 
 
 @njit(nogil=True, cache=True)
@@ -281,7 +282,7 @@ def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dir
         order += 1
     page_list_add_scrub(ft32, ft8, lists, node, order, base + rel, first_dirty)
     if tag & TAG_MIXED:  # the head word keeps the head page's own dirtier
-        tag |= ft32[PG_TAG, base + rel] & TAG_MASK
+        tag = TAG_MIXED | (ft32[PG_TAG, base + rel] & TAG_MASK)
     atomic_store(ft32, (PG_TAG, base + rel), tag)
 
 

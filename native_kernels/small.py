@@ -99,9 +99,8 @@ def slab_capacity(cls):
 
 @njit(nogil=True, cache=True, _nrt=False)
 def block_address(nodes, meta, mfn):
-    """Address of block ``mfn``; a one-node heap skips node_of's division."""
-    node = 0 if meta[M_NR_NODES] == 1 else node_of(meta, mfn)
-    return page_address(nodes, node, mfn)
+    """Address of block ``mfn``."""
+    return page_address(nodes, node_of(meta, mfn), mfn)
 
 
 @njit(nogil=True, cache=True, _nrt=False)
@@ -255,7 +254,7 @@ def page_of(nodes, meta, addr):
 @njit(nogil=True, cache=True, _nrt=False)
 def find_slab(ft32, ft8, nodes, meta, slot, page):
     """The head of the slab of ``slot`` holding page ``page``, or -1; under the domain lock."""
-    base = nodes[0 if meta[M_NR_NODES] == 1 else node_of(meta, page), N_BASE]
+    base = nodes[node_of(meta, page), N_BASE]
     for order in range(MAX_SLAB_ORDER + 1):
         head = base + ((page - base) & ~((1 << order) - 1))
         if (atomic_load(ft32, (PG_OWNER, head)) == ((slot + 1) | OWNER_PINNED)
