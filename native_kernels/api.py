@@ -10,8 +10,8 @@ from numba import njit, types
 
 from native_kernels.atomics import fetch_add, fetch_or
 from native_kernels.domain import alloc_block, free_block, populate
-from native_kernels.domain_life import destroy_domain
-from native_kernels.layout import E_CLOSED, M_CLOSED, M_IN_FLIGHT
+from native_kernels.domain_life import destroy_domain, relinquish_dying, relinquish_memory
+from native_kernels.layout import E_CLOSED, E_NOMEM, M_CLOSED, M_IN_FLIGHT
 from native_kernels.parked import flush_parked
 
 
@@ -56,6 +56,9 @@ def heap_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, n
     # serves both (see native_kernels.domain).
     result = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
                          node_pref, exact, types.boolean(False))
+    if result == E_NOMEM and relinquish_dying(ft32, ft8, nodes, lists, doms, meta):
+        result = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
+                             node_pref, exact, types.boolean(False))
     leave_heap(meta)
     return result
 
@@ -93,6 +96,9 @@ def heap_alloc_many(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, cou
         return E_CLOSED
     result = populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order,
                       node_pref, exact, out)
+    if result == E_NOMEM and relinquish_dying(ft32, ft8, nodes, lists, doms, meta):
+        result = populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count,
+                          order, node_pref, exact, out)
     leave_heap(meta)
     return result
 
@@ -108,10 +114,24 @@ def heap_flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
 
 
 @njit(nogil=True, cache=True)
-def heap_destroy(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
-    """domain.destroy_domain for the Python API: (status, node mask to wake)."""
+def heap_destroy(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, defer):
+    """domain_life.destroy_domain for the Python API, then relinquish_memory unless
+    ``defer`` (the caller has it done soon after): (status, node mask to wake)."""
     if not enter_heap(meta):
         return E_CLOSED, 0
-    result = destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)
+    status = destroy_domain(doms, meta, slot, dom_id)
+    wake = 0
+    if status == 0 and not defer:
+        wake = relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)[1]
+    leave_heap(meta)
+    return status, wake
+
+
+@njit(nogil=True, cache=True)
+def heap_relinquish(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+    """domain_life.relinquish_memory for the Python API: (pages freed or -1, wake mask)."""
+    if not enter_heap(meta):
+        return E_CLOSED, 0
+    result = relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)
     leave_heap(meta)
     return result

@@ -11,6 +11,7 @@ from numba import njit, types
 from native_kernels.atomics import atomic_load
 from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import MFN_MASK, free_pinned_block
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     D_LOCK,
     E_BAD_FREE,
@@ -43,7 +44,7 @@ from native_kernels.small import (
 OLD_BYTES = 1  # flag in an address from array_alloc: the memory may hold old bytes
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
     """Memory for ``nbytes`` of array data owned by the domain; an address, or an error < 0.
 
@@ -73,7 +74,7 @@ def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
     return page_address(nodes, node_of(meta, mfn), mfn)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
     """Give back what array_alloc returned; 1 if a scrubber should wake, else 0 or < 0."""
     if addr & (PAGE_SIZE - 1):
@@ -89,7 +90,7 @@ def array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
     return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, page)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
     """Bytes usable at ``addr`` (its object's or block's size), or an error < 0."""
     page = page_of(nodes, meta, addr)
@@ -109,7 +110,7 @@ def array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
     return size
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, addr, nbytes,
                   node_pref):
     """Resize array data keeping its bytes: in place while the new size fits and uses more

@@ -15,6 +15,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from native_kernels.jit import INTERNAL
+
 _ACQUIRE = "acquire"
 _RELEASE = "release"
 _SEQ_CST = "seq_cst"
@@ -177,7 +179,7 @@ YIELDS_BEFORE_SLEEP = 16
 SLEEP_USEC = 50
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def backoff(attempt):
     """One step of spin -> yield -> sleep back-off; ``attempt`` counts from 0.
 
@@ -203,7 +205,7 @@ def atomic_max(ary, idx, value):
         current = atomic_load(ary, idx)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def add_locked(ary, idx, delta):
     """Add ``delta`` to a counter that only lock holders write but anyone may read.
 

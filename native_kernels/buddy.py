@@ -20,6 +20,7 @@ from native_kernels.atomics import (
     monotonic_ns,
 )
 from native_kernels.cleaning import zero_dirty_runs
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     ABORT_HIST_BUCKETS,
     BUDDY_NOT_SCRUBBING,
@@ -71,20 +72,20 @@ FREE_BATCH = 64  # blocks a destroy frees per hold of a node's lock
 WAKE_DIRTY_PAGES = 256  # dirty pages (1 MiB) at which a free wakes the node's scrubber
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def node_of(meta, mfn):
     """The node holding page ``mfn`` (nodes are equal-sized, consecutive mfn ranges); a
     one-node heap skips the division, which costs more than the rest of a small path."""
     return 0 if meta[M_NR_NODES] == 1 else mfn // meta[M_PAGES_PER_NODE]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def page_address(nodes, node, mfn):
     """Virtual address of page ``mfn`` of ``node``."""
     return nodes[node, N_ADDR] + ((mfn - nodes[node, N_BASE]) << PAGE_SHIFT)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _record_abort_wait(nodes, node, waited_ns):
     fetch_add(nodes, (node, N_ABORTS), 1)
     fetch_add(nodes, (node, N_ABORT_WAIT_NS), waited_ns)
@@ -95,7 +96,7 @@ def _record_abort_wait(nodes, node, waited_ns):
     fetch_add(nodes, (node, N_ABORT_HIST + bucket), 1)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def check_and_stop_scrub(ft8, nodes, node, head):
     """Stop a scrub in progress on chunk ``head``; the caller holds the node's lock.
 
@@ -114,7 +115,7 @@ def check_and_stop_scrub(ft8, nodes, node, head):
     _record_abort_wait(nodes, node, monotonic_ns() - start)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
     """Head of the first usable chunk of ``order`` or above on ``node``, and its order.
 
@@ -147,7 +148,7 @@ def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
     return busy_head, busy_order
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _take_chunk(ft32, ft8, nodes, lists, node, head, j, order):
     """Unlink chunk (head, j) and give back all but 2^order pages; returns (mfn, tag).
 
@@ -178,7 +179,7 @@ def _take_chunk(ft32, ft8, nodes, lists, node, head, j, order):
     return pg, tag
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _split_tag(ft32, chunk_tag, pg):
     """Give ``pg``, a new head inside a chunk whose PG_TAG was ``chunk_tag``, its share of
     it: the same dirtier, or, in a mixed chunk, the mark on its page's own."""
@@ -188,7 +189,7 @@ def _split_tag(ft32, chunk_tag, pg):
         atomic_store(ft32, (PG_TAG, pg), chunk_tag)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exact):
     """Take a block of 2^order pages; returns ``tag << 32 | mfn`` or E_NOMEM.
 
@@ -213,7 +214,7 @@ def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exac
     return E_NOMEM
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def scrub_taken_block(ft32, ft8, nodes, meta, mfn, order):
     """Zero the dirty pages of a block just taken (scrub-on-allocate), without the lock.
 
@@ -235,14 +236,14 @@ def scrub_taken_block(ft32, ft8, nodes, meta, mfn, order):
     return scrubbed
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def disown(ft32, mfn):
     """Clear a block head's owner and tag as it stops being any domain's."""
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     atomic_store(ft32, (PG_TAG, mfn), 0)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier):
     """Put block (mfn, order) on the free lists, merging with free buddies of either
     cleanliness; the caller holds the node's lock and updates its counters. Dirty pages
@@ -286,7 +287,7 @@ def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dir
     atomic_store(ft32, (PG_TAG, base + rel), tag)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _merged_tag(ft32, tag, dirty, head, buddy, half, buddy_dirty):
     """PG_TAG of the chunk that merging chunk ``head`` (tag ``tag``) with its free buddy
     makes, both of ``half`` pages; caller holds the node's lock."""
@@ -305,7 +306,7 @@ def _merged_tag(ft32, tag, dirty, head, buddy, half, buddy_dirty):
     return TAG_MIXED
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _count_freed(nodes, node, pages, need_scrub):
     """Counters for pages just freed to ``node``, under its lock.
 
@@ -323,7 +324,7 @@ def _count_freed(nodes, node, pages, need_scrub):
     return before < WAKE_DIRTY_PAGES <= before + pages
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub, dirtier):
     """Return one block to the free lists (Xen's free_heap_pages); dirty ones are charged
     to domain ``dirtier`` when scrubbed.
@@ -338,7 +339,7 @@ def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub, dirti
     return woke
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub, dirtier):
     """Free every block of a chain linked through PG_NEXT, owner and all, without writing
     their memory: a destroy. Each node's lock is taken once per FREE_BATCH blocks, not per

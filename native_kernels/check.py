@@ -11,11 +11,13 @@ from numba import njit
 
 from native_kernels.atomics import atomic_load
 from native_kernels.buddy import check_and_stop_scrub
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     D_BLOCKS,
     D_HEAD,
     D_NUMPY_PAGES,
     D_PAGES,
+    D_RELINQUISH,
     D_STATE,
     D_TAIL,
     DOM_ALIVE,
@@ -28,6 +30,7 @@ from native_kernels.layout import (
     M_MAX_ORDER,
     M_NR_NODES,
     M_NR_PAGES,
+    M_RELINQUISH,
     N_BASE,
     N_FREE,
     N_LOCK,
@@ -62,11 +65,14 @@ DIRTY_COUNT = 11  # a node's dirty-page counter differs from its lists
 BAD_STATE = 12  # a page's state disagrees with where it is
 DIRTY_IN_USE = 13  # an allocated page has need_scrub set
 BAD_OWNER = 14  # a block's owner is not the domain whose list holds it
-DOMAIN_COUNT = 15  # a domain's page or block counter differs from its list
-DYING_DOMAIN = 16  # a destroyed domain holds a block no numpy array pins, or none at all
+DOMAIN_COUNT = 15  # a domain's page or block counter differs from its list, or M_RELINQUISH
+#                   from the domains waiting for relinquish_memory (check_heap is exact
+#                   only while no call changes the heap, relinquish_memory included)
+DYING_DOMAIN = 16  # a destroyed domain whose memory was relinquished holds a block no numpy
+#                   array pins, or none at all; or a live or dead one waits for relinquishing
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _mark(seen, mfn, n):
     for p in range(mfn, mfn + n):
         if seen[p]:
@@ -75,7 +81,7 @@ def _mark(seen, mfn, n):
     return -1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _check_free_lists(ft32, ft8, nodes, lists, meta, seen, head_order):
     max_order = meta[M_MAX_ORDER]
     for node in range(meta[M_NR_NODES]):
@@ -133,7 +139,7 @@ def _check_free_lists(ft32, ft8, nodes, lists, meta, seen, head_order):
     return OK, -1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _check_buddies(nodes, meta, head_order):
     pages_per_node = nodes[0, N_PAGES]
     for mfn in range(head_order.shape[0]):
@@ -148,11 +154,17 @@ def _check_buddies(nodes, meta, head_order):
     return OK, -1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _check_domains(ft32, ft8, doms, meta, seen):
     nr_pages = meta[M_NR_PAGES]
+    waiting = 0  # domains whose memory waits for relinquish_memory
     for slot in range(meta[M_MAX_DOMAINS]):
         state = atomic_load(doms, (slot, D_STATE))
+        relinquish = atomic_load(doms, (slot, D_RELINQUISH)) != 0
+        if relinquish:
+            waiting += 1
+            if state != DOM_DYING:
+                return DYING_DOMAIN, -1
         if state not in (DOM_ALIVE, DOM_DYING):
             continue
         pages = 0
@@ -171,7 +183,7 @@ def _check_domains(ft32, ft8, doms, meta, seen):
             size = 1 << ft8[PG_ORDER, mfn]
             if owner & OWNER_PINNED:
                 pinned_pages += size
-            elif state == DOM_DYING:
+            elif state == DOM_DYING and not relinquish:
                 return DYING_DOMAIN, mfn
             overlap = _mark(seen, mfn, size)
             if overlap >= 0:
@@ -190,12 +202,14 @@ def _check_domains(ft32, ft8, doms, meta, seen):
                 or atomic_load(doms, (slot, D_BLOCKS)) != blocks
                 or atomic_load(doms, (slot, D_NUMPY_PAGES)) != pinned_pages):
             return DOMAIN_COUNT, -1
-        if state == DOM_DYING and blocks == 0:
+        if state == DOM_DYING and blocks == 0 and not relinquish:
             return DYING_DOMAIN, -1
+    if atomic_load(meta, M_RELINQUISH) != waiting:
+        return DOMAIN_COUNT, -1
     return OK, -1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _stop_scrubs(ft8, nodes, lists, ft32, meta):
     for node in range(meta[M_NR_NODES]):
         for order in range(meta[M_MAX_ORDER] + 1):

@@ -18,6 +18,7 @@ from native_kernels.atomics import (
     fetch_add,
     monotonic_ns,
 )
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     CH_ID,
     CH_NS,
@@ -42,7 +43,7 @@ from native_kernels.pages import fill_pages, stream_fill_pages
 RESIDENCY_MIN_PAGES = 16
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming, charges):
     """Fill the dirty pages among pages [lo, hi) of the chunk or block at ``head`` (whose
     memory starts at ``addr``) with ``value``, run by run, and clear their need_scrub.
@@ -81,7 +82,7 @@ def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming
     return cleared
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _charge_run(ft32, nodes, node, head_tag, first, npages, ns, charges):
     """Charge zeroing pages [first, first + npages) of a chunk whose PG_TAG is ``head_tag``,
     which took ``ns``, to whoever dirtied them: the chunk's one dirtier, or, in a mixed
@@ -99,7 +100,7 @@ def _charge_run(ft32, nodes, node, head_tag, first, npages, ns, charges):
         i = j
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _charge(nodes, node, dirtier, pages, ns, charges):
     """``pages`` of ``dirtier``'s, zeroed in ``ns``: into a scrubber's own table of (id,
     pages) rows, or, when ``charges`` is ``nodes`` itself (an allocator), the node's slots."""
@@ -109,7 +110,7 @@ def _charge(nodes, node, dirtier, pages, ns, charges):
         charge_pages(charges, dirtier, pages)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def charge_pages(charges, dirtier, pages):
     """Add ``pages`` for domain ``dirtier`` to a thread's own table of (id, pages) rows; the
     last row takes what finds no room (id -1)."""
@@ -123,7 +124,7 @@ def charge_pages(charges, dirtier, pages):
     charges[last, 1] += pages
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def record_alloc_charge(nodes, node, dirtier, pages, ns):
     """Add an allocator's scrub work for domain ``dirtier`` to the node's charge slots
     (layout.N_CHARGES), claiming a slot by CAS; without a slot (or a domain), to
@@ -181,7 +182,7 @@ def drain_charges(nodes, node, out):
     return rows
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _zero_resident_runs(nodes, node, addr, npages, streaming):
     """Zero the pages of a run that are in RAM; drop the others with MADV_DONTNEED.
 

@@ -23,6 +23,7 @@ from native_kernels.buddy import (
     page_address,
     scrub_taken_block,
 )
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     D_ALLOCS,
     D_BLOCKS,
@@ -35,6 +36,7 @@ from native_kernels.layout import (
     D_NUMPY_PAGES,
     D_PAGES,
     D_PEAK,
+    D_RELINQUISH,
     D_STATE,
     D_TAIL,
     D_TOTAL_PAGES,
@@ -80,7 +82,7 @@ from native_kernels.pages import stream_fill_pages
 MFN_MASK = 0xFFFFFFFF
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def is_alive(doms, slot, dom_id):
     """Domain ``dom_id`` is alive in ``slot``.
 
@@ -92,7 +94,7 @@ def is_alive(doms, slot, dom_id):
     return alive and atomic_load(doms, (slot, D_ID)) == dom_id
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def holds_blocks(doms, slot, dom_id):
     """Alive, or destroyed with blocks still pinned by numpy arrays (state read first, as in
     is_alive)."""
@@ -100,13 +102,13 @@ def holds_blocks(doms, slot, dom_id):
     return state in (DOM_ALIVE, DOM_DYING) and atomic_load(doms, (slot, D_ID)) == dom_id
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _over_quota(doms, slot, extra_pages):
     quota = doms[slot, D_MAX_PAGES]
     return quota > 0 and atomic_load(doms, (slot, D_PAGES)) + extra_pages > quota
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _link_chain(ft32, doms, meta, slot, dom_id, first, last, nblocks, npages, pinned):
     """Splice a chain of blocks (linked first..last) onto the domain's list.
 
@@ -133,7 +135,7 @@ def _link_chain(ft32, doms, meta, slot, dom_id, first, last, nblocks, npages, pi
     return 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def unlink_block(ft32, doms, meta, slot, mfn, order):
     """Take block ``mfn`` off its domain's list and counters; caller holds the domain lock."""
     unlink(ft32, doms, (slot, D_HEAD), (slot, D_TAIL), mfn)
@@ -143,7 +145,7 @@ def unlink_block(ft32, doms, meta, slot, mfn, order):
     fetch_add(doms, (slot, D_FREES), 1)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact, pinned):
     """Allocate and zero one block owned by ``slot``; returns (mfn, tag) or (error, 0)."""
     packed = alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exact)
@@ -161,7 +163,7 @@ def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exa
     return mfn, tag
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order):
     """Free a block that domain ``slot`` no longer owns; True if a scrubber should wake.
 
@@ -186,7 +188,7 @@ def _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order
                            0 if sync else dom_id)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _undo_take(ft32, ft8, nodes, lists, meta, first):
     """Give back a chain of blocks taken but never handed out: they are zeroed, so they go
     back clean, and the allocation counters are rolled back too."""
@@ -200,7 +202,7 @@ def _undo_take(ft32, ft8, nodes, lists, meta, first):
                         types.boolean(False), types.int64(0))
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, first, pages):
     """Release every block of a chain of ``pages`` pages linked through PG_NEXT, which
     domain ``slot`` no longer owns; returns the nodes to wake.
@@ -222,7 +224,7 @@ def release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, first, page
     return wake
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
                 exact, pinned):
     """Allocate a zeroed block of 2^order pages to domain ``slot``; ``pinned`` for numpy.
@@ -246,7 +248,7 @@ def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, 
     return (tag << 32) | mfn
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order, node_pref,
              exact, out):
     """Allocate ``count`` blocks of 2^order pages in one call, all or nothing.
@@ -302,7 +304,7 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
     return count
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
     """Free block (mfn, order, tag) of domain ``slot``.
 
@@ -330,12 +332,13 @@ def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, ta
                                order) else 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
     """Free a block numpy no longer uses, also after its domain was destroyed.
 
     Returns 1 if a scrubber should wake, 0 if not, E_BAD_FREE if it is not such a block.
-    The last pinned block of a destroyed domain lays the domain to rest (DOM_DEAD).
+    The last pinned block of a destroyed domain whose other blocks were relinquished lays
+    the domain to rest (DOM_DEAD).
     """
     spin_lock(doms, slot, D_LOCK)
     if (not holds_blocks(doms, slot, dom_id)
@@ -347,7 +350,8 @@ def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
     fetch_add(doms, (slot, D_NUMPY_PAGES), -(1 << order))
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     if (atomic_load(doms, (slot, D_STATE)) == DOM_DYING
-            and atomic_load(doms, (slot, D_BLOCKS)) == 0):
+            and atomic_load(doms, (slot, D_BLOCKS)) == 0
+            and atomic_load(doms, (slot, D_RELINQUISH)) == 0):
         atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     spin_unlock(doms, slot, D_LOCK)
     return 1 if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,

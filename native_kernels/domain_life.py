@@ -1,10 +1,12 @@
-"""A domain slot's life: opened for a new domain, destroyed (Xen's domain_kill and
-relinquish_memory), laid to rest once numpy frees its last pinned block.
+"""A domain slot's life: opened for a new domain, destroyed (Xen's domain_kill), its memory
+relinquished (Xen's relinquish_memory), laid to rest once numpy frees its last pinned block.
 
-The states are in native_kernels.layout ("the life of a domain"). A destroy frees every
-block no live numpy array uses at once, dirty, and leaves the domain DOM_DYING while some
-array does; numpy's last free makes it DOM_DEAD, and the Python side then hands the slot to
-a new domain.
+The states are in native_kernels.layout ("the life of a domain"). A destroy only marks the
+domain, so that it returns in microseconds whatever the domain holds; relinquish_memory
+then frees every block no live numpy array uses, dirty, in whichever thread gets there
+first (the Python side's chore or an observer, or an allocator that finds the heap short).
+The domain stays DOM_DYING while some array uses a block; numpy's last free makes it
+DOM_DEAD, and the Python side then hands the slot to a new domain.
 """
 
 import numpy as np
@@ -12,6 +14,7 @@ from numba import njit, types
 
 from native_kernels.atomics import atomic_load, atomic_store, fetch_add
 from native_kernels.domain import is_alive, release_chain, unlink_block
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     D_ALLOCS,
     D_BLOCKS,
@@ -27,6 +30,7 @@ from native_kernels.layout import (
     D_PARKED_COUNT,
     D_PARKS,
     D_PEAK,
+    D_RELINQUISH,
     D_REUSED,
     D_REUSED_PAGES,
     D_SLABS,
@@ -38,6 +42,8 @@ from native_kernels.layout import (
     DOM_DEAD,
     DOM_DYING,
     E_DEAD,
+    M_MAX_DOMAINS,
+    M_RELINQUISH,
     M_UNPARKED,
     M_USED_PAGES,
     NIL,
@@ -52,27 +58,50 @@ from native_kernels.links import detach_all
 from native_kernels.locks import spin_lock, spin_unlock
 
 
-@njit(nogil=True, cache=True)
-def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
-    """Mark the domain destroyed and free its blocks (dirty, or zeroed in "sync" mode).
-
-    Blocks pinned by live numpy arrays stay on its list until numpy frees them (the domain
-    is DOM_DYING meanwhile, as Xen keeps a dying domain's referenced pages); the others are
-    detached under the domain lock and freed without it. Returns (status, wake): status 0 or
-    E_DEAD, and the bit mask of the nodes whose scrubber should wake. They are apart because
-    with 64 nodes the mask's top bit makes it negative, where it would read as an error.
+@njit(nogil=True, cache=True, **INTERNAL)
+def destroy_domain(doms, meta, slot, dom_id):
+    """Xen's domain_kill: the domain stops allocating (DOM_DYING) and forgets its parked
+    stacks, under D_LOCK, in a few atomics whatever it holds. Its blocks stay on its list
+    for relinquish_memory (D_RELINQUISH); one that holds none is DOM_DEAD at once.
+    Returns 0, or E_DEAD if it was destroyed already.
     """
     spin_lock(doms, slot, D_LOCK)
     if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
-        return E_DEAD, 0
+        return E_DEAD
     atomic_store(doms, (slot, D_STATE), DOM_DYING)
-    _forget_parked(doms, meta, slot)  # parked blocks are unpinned: freed below with the rest
+    _forget_parked(doms, meta, slot)  # parked blocks are unpinned: relinquished with the rest
+    if atomic_load(doms, (slot, D_BLOCKS)) == 0:
+        atomic_store(doms, (slot, D_STATE), DOM_DEAD)
+    else:
+        atomic_store(doms, (slot, D_RELINQUISH), 1)
+        fetch_add(meta, M_RELINQUISH, 1)
+    spin_unlock(doms, slot, D_LOCK)
+    return 0
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
+def relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+    """Free a destroyed domain's blocks (dirty, or zeroed in "sync" mode), once: Xen's
+    relinquish_memory.
+
+    Blocks pinned by live numpy arrays stay on its list until numpy frees them (the domain
+    stays DOM_DYING meanwhile, as Xen keeps a dying domain's referenced pages); the others
+    are detached under the domain lock and freed without it. Returns (pages, wake): the
+    pages freed, -1 if there was nothing to relinquish (done already, or the slot holds
+    another domain), and the bit mask of the nodes whose scrubber should wake. They are
+    apart because with 64 nodes the mask's top bit makes it negative.
+    """
+    spin_lock(doms, slot, D_LOCK)
+    if atomic_load(doms, (slot, D_ID)) != dom_id or atomic_load(doms, (slot, D_RELINQUISH)) == 0:
+        spin_unlock(doms, slot, D_LOCK)
+        return -1, 0
+    atomic_store(doms, (slot, D_RELINQUISH), 0)
     if atomic_load(doms, (slot, D_NUMPY_PAGES)) == 0:  # nothing pinned: detach it all
         detached_pages = atomic_load(doms, (slot, D_PAGES))
         detached = detach_all(doms, (slot, D_HEAD), (slot, D_TAIL))
         fetch_add(doms, (slot, D_FREES), atomic_load(doms, (slot, D_BLOCKS)))
-        fetch_add(meta, M_USED_PAGES, -atomic_load(doms, (slot, D_PAGES)))
+        fetch_add(meta, M_USED_PAGES, -detached_pages)
         atomic_store(doms, (slot, D_PAGES), 0)
         atomic_store(doms, (slot, D_BLOCKS), 0)
         link = NIL
@@ -92,13 +121,31 @@ def destroy_domain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     pinned = atomic_load(doms, (slot, D_BLOCKS)) != 0
     spin_unlock(doms, slot, D_LOCK)
     wake = release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, detached,
-                          detached_pages)
+                         detached_pages)
     if not pinned:
         atomic_store(doms, (slot, D_STATE), DOM_DEAD)
-    return 0, wake
+    fetch_add(meta, M_RELINQUISH, -1)  # last: until now its pages were neither held nor dirty
+    return detached_pages, wake
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
+def relinquish_dying(ft32, ft8, nodes, lists, doms, meta):
+    """An allocator found the heap short: relinquish every destroyed domain's memory now
+    rather than wait for the scrubber's chore. Returns the pages freed (0: no use retrying).
+    The scrubbers are not woken: the allocator zeroes what it takes, and they look at the
+    nodes again within their idle wait."""
+    freed = 0
+    if atomic_load(meta, M_RELINQUISH) == 0:
+        return freed
+    for slot in range(meta[M_MAX_DOMAINS]):
+        if atomic_load(doms, (slot, D_RELINQUISH)) != 0:
+            pages, _wake = relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot,
+                                             atomic_load(doms, (slot, D_ID)))
+            freed += max(pages, 0)
+    return freed
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
 def _forget_parked(doms, meta, slot):
     """Empty the domain's stacks of parked numpy blocks (native_kernels.parked) without
     touching the blocks, which a destroy frees (counted as D_UNPARKED); caller holds the
@@ -111,7 +158,7 @@ def _forget_parked(doms, meta, slot):
     _empty_parked(doms, slot)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _empty_parked(doms, slot):
     """Empty the parked-block stacks of slot ``slot``."""
     for order in range(NUMPY_PARK_ORDERS):

@@ -189,6 +189,8 @@ D_FREES = 11  # blocks freed (by free or destroy). Atomic.
 D_NUMPY_PAGES = 12  # pages in blocks pinned by numpy arrays (slabs included). Atomic.
 D_TOTAL_PAGES = 13  # pages ever allocated to the domain (cumulative). Atomic.
 D_DIRTIED_PAGES = 14  # pages the domain gave back dirty (cumulative): its scrub bill. Atomic.
+D_RELINQUISH = 15  # 1 from a deferred destroy until relinquish_memory has freed the blocks
+#                    no numpy array pins (under the lock; read atomically outside it)
 D_SLABS = 16  # SLAB_CLASSES heads of the lists of slabs with a free object (under the lock)
 D_PARKED = 24  # NUMPY_PARK_ORDERS heads (mfn + 1) of the stacks of blocks numpy freed that
 #                the domain keeps for its next arrays, by order (under the lock); a parked
@@ -214,16 +216,21 @@ SLAB_PARK_MAX = 64
 #  from -> to               who
 #  DOM_FREE -> DOM_ALIVE    open_domain, in a never-used slot (all-zero row)
 #  DOM_DEAD -> DOM_ALIVE    open_domain, reusing the slot (a new D_ID; old handles refused)
-#  DOM_ALIVE -> DOM_DYING   destroy_domain, under D_LOCK: forgets the parked stacks and
-#                           detaches every unpinned block (parked ones included)
-#  DOM_DYING -> DOM_DEAD    destroy_domain itself, when no numpy array pinned a block; else
-#                           free_pinned_block, when numpy frees the last pinned block
+#  DOM_ALIVE -> DOM_DYING   destroy_domain (Xen's domain_kill), under D_LOCK: forgets the
+#                           parked stacks and sets D_RELINQUISH; the blocks stay on the list
+#  DOM_ALIVE -> DOM_DEAD    destroy_domain, when the domain holds no block
+#  DOM_DYING -> DOM_DEAD    relinquish_memory, which frees every unpinned block (parked ones
+#                           included) and clears D_RELINQUISH, when no numpy array pinned a
+#                           block; else free_pinned_block, when numpy frees the last one
 #
+# relinquish_memory runs in the destroy itself ("sync" and debug modes, or no scrubber
+# running), else soon after it: in the first scrubber's chore, in any caller of the heap's
+# statistics, check() or wait_clean(), and in an allocator that finds the heap short.
 # Only DOM_ALIVE allocates and frees with free(); numpy's frees of pinned blocks also work
 # while DOM_DYING. Parked blocks (D_PARKED) stay on the domain's list, unpinned, in use.
 DOM_FREE = 0
 DOM_ALIVE = 1
-DOM_DYING = 2  # destroyed, but numpy arrays still use some of its blocks
+DOM_DYING = 2  # destroyed; its memory waits for relinquish_memory or numpy's frees
 DOM_DEAD = 3
 
 # --- meta: int64[META_FIELDS], read-only after creation ------------------------------------
@@ -251,7 +258,10 @@ M_PARKS = 17  # blocks numpy freed that were parked instead of freed. Atomic.
 M_REUSE = 18  # 1: domains keep their freed blocks for reuse (Heap reuse_bytes > 0, and neither
 #               "sync" nor debug mode, where a free must write the memory)
 M_UNPARKED = 19  # D_UNPARKED, heap-wide. Atomic.
-META_FIELDS = round_to_lines(M_UNPARKED + 1)  # 24: 3 cache lines
+M_RELINQUISH = 20  # destroyed domains whose relinquish_memory has not finished (D_RELINQUISH
+#                    set, or running): an allocator that finds the heap short relinquishes
+#                    them itself, and wait_clean() waits for them. Atomic.
+META_FIELDS = round_to_lines(M_RELINQUISH + 1)  # 24: 3 cache lines
 
 FAULT_NONE = 0
 FAULT_SCRUB_FAIL = 1  # the scrubber gives up after M_FAULT_ARG pages of a chunk and fails

@@ -16,10 +16,11 @@ the slab's own header instead.
 
 from numba import njit
 
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import NIL, PG_NEXT, PG_PREV
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def link_head(ft32, ends, head, tail, first, last):
     """Put the chain ``first``..``last`` (already linked among themselves; one entry when
     first == last) at the head of the list whose ends are ``ends[head]``, ``ends[tail]``."""
@@ -33,7 +34,7 @@ def link_head(ft32, ends, head, tail, first, last):
     ends[head] = first + 1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def link_tail(ft32, ends, head, tail, mfn):
     """Put entry ``mfn`` at the tail of the list."""
     old = ends[tail]
@@ -46,7 +47,7 @@ def link_tail(ft32, ends, head, tail, mfn):
     ends[tail] = mfn + 1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def unlink(ft32, ends, head, tail, mfn):
     """Take entry ``mfn`` off the list, clearing its links."""
     nxt = ft32[PG_NEXT, mfn]
@@ -63,7 +64,7 @@ def unlink(ft32, ends, head, tail, mfn):
     ft32[PG_PREV, mfn] = NIL
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def detach_all(ends, head, tail):
     """Empty the list at once; returns its first entry's link (the chain stays linked)."""
     first = ends[head]

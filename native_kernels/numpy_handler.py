@@ -12,6 +12,7 @@ from numba import carray, cfunc, njit, types
 
 from native_kernels.arrays import OLD_BYTES, array_alloc, array_free, array_realloc
 from native_kernels.atomics import atomic_load, fetch_add
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     DOM_FIELDS,
     FT8_FIELDS,
@@ -55,12 +56,12 @@ _REALLOC_SIG = types.voidptr(types.voidptr, types.voidptr, types.uintp)
 _FREE_SIG = types.void(types.voidptr, types.voidptr, types.uintp)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _context(ctx):
     return carray(pointer_to(voidptr_to_address(ctx), types.int64), CTX_FIELDS)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _state(c):
     """The state arrays named in context record ``c``."""
     n = c[CTX_NR_PAGES]
@@ -75,7 +76,7 @@ def _state(c):
     return ft32, ft8, nodes, lists, doms, meta, zone
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _take_small(ctx, nbytes):
     """small.take_small for context record ``ctx``: numpy's hot path builds only the arrays
     it reads (an address, 0 for the full path, or E_DEAD)."""
@@ -87,7 +88,7 @@ def _take_small(ctx, nbytes):
         c[CTX_SLOT], c[CTX_DOM_ID], nbytes)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _release_small(c, meta, addr):
     """small.release_small for context record ``c``, building only the arrays it reads."""
     n = c[CTX_NR_PAGES]
@@ -100,7 +101,7 @@ def _release_small(c, meta, addr):
                          meta, c[CTX_SLOT], c[CTX_DOM_ID], addr)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _array_alloc(ctx, nbytes):
     c = _context(ctx)
     ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
@@ -108,7 +109,7 @@ def _array_alloc(ctx, nbytes):
                        nbytes, c[CTX_NODE])
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _null_or(addr):
     return address_to_voidptr(addr if addr > 0 else 0)
 

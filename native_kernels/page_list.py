@@ -9,6 +9,7 @@ without scanning (as Xen's scrubbing series does: unscrubbed pages at the end of
 from numba import njit
 
 from native_kernels.atomics import add_locked, atomic_store
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     BUDDY_NOT_SCRUBBING,
     INVALID_DIRTY_IDX,
@@ -22,7 +23,7 @@ from native_kernels.layout import (
 from native_kernels.links import link_head, link_tail, unlink
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def page_list_add(ft32, lists, node, order, mfn, at_tail):
     """Link chunk ``mfn`` at the head (or tail) of list (node, order)."""
     head, tail = (node, order, L_HEAD), (node, order, L_TAIL)
@@ -33,14 +34,14 @@ def page_list_add(ft32, lists, node, order, mfn, at_tail):
     add_locked(lists, (node, order, L_COUNT), 1)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def page_list_del(ft32, lists, node, order, mfn):
     """Unlink chunk ``mfn`` from list (node, order)."""
     unlink(ft32, lists, (node, order, L_HEAD), (node, order, L_TAIL), mfn)
     add_locked(lists, (node, order, L_COUNT), -1)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def page_list_add_scrub(ft32, ft8, lists, node, order, mfn, first_dirty):
     """Make ``mfn`` a free chunk head of ``order``: clean to the head, dirty to the tail."""
     ft8[PG_ORDER, mfn] = order

@@ -14,6 +14,7 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import PAGE_SHIFT
 from native_kernels.raw import memset_bytes, pointer_to
 
@@ -64,7 +65,7 @@ def fill_pages(addr, npages, value):
     memset_bytes(addr, value, npages << PAGE_SHIFT)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def pages_hold(addr, npages, value):
     """True if every byte of ``npages`` pages from ``addr`` equals ``value``."""
     words = carray(pointer_to(addr, types.uint64), (npages << PAGE_SHIFT) >> 3)

@@ -20,6 +20,7 @@ from numba import njit, types
 from native_kernels.atomics import atomic_load, atomic_store, fetch_add, monotonic_ns
 from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import free_block, is_alive
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     D_LOCK,
     D_NUMPY_PAGES,
@@ -54,13 +55,13 @@ from native_kernels.raw import pointer_to
 # native_kernels.small explains: no reference-count calls around their array arguments.
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def _link_word(nodes, meta, mfn):
     """The first 8 bytes of block ``mfn``: the stack's next link (mfn + 1, or NIL)."""
     return pointer_to(page_address(nodes, node_of(meta, mfn), mfn), types.int64)
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn, limit):
     """Keep block ``mfn``, which numpy just freed, for the domain's next arrays, if its
     order's stack holds fewer than ``limit`` blocks (NUMPY_PARK_MAX for an array's block,
@@ -90,7 +91,7 @@ def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn, limit):
     return True
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
     """Take the top of the order's stack (caller holds the domain lock); its mfn or -1.
     ``pin``: for numpy again (count_reuse then counts it as an allocation)."""
@@ -106,7 +107,7 @@ def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
     return mfn
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
     """A parked block of ``order`` pinned for a new array: its address, or 0 if none."""
     if order >= NUMPY_PARK_ORDERS:
@@ -121,7 +122,7 @@ def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
     return page_address(nodes, node_of(meta, mfn), mfn)
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def count_reuse(doms, meta, slot, order):
     """Count a parked block taken back as an allocation, for the statistics (pyarrow's
     num_allocations and total bytes)."""
@@ -131,7 +132,7 @@ def count_reuse(doms, meta, slot, order):
     fetch_add(meta, M_TOTAL_PAGES, 1 << order)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     """Give every parked block of the domain back to the heap, dirty (an allocation found
     the quota or the heap short, or the stacks sat idle). Returns the blocks freed."""

@@ -9,6 +9,8 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from native_kernels.jit import INTERNAL
+
 
 @intrinsic
 def trailing_zeros(typingctx, word):
@@ -90,14 +92,14 @@ def _array_address(typingctx, ary):
     return types.int64(ary), codegen
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def fill_row(flags, row, start, count, value):
     """``flags[row, start:start + count] = value`` for a C-contiguous 2-D uint8 array, as one
     memset: numba compiles the slice assignment to a per-element loop."""
     memset_bytes(_array_address(flags) + row * flags.shape[1] + start, value, count)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def fill_row32(words, row, start, count, value):
     """``words[row, start:start + count] = value`` for a C-contiguous 2-D uint32 array, as a
     plain loop over a raw pointer, which LLVM vectorizes (the slice assignment is not)."""

@@ -21,6 +21,7 @@ from native_kernels.atomics import (
 )
 from native_kernels.buddy import page_address
 from native_kernels.cleaning import zero_dirty_runs
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     BUDDY_NOT_SCRUBBING,
     BUDDY_SCRUB_ABORT,
@@ -52,7 +53,7 @@ from native_kernels.page_list import page_list_add_scrub, page_list_del
 NOTHING_DIRTY = -1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _let_go(ft32, ft8, head, progress, size):
     """Hand the chunk back without the lock, keeping the progress made (release order).
 
@@ -85,7 +86,7 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     return result
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages,
                      charges):
     spin_lock(nodes, node, N_LOCK)

@@ -11,6 +11,8 @@ from numba import njit, types
 from native_kernels.atomics import atomic_load
 from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import MFN_MASK, alloc_block, free_pinned_block, holds_blocks, is_alive
+from native_kernels.domain_life import relinquish_dying
+from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     D_LOCK,
     D_SLABS,
@@ -62,7 +64,7 @@ SLAB_MIN_SHIFT = SLAB_MIN_OBJECT.bit_length() - 1  # objects of class c: 1 << (t
 # they reach slab headers through raw pointers.
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def size_class(nbytes):
     """The smallest class whose objects hold ``nbytes``."""
     cls = 0
@@ -71,7 +73,7 @@ def size_class(nbytes):
     return cls
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def order_for_bytes(meta, nbytes):
     """The smallest order whose block holds ``nbytes`` (> 0), or -1 past the largest chunk.
 
@@ -85,25 +87,25 @@ def order_for_bytes(meta, nbytes):
     return order
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def slab_order(cls):
     """Order of a class's slab block: one page up to 256-byte objects, then larger."""
     return max(0, cls - 4)
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def slab_capacity(cls):
     """Objects per slab of class ``cls``."""
     return ((PAGE_SIZE << slab_order(cls)) - SLAB_HEADER_BYTES) >> (SLAB_MIN_SHIFT + cls)
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def block_address(nodes, meta, mfn):
     """Address of block ``mfn``."""
     return page_address(nodes, node_of(meta, mfn), mfn)
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def _slab_push(nodes, meta, doms, slot, cls, mfn):
     """Put slab ``mfn`` at the head of its class's list; caller holds the domain lock."""
     head = doms[slot, D_SLABS + cls]
@@ -115,7 +117,7 @@ def _slab_push(nodes, meta, doms, slot, cls, mfn):
     doms[slot, D_SLABS + cls] = mfn + 1
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def _slab_remove(nodes, meta, doms, slot, cls, mfn):
     """Take slab ``mfn`` off its class's list; caller holds the domain lock."""
     hdr = pointer_to(block_address(nodes, meta, mfn), types.uint64)
@@ -131,7 +133,7 @@ def _slab_remove(nodes, meta, doms, slot, cls, mfn):
     hdr[SH_PREV] = NIL
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def _take_object(nodes, meta, doms, slot, cls):
     """An object from the first slab of the class with room, or 0; under the domain lock."""
     link = doms[slot, D_SLABS + cls]
@@ -155,7 +157,7 @@ def _take_object(nodes, meta, doms, slot, cls):
     return 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def _init_slab(nodes, meta, mfn, cls):
     """Write the header of a new, empty slab of class ``cls`` at block ``mfn``: the block
     may hold the debug pattern, or a parked block's link and its domain's old bytes."""
@@ -165,7 +167,7 @@ def _init_slab(nodes, meta, mfn, cls):
     hdr[SH_CLASS] = cls + 1
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def take_small(nodes, doms, meta, slot, dom_id, nbytes):
     """numpy's hot path for ``nbytes`` (1 to SLAB_MAX_OBJECT): an object of the first listed
     slab of its class, under the domain lock alone. Its address; 0 if no slab of the class
@@ -185,20 +187,22 @@ def take_small(nodes, doms, meta, slot, dom_id, nbytes):
     return addr
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref):
     """A block pinned for numpy (alloc_block); if the quota or the heap is short, the
-    domain's parked blocks go back to the heap first and it tries once more."""
+    domain's parked blocks go back to the heap first (or, the heap short, destroyed
+    domains' memory is relinquished) and it tries once more."""
     packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
                          node_pref, types.boolean(False), types.boolean(True))
-    if packed in (E_QUOTA, E_NOMEM) and flush_parked(
-            ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+    if (packed in (E_QUOTA, E_NOMEM) and flush_parked(
+            ft32, ft8, nodes, lists, doms, meta, slot, dom_id)) or (
+            packed == E_NOMEM and relinquish_dying(ft32, ft8, nodes, lists, doms, meta)):
         packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
                              node_pref, types.boolean(False), types.boolean(True))
     return packed
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
     addr = take_small(nodes, doms, meta, slot, dom_id, nbytes)
     if addr != 0:
@@ -241,7 +245,7 @@ def small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
     return addr
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def page_of(nodes, meta, addr):
     """The mfn holding address ``addr``, or -1 if no arena holds it."""
     for node in range(meta[M_NR_NODES]):
@@ -251,7 +255,7 @@ def page_of(nodes, meta, addr):
     return -1
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def find_slab(ft32, ft8, nodes, meta, slot, page):
     """The head of the slab of ``slot`` holding page ``page``, or -1; under the domain lock."""
     base = nodes[node_of(meta, page), N_BASE]
@@ -265,7 +269,7 @@ def find_slab(ft32, ft8, nodes, meta, slot, page):
     return -1
 
 
-@njit(nogil=True, cache=True, _nrt=False)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
     """numpy's hot path for freeing slab object ``addr``, under the domain lock alone (few
     arrays, as take_small). 0 if done; E_BAD_FREE if it is no object of this domain in
@@ -302,7 +306,7 @@ def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
     return head + 1 if empty else 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, **INTERNAL)
 def drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head):
     """Slab ``head``, which release_small emptied: off every list, so nobody takes an object
     from it meanwhile. Kept for the domain's next slab of its order, or freed; 1 if a

@@ -21,13 +21,15 @@ The surface:
   ``all_nodes`` or some).
 - Memory: ``node_of``, ``locate``, ``bytes_at`` (a uint8 view of some pages).
 - Domains: ``live_domains``, ``flush_reuse``, ``free_dropped``, slots (``take_slot``,
-  ``retire_slot``),
+  ``retire_slot``), destroyed domains' memory (``relinquishing``, ``relinquish``,
+  ``relinquish_pending``),
   ``reuse_retired`` (destroyed domains' reuse counters), ``numpy_handlers``.
 - Scrubbers: ``scrubbers`` and ``scrubber_of`` (node -> index), set by the Heap.
 """
 
 from __future__ import annotations
 
+import collections
 import numbers
 import threading
 import weakref
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from native_kernels import domain_life
+from native_kernels import api, domain_life
 from native_kernels.buddy import init_heap
 from native_kernels.counters import column_sum
 from native_kernels.layout import (
@@ -50,8 +52,10 @@ from native_kernels.layout import (
     M_NR_NODES,
     M_NR_PAGES,
     M_PAGES_PER_NODE,
+    M_RELINQUISH,
     M_REUSE,
     MAX_ORDER_LIMIT,
+    MODE_IDLE,
     N_ADDR,
     N_BASE,
     N_NEED_SCRUB,
@@ -99,6 +103,7 @@ class HeapCore:
         self.arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["doms"], s["meta"])
         self.node_arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
         self.zone = s["zone"]
+        self.meta_row = s["meta"].reshape(1, -1)  # meta as a row, for the counter kernels
         self._cpu_node = topology.cpu_to_node()
 
         self.lock = threading.Lock()  # domain slots, the live set and the closed flag
@@ -107,7 +112,13 @@ class HeapCore:
         self.closed_reason = "the heap is closed"
         self.numpy_handlers = 0  # numpy handlers made; their arrays may outlive close()
         self._free_slots = list(range(max_domains - 1, -1, -1))
-        self._dying_slots: list[int] = []
+        # Destroyed domains' slots until they are DOM_DEAD, each with its Domain, which
+        # gets its final statistics row before the slot goes to another domain.
+        self._dying_slots: list[tuple[int, weakref.ref[Domain]]] = []
+        # (slot, id, Python-side records to drop) of domains destroyed with their
+        # relinquish_memory left to relinquish()
+        self.relinquishing: collections.deque[tuple[int, int, object]] = collections.deque()
+        self._relinquish_lock = threading.Lock()  # one relinquish() at a time: see there
         self._next_id = 1
         # Live domains: to drain their reuse caches, and to drop their numpy handlers at
         # close. Changed and copied under self.lock (live_domains): the scrubber reads it.
@@ -227,6 +238,8 @@ class HeapCore:
 
     def take_slot(self, max_pages: int) -> tuple[int, int]:
         """A free domain slot, opened for a new domain: (slot, domain id)."""
+        if not self._free_slots:  # destroyed domains' slots come free once relinquished
+            self.relinquish()
         with self.lock:
             if self.closed:
                 raise HeapClosed(self.closed_reason)
@@ -242,18 +255,51 @@ class HeapCore:
         domain_life.open_domain(self.state["doms"], slot, dom_id, max_pages)
         return slot, dom_id
 
-    def retire_slot(self, slot: int) -> None:
-        """A destroyed domain's slot: free now, or once numpy frees its last pinned block."""
+    def retire_slot(self, dom: Domain) -> None:
+        """A destroyed domain's slot: free once the domain is laid to rest (its memory
+        relinquished and numpy's last pinned block freed)."""
         with self.lock:
-            self._dying_slots.append(slot)
+            self._dying_slots.append((dom._slot, weakref.ref(dom)))
 
     def _reap_slots(self) -> None:
-        """Move slots of domains laid to rest to the free list; caller holds self.lock."""
+        """Move slots of domains laid to rest to the free list, keeping each one's last
+        statistics row on its Domain; caller holds self.lock."""
         doms = self.state["doms"]
         still_dying = []
-        for slot in self._dying_slots:
-            if domain_life.domain_row(doms, slot)[D_STATE] == DOM_DEAD:
+        for slot, dom_ref in self._dying_slots:
+            row = domain_life.domain_row(doms, slot)
+            if row[D_STATE] == DOM_DEAD:
+                dom = dom_ref()
+                if dom is not None:
+                    dom._final_row = row
                 self._free_slots.append(slot)
             else:
-                still_dying.append(slot)
+                still_dying.append((slot, dom_ref))
         self._dying_slots = still_dying
+
+    def relinquish(self) -> None:
+        """Run relinquish_memory for the domains destroyed since the last call (the first
+        scrubber's chore calls this at once; so do the statistics, check() and
+        wait_clean()): their blocks go back to the heap, dirty, and those nodes' scrubbers
+        wake. Returns once every domain queued before the call is done, also one that
+        another thread's call was relinquishing meanwhile. Their Python-side records
+        (xenheap.reuse) are dropped here too."""
+        if not self.relinquishing or self.closed:
+            return
+        with self._relinquish_lock:
+            while self.relinquishing and not self.closed:
+                slot, dom_id, _records = self.relinquishing.popleft()  # dropped here
+                _pages, wake = self.call(api.heap_relinquish, slot, dom_id)
+                if wake:
+                    self.wake(wake)
+
+    def defers_relinquish(self) -> bool:
+        """Whether a destroy leaves relinquish_memory to the first scrubber's chore: with
+        idle scrubbing running, outside debug mode (whose frees poison at once)."""
+        return (self.mode == MODE_IDLE and not self.debug and bool(self.scrubbers)
+                and self.scrubbers[0].is_alive())
+
+    def relinquish_pending(self) -> bool:
+        """True while some destroyed domain's relinquish_memory has not finished (also one
+        an allocator runs because it found the heap short)."""
+        return int(column_sum(self.meta_row, M_RELINQUISH, self.all_nodes[:1])) != 0

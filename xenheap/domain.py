@@ -106,6 +106,8 @@ class Domain:
         Every field is in xenheap.stats."""
         if self._dropped:
             self._free_dropped()
+        if self._destroyed:
+            self.core.relinquish()
         return domain_stats(self)
 
     def _free_dropped(self) -> int:
@@ -332,13 +334,15 @@ class Domain:
                     and row[D_PARKED_COUNT:D_PARKED_COUNT + NUMPY_PARK_ORDERS].any())
 
     def destroy(self) -> None:
-        """Free all the domain's memory. Returns at once, leaving the pages dirty for the
-        scrubbers, except in "sync" mode, which zeroes every page before returning."""
+        """Free all the domain's memory. Returns at once: the first scrubber's thread frees
+        the blocks right after (Xen's relinquish_memory), dirty, for the scrubbers. In
+        "sync" mode every page is zeroed before this returns; in "alloc" and debug mode
+        the blocks are freed (and poisoned) before it returns."""
         core = self.core
         core.refuse_if_forked()  # before the cache's lock: a parent thread may hold it
         reuse = self._reuse
-        if reuse is not None:  # parked blocks are on the domain's list: freed below
-            reuse.count_returned(len(reuse.drain(close=True)))
+        # Parked blocks are on the domain's list: they go with it.
+        records = reuse.retire() if reuse is not None else None
         with core.lock:  # off the heap's live list, once; its reuse counters move there
             if self in core.domains:
                 core.domains.discard(self)
@@ -346,16 +350,19 @@ class Domain:
                     hits, pages, parks, returned = core.reuse_retired
                     core.reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
                                            parks + reuse.parks, returned + reuse.returned)
-        status, wake = core.call(api.heap_destroy, self._slot, self.id)
+        defer = core.defers_relinquish()
+        status, wake = core.call(api.heap_destroy, self._slot, self.id, defer)
         if status < 0:
             raise DomainDead(f"{self!r} was already destroyed")
         self._destroyed = True
-        self._dropped.clear()  # their blocks went with the domain
+        self._dropped.clear()  # their blocks go with the domain
         self._capsule = None  # arrays made with it hold their own reference
-        self._final_row = domain_row(core.state["doms"], self._slot)
         core.charges.destroyed(self.id)
-        core.retire_slot(self._slot)
-        if wake:
+        core.retire_slot(self)
+        if defer:  # the first scrubber's chore frees the blocks (HeapCore.relinquish)
+            core.relinquishing.append((self._slot, self.id, records))
+            core.scrubbers[0].wakeup.set()
+        elif wake:
             core.wake(wake)
 
     def numpy_allocator(self) -> contextlib.AbstractContextManager[Domain]:

@@ -143,16 +143,20 @@ class Heap:
         return list(self.core.scrubbers)
 
     def _tick(self) -> None:
-        """Periodic chores, done by the first scrubber at most every TICK_S: dropped
-        blocks and idle domains' parked blocks go back to the heap, and the allocators'
-        scrub charges into the book before their slots fill up."""
+        """The first scrubber's chores: destroyed domains' memory is relinquished at once;
+        at most every TICK_S, dropped blocks and idle domains' parked blocks go back to
+        the heap, and the allocators' scrub charges into the book before their slots fill
+        up."""
         now = time.monotonic()
-        if now < self._next_tick or not self._chores.acquire(blocking=False):
-            return  # not yet, or check() is looking at the heap: its frees would show
+        due = now >= self._next_tick
+        if not (due or self.core.relinquishing) or not self._chores.acquire(blocking=False):
+            return  # nothing to do yet, or check() is looking at the heap: frees would show
         try:
-            self._next_tick = now + TICK_S
-            self._tidy_domains()
-            self.core.charges.drain_allocators(self.core.state["nodes"], self.nodes)
+            self.core.relinquish()  # at once: a destroy just handed it over
+            if due:
+                self._next_tick = now + TICK_S
+                self._tidy_domains()
+                self.core.charges.drain_allocators(self.core.state["nodes"], self.nodes)
         finally:
             self._chores.release()
 
@@ -194,6 +198,7 @@ class Heap:
         pools use (bytes_allocated, max_memory, total_bytes_allocated, num_allocations),
         in pages where pages are the point; xenheap.stats documents every field."""
         self.core.refuse_if_forked()
+        self.core.relinquish()
         self.core.free_dropped()
         return collect.heap_stats(self)
 
@@ -201,6 +206,7 @@ class Heap:
         """Free pages per node and order, then unscrubbed pages per node (after Xen's 'H'
         debug key), under the heading ``xenheap: heap info (<Heap ...>)``."""
         self.core.refuse_if_forked()
+        self.core.relinquish()
         return collect.dump(self)
 
     def check(self) -> None:
@@ -215,6 +221,7 @@ class Heap:
             if self.core.closed:
                 raise HeapClosed(self.core.closed_reason)
         with self._chores:
+            self.core.relinquish()  # destroyed domains' memory is on the free lists
             code, mfn = check_kernels.check_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"],
                                                  s["doms"], s["meta"])
         if code != check_kernels.OK:
@@ -227,7 +234,8 @@ class Heap:
         heap in the background, so it answers at once.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.core.dirty_pages() != 0:
+        self.core.relinquish()
+        while self.core.dirty_pages() != 0 or self.core.relinquish_pending():
             if not any(s.is_alive() for s in self.core.scrubbers):
                 return False
             if deadline is not None and time.monotonic() >= deadline:
@@ -254,6 +262,7 @@ class Heap:
         limit = self.total_pages if nbytes is None else \
             min(self.total_pages, -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE))
         self.core.refuse_if_forked()
+        self.core.relinquish()
         with self._release_lock:
             return release_unused(self.core, limit)
 
@@ -275,6 +284,7 @@ class Heap:
         stop_all(self.core.scrubbers)
         while api.close_heap(meta):  # calls already in kernels finish first
             time.sleep(0.0005)
+        self.core.relinquishing.clear()  # destroyed domains' memory goes with the heap
         stuck = [s.name for s in self.core.scrubbers if s.is_alive()]
         arrays = self.core.numpy_handlers and numpy_handlers_live(self.core.state)
         # The scrubbers and the numpy handlers' records hold the arenas themselves.

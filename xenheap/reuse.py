@@ -165,6 +165,19 @@ class ReuseCache:
                 self.views.clear()
         return out
 
+    def retire(self) -> tuple[dict, ...]:
+        """Close the cache for its domain's destroy: the parked blocks go with the domain.
+        Returns the per-block records (issued blocks, views) for the caller to drop
+        later: freeing one record per block the domain ever held would cost the destroy
+        more than the rest of it."""
+        with self._lock:
+            self.closed = True
+            self.returned += sum(map(len, self._lists))
+            self._lists = [[] for _ in range(REUSE_MAX_ORDER + 1)]
+            records = (self.issued, self.views, self.memoryviews)
+            self.issued, self.views, self.memoryviews = {}, {}, {}
+        return records
+
     def _forget_views(self, mfn: int) -> None:
         """Drop block ``mfn``'s views: it goes back to the heap (caller holds the lock)."""
         mv = self.memoryviews.pop(mfn, None)

@@ -210,6 +210,9 @@ INVARIANTS = {
     check.BAD_STATE: "a page's state disagrees with the list that holds it",
     check.DIRTY_IN_USE: "an allocated page still needs scrubbing",
     check.BAD_OWNER: "a block's owner is not the domain whose list holds it",
-    check.DOMAIN_COUNT: "a domain's page or block counter differs from its list",
-    check.DYING_DOMAIN: "a destroyed domain holds a block no numpy array uses, or none",
+    check.DOMAIN_COUNT: "a domain's page or block counter differs from its list, or the "
+                        "count of domains waiting to be relinquished is off",
+    check.DYING_DOMAIN: "a destroyed domain whose memory was relinquished holds a block no "
+                        "numpy array uses, or none; or a domain not destroyed waits for "
+                        "relinquishing",
 }

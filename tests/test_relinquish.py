@@ -1,0 +1,121 @@
+"""A destroy only marks the domain (Xen's domain_kill); its memory is relinquished after
+(relinquish_memory, native_kernels.domain_life; HeapCore.relinquish): by the first
+scrubber's chore, by an allocator that finds the heap short, and before any statistics,
+check() or wait_clean() look. A scrubber stalled mid-chunk (fault injection, 3 s) holds
+the chore back, so each test sees the memory still waiting; each ends within the stall.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import xenheap
+from native_kernels.domain_life import domain_row
+from native_kernels.layout import BUDDY_SCRUBBING, D_STATE, DOM_DEAD, PG_SCRUB_STATE
+from xenheap.faults import inject_fault
+
+STALL_US = 3_000_000
+MiB = 1 << 20
+
+
+def stall_the_scrubber(heap: xenheap.Heap) -> xenheap.Block:
+    """Park the (only) scrubber mid-chunk for STALL_US, holding a dirty 8 MiB chunk whose
+    buddy the returned block keeps from merging; returns once it holds the chunk. Keep the
+    block: freed, it would merge with that chunk, and the free wait out the stall."""
+    inject_fault(heap, "scrub_stall", STALL_US)
+    keeper = heap.create_domain()
+    kept, dirty = keeper.alloc_bytes(8 * MiB), keeper.alloc_bytes(8 * MiB)
+    dirty.array()[:] = 0xEE
+    dirty.free()
+    ft8 = heap.core.state["ft8"]
+    deadline = time.monotonic() + 30
+    while not (ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING).any():
+        assert time.monotonic() < deadline, "the scrubber never took the chunk"
+        time.sleep(0.001)
+    inject_fault(heap, None)  # this stall goes on; the next chunk would stall again
+    return kept
+
+
+def wait_for_the_stall(heap: xenheap.Heap) -> None:
+    assert heap.wait_clean(60)
+    heap.check()
+
+
+def test_destroy_leaves_the_memory_to_the_first_scrubbers_chore() -> None:
+    with xenheap.Heap("64MiB") as heap:
+        kept = stall_the_scrubber(heap)
+        dom = heap.create_domain()
+        dom.populate(32 * MiB, order=0)
+        dom.destroy()
+        assert heap.core.relinquish_pending()  # the chore waits behind the stalled scrub
+        assert len(heap.core.relinquishing) == 1
+        slot = dom._slot
+        assert domain_row(heap.core.state["doms"], slot)[D_STATE] != DOM_DEAD
+        deadline = time.monotonic() + 30
+        while heap.core.relinquish_pending():  # nothing here asks for it: only the chore
+            assert time.monotonic() < deadline, "the chore never relinquished the domain"
+            time.sleep(0.005)
+        assert not heap.core.relinquishing
+        assert domain_row(heap.core.state["doms"], slot)[D_STATE] == DOM_DEAD
+        assert heap.stats()["bytes_allocated"] == kept.nbytes
+        wait_for_the_stall(heap)
+
+
+def test_statistics_and_check_see_a_destroyed_domains_memory_back_in_the_heap() -> None:
+    with xenheap.Heap("64MiB") as heap:
+        kept = stall_the_scrubber(heap)
+        dom = heap.create_domain()
+        dom.populate(32 * MiB, order=9)
+        dom.destroy()
+        assert heap.core.relinquish_pending()
+        stats = heap.stats()
+        assert stats["bytes_allocated"] == kept.nbytes
+        assert stats["dirty_pages"] >= (32 * MiB) // heap.page_size
+        assert not heap.core.relinquish_pending()
+        assert dom.stats()["pages"] == 0
+        assert dom.stats()["num_frees"] == 16
+        heap.check()
+        wait_for_the_stall(heap)
+
+
+def test_an_allocator_short_of_memory_relinquishes_a_destroyed_domain_itself() -> None:
+    with xenheap.Heap("64MiB") as heap:
+        kept = stall_the_scrubber(heap)
+        # 48 MiB are free besides the stalled chunk: one domain takes them all, is destroyed,
+        # and the next tenants need them while the chore still waits.
+        for take in ("populate", "alloc", "numpy"):
+            dom = heap.create_domain()
+            dom.populate(48 * MiB, order=9)
+            dom.destroy()
+            assert heap.core.relinquish_pending()
+            tenant = heap.create_domain()
+            if take == "populate":
+                assert tenant.populate(48 * MiB, order=9) == 24
+            elif take == "alloc":
+                blocks = [tenant.alloc(12) for _ in range(3)]  # 16 MiB blocks
+                assert not any(blk.array().any() for blk in blocks)  # dirty, zeroed for it
+            else:
+                with tenant.numpy_allocator():
+                    a = np.zeros(12 * MiB, dtype=np.uint8)  # a 16 MiB block
+                assert not a.any()
+                del a
+            assert heap.core.relinquishing, take  # the chore never got to the destroyed domain
+            assert not heap.core.relinquish_pending()
+            tenant.destroy()
+            # relinquishes the tenant, for the next round: only the keeper's block is held
+            assert heap.stats()["bytes_allocated"] == kept.nbytes
+        wait_for_the_stall(heap)
+
+
+def test_a_new_domain_gets_a_slot_a_destroyed_domain_still_held() -> None:
+    with xenheap.Heap("64MiB", max_domains=3) as heap:
+        kept = stall_the_scrubber(heap)  # its keeper takes one slot
+        for _ in range(5):
+            dom = heap.create_domain()
+            dom.populate(4 * MiB, order=0)
+            dom.destroy()
+            assert heap.core.relinquishing  # the chore still waits
+        assert heap.stats()["bytes_allocated"] == kept.nbytes
+        wait_for_the_stall(heap)
