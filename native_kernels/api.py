@@ -6,13 +6,31 @@ sequentially consistent read-modify-writes, so either the caller sees the flag o
 sees the caller (Dekker's handshake), without a Python lock on the hot path.
 """
 
-from numba import njit, types
+from numba import carray, njit, types
 
 from native_kernels.atomics import fetch_add, fetch_or
 from native_kernels.domain import alloc_block, free_block, populate
 from native_kernels.domain_life import destroy_domain, relinquish_dying, relinquish_memory
-from native_kernels.layout import E_CLOSED, E_NOMEM, M_CLOSED, M_IN_FLIGHT
+from native_kernels.jit import INTERNAL
+from native_kernels.layout import E_CLOSED, E_NOMEM, M_CLOSED, M_IN_FLIGHT, HeapState
 from native_kernels.parked import flush_parked
+from native_kernels.raw import pointer_to
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
+def borrowed_state(ft32, ft8, nodes, lists, doms, meta, zone):
+    """The arrays Python passed, as a HeapState of views that own nothing (as the numpy
+    handler's are): numba counts no references to them as the kernels below pass them on,
+    each count an atomic add on a word every thread shares. Python holds the arrays for
+    the whole call."""
+    return HeapState(
+        carray(pointer_to(types.int64(ft32.ctypes.data), types.uint32), ft32.shape),
+        carray(pointer_to(types.int64(ft8.ctypes.data), types.uint8), ft8.shape),
+        carray(pointer_to(types.int64(nodes.ctypes.data), types.int64), nodes.shape),
+        carray(pointer_to(types.int64(lists.ctypes.data), types.int64), lists.shape),
+        carray(pointer_to(types.int64(doms.ctypes.data), types.int64), doms.shape),
+        carray(pointer_to(types.int64(meta.ctypes.data), types.int64), meta.shape),
+        carray(pointer_to(types.int64(zone.ctypes.data), types.int64), zone.shape))
 
 
 @njit(nogil=True, cache=True)
@@ -52,13 +70,12 @@ def heap_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, n
     """domain.alloc_block for the Python API (never pinned), without the GIL."""
     if not enter_heap(meta):
         return E_CLOSED
+    hs = borrowed_state(ft32, ft8, nodes, lists, doms, meta, zone)
     # pinned as a run-time bool, as numpy's allocations pass it: one compiled alloc_block
     # serves both (see native_kernels.domain).
-    result = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                         node_pref, exact, types.boolean(False))
-    if result == E_NOMEM and relinquish_dying(ft32, ft8, nodes, lists, doms, meta):
-        result = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                             node_pref, exact, types.boolean(False))
+    result = alloc_block(hs, slot, dom_id, order, node_pref, exact, types.boolean(False))
+    if result == E_NOMEM and relinquish_dying(hs):
+        result = alloc_block(hs, slot, dom_id, order, node_pref, exact, types.boolean(False))
     leave_heap(meta)
     return result
 
@@ -72,19 +89,21 @@ def heap_alloc_short(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, or
 
 
 @njit(nogil=True, cache=True)
-def heap_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
+def heap_free(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, mfn, order, tag):
     """domain.free_block for the Python API, without the GIL."""
     if not enter_heap(meta):
         return E_CLOSED
-    result = free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
+    hs = borrowed_state(ft32, ft8, nodes, lists, doms, meta, zone)
+    result = free_block(hs, slot, dom_id, mfn, order, tag)
     leave_heap(meta)
     return result
 
 
 @njit(nogil=False, cache=True)
-def heap_free_short(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
+def heap_free_short(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, mfn, order, tag):
     """heap_free holding the GIL, for frees that zero or poison nothing large."""
-    return heap_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag)
+    return heap_free(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, mfn, order,
+                     tag)
 
 
 @njit(nogil=True, cache=True)
@@ -94,44 +113,46 @@ def heap_alloc_many(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, cou
     (``out`` without rows: populate, handles not wanted)."""
     if not enter_heap(meta):
         return E_CLOSED
-    result = populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order,
-                      node_pref, exact, out)
-    if result == E_NOMEM and relinquish_dying(ft32, ft8, nodes, lists, doms, meta):
-        result = populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count,
-                          order, node_pref, exact, out)
+    hs = borrowed_state(ft32, ft8, nodes, lists, doms, meta, zone)
+    result = populate(hs, slot, dom_id, count, order, node_pref, exact, out)
+    if result == E_NOMEM and relinquish_dying(hs):
+        result = populate(hs, slot, dom_id, count, order, node_pref, exact, out)
     leave_heap(meta)
     return result
 
 
 @njit(nogil=True, cache=True)
-def heap_flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+def heap_flush_parked(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id):
     """parked.flush_parked for the Python API: the blocks freed."""
     if not enter_heap(meta):
         return E_CLOSED
-    result = flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)
+    hs = borrowed_state(ft32, ft8, nodes, lists, doms, meta, zone)
+    result = flush_parked(hs, slot, dom_id)
     leave_heap(meta)
     return result
 
 
 @njit(nogil=True, cache=True)
-def heap_destroy(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, defer):
+def heap_destroy(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, defer):
     """domain_life.destroy_domain for the Python API, then relinquish_memory unless
     ``defer`` (the caller has it done soon after): (status, node mask to wake)."""
     if not enter_heap(meta):
         return E_CLOSED, 0
+    hs = borrowed_state(ft32, ft8, nodes, lists, doms, meta, zone)
     status = destroy_domain(doms, meta, slot, dom_id)
     wake = 0
     if status == 0 and not defer:
-        wake = relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)[1]
+        wake = relinquish_memory(hs, slot, dom_id)[1]
     leave_heap(meta)
     return status, wake
 
 
 @njit(nogil=True, cache=True)
-def heap_relinquish(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+def heap_relinquish(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id):
     """domain_life.relinquish_memory for the Python API: (pages freed or -1, wake mask)."""
     if not enter_heap(meta):
         return E_CLOSED, 0
-    result = relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot, dom_id)
+    hs = borrowed_state(ft32, ft8, nodes, lists, doms, meta, zone)
+    result = relinquish_memory(hs, slot, dom_id)
     leave_heap(meta)
     return result

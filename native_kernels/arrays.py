@@ -45,29 +45,28 @@ OLD_BYTES = 1  # flag in an address from array_alloc: the memory may hold old by
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
+def array_alloc(hs, slot, dom_id, nbytes, node_pref):
     """Memory for ``nbytes`` of array data owned by the domain; an address, or an error < 0.
 
     The address has OLD_BYTES set when the memory may hold the domain's own earlier bytes,
     as malloc's would (a slab object, a parked block); otherwise it comes zeroed.
     """
+    nodes, meta = hs.nodes, hs.meta
     if atomic_load(meta, M_CLOSED):
         return E_DEAD
     if nbytes < 0:  # a size_t past int64: more than any heap holds
         return E_NOMEM
     nbytes = max(nbytes, 1)
     if nbytes <= SLAB_MAX_OBJECT:
-        addr = small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
-                            node_pref)
+        addr = small_alloc(hs, slot, dom_id, nbytes, node_pref)
         return addr | OLD_BYTES if addr > 0 else addr
     order = order_for_bytes(meta, nbytes)
     if order < 0:
         return E_NOMEM
-    addr = take_parked(ft32, nodes, doms, meta, slot, dom_id, order)
+    addr = take_parked(hs, slot, dom_id, order)
     if addr:
         return addr | OLD_BYTES
-    packed = alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                           node_pref)
+    packed = alloc_pinned(hs, slot, dom_id, order, node_pref)
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
@@ -75,24 +74,26 @@ def array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr):
+def array_free(hs, slot, dom_id, addr):
     """Give back what array_alloc returned; 1 if a scrubber should wake, else 0 or < 0."""
+    ft32, ft8, nodes, doms, meta = hs.ft32, hs.ft8, hs.nodes, hs.doms, hs.meta
     if addr & (PAGE_SIZE - 1):
         head = release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
         if head <= 0:
             return head
-        return drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head - 1)
+        return drop_empty_slab(hs, slot, dom_id, head - 1)
     page = page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
-    if park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, page, NUMPY_PARK_MAX):
+    if park_block(hs, slot, dom_id, page, NUMPY_PARK_MAX):
         return 0
-    return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, page)
+    return free_pinned_block(hs, slot, dom_id, page)
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
+def array_capacity(hs, slot, dom_id, addr):
     """Bytes usable at ``addr`` (its object's or block's size), or an error < 0."""
+    ft32, ft8, nodes, doms, meta = hs.ft32, hs.ft8, hs.nodes, hs.doms, hs.meta
     page = page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
@@ -111,24 +112,21 @@ def array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, addr, nbytes,
-                  node_pref):
+def array_realloc(hs, slot, dom_id, addr, nbytes, node_pref):
     """Resize array data keeping its bytes: in place while the new size fits and uses more
     than half the room; else allocate, copy, free. An address, or an error < 0."""
     if addr == 0:
-        new = array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
-                          node_pref)
+        new = array_alloc(hs, slot, dom_id, nbytes, node_pref)
         return new & ~OLD_BYTES if new > 0 else new
-    room = array_capacity(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
+    room = array_capacity(hs, slot, dom_id, addr)
     if room < 0:
         return room
     if room // 2 < nbytes <= room:
         return addr
-    new = array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
-                      node_pref)
+    new = array_alloc(hs, slot, dom_id, nbytes, node_pref)
     if new < 0:
         return new
     new &= ~OLD_BYTES
     memcpy_bytes(new, addr, min(room, nbytes))
-    array_free(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, addr)
+    array_free(hs, slot, dom_id, addr)
     return new

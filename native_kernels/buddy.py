@@ -149,12 +149,13 @@ def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _take_chunk(ft32, ft8, nodes, lists, node, head, j, order):
+def _take_chunk(hs, node, head, j, order):
     """Unlink chunk (head, j) and give back all but 2^order pages; returns (mfn, tag).
 
     As in Xen, the lower halves go back to the lists carrying first_dirty, and the block is
     the chunk's top part. Caller holds the node's lock.
     """
+    ft32, ft8, nodes, lists = hs.ft32, hs.ft8, hs.nodes, hs.lists
     check_and_stop_scrub(ft8, nodes, node, head)
     first_dirty = atomic_load(ft32, (PG_FIRST_DIRTY, head))
     page_list_del(ft32, lists, node, j, head)
@@ -190,13 +191,14 @@ def _split_tag(ft32, chunk_tag, pg):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exact):
+def alloc_heap_pages(hs, node_pref, order, exact):
     """Take a block of 2^order pages; returns ``tag << 32 | mfn`` or E_NOMEM.
 
     Pass 1 takes only clean chunks, on the preferred node and then the others by distance
     (``exact``: that node only); pass 2 accepts dirty ones. The block's dirty pages are
     zeroed by the caller after the lock is dropped (scrub_taken_block).
     """
+    ft32, ft8, nodes, lists, meta, zone = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta, hs.zone
     max_order = meta[M_MAX_ORDER]
     nr_nodes = 1 if exact else meta[M_NR_NODES]
     for use_dirty in (False, True):
@@ -207,7 +209,7 @@ def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exac
             spin_lock(nodes, node, N_LOCK)
             head, j = _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty)
             if head >= 0:
-                mfn, tag = _take_chunk(ft32, ft8, nodes, lists, node, head, j, order)
+                mfn, tag = _take_chunk(hs, node, head, j, order)
                 spin_unlock(nodes, node, N_LOCK)
                 return (tag << 32) | mfn
             spin_unlock(nodes, node, N_LOCK)
@@ -215,12 +217,13 @@ def alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exac
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def scrub_taken_block(ft32, ft8, nodes, meta, mfn, order):
+def scrub_taken_block(hs, mfn, order):
     """Zero the dirty pages of a block just taken (scrub-on-allocate), without the lock.
 
     Returns the pages zeroed, or -1 if debug mode found a page without the scrub pattern:
     the ones just scrubbed hold it, so that is a clean page written after it was freed.
     """
+    ft32, ft8, nodes, meta = hs.ft32, hs.ft8, hs.nodes, hs.meta
     node = node_of(meta, mfn)
     debug = meta[M_DEBUG] != 0
     addr = page_address(nodes, node, mfn)
@@ -244,11 +247,12 @@ def disown(ft32, mfn):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier):
+def _merge_free(hs, node, mfn, order, need_scrub, dirtier):
     """Put block (mfn, order) on the free lists, merging with free buddies of either
     cleanliness; the caller holds the node's lock and updates its counters. Dirty pages
     record ``dirtier`` (a domain id, 0 for none) in PG_TAG: whoever scrubs them charges
     the work to it."""
+    ft32, ft8, nodes, lists, meta = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta
     base = nodes[node, N_BASE]
     npages = nodes[node, N_PAGES]
     max_order = meta[M_MAX_ORDER]
@@ -325,25 +329,27 @@ def _count_freed(nodes, node, pages, need_scrub):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, need_scrub, dirtier):
+def free_heap_pages(hs, mfn, order, need_scrub, dirtier):
     """Return one block to the free lists (Xen's free_heap_pages); dirty ones are charged
     to domain ``dirtier`` when scrubbed.
 
     Returns True if the node's scrubber should wake up (see _count_freed).
     """
+    nodes, meta = hs.nodes, hs.meta
     node = node_of(meta, mfn)
     spin_lock(nodes, node, N_LOCK)
-    _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier)
+    _merge_free(hs, node, mfn, order, need_scrub, dirtier)
     woke = _count_freed(nodes, node, 1 << order, need_scrub)
     spin_unlock(nodes, node, N_LOCK)
     return woke
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub, dirtier):
+def free_heap_chain(hs, first, need_scrub, dirtier):
     """Free every block of a chain linked through PG_NEXT, owner and all, without writing
     their memory: a destroy. Each node's lock is taken once per FREE_BATCH blocks, not per
     block. Returns the bit mask of nodes whose scrubber should wake up."""
+    ft32, ft8, nodes, meta = hs.ft32, hs.ft8, hs.nodes, hs.meta
     wake = 0
     link = first
     while link != NIL:
@@ -356,7 +362,7 @@ def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub, dirtier):
             link = ft32[PG_NEXT, mfn]
             order = types.int64(ft8[PG_ORDER, mfn])  # as free_heap_pages passes it
             disown(ft32, mfn)
-            _merge_free(ft32, ft8, nodes, lists, meta, node, mfn, order, need_scrub, dirtier)
+            _merge_free(hs, node, mfn, order, need_scrub, dirtier)
             pages += 1 << order
             blocks += 1
         if _count_freed(nodes, node, pages, need_scrub):
@@ -367,12 +373,13 @@ def free_heap_chain(ft32, ft8, nodes, lists, meta, first, need_scrub, dirtier):
 
 
 @njit(nogil=True, cache=True)
-def init_heap(ft32, ft8, nodes, lists, meta):
+def init_heap(hs):
     """Link every node's pages into aligned chunks of the highest order that fits.
 
     Fresh anonymous memory reads zero, so pages start clean (Xen must scrub at boot; we need
     not); in debug mode they start dirty, so that scrubbing lays down the pattern.
     """
+    ft32, ft8, nodes, lists, meta = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta
     max_order = meta[M_MAX_ORDER]
     debug = meta[M_DEBUG] != 0
     for node in range(meta[M_NR_NODES]):

@@ -82,7 +82,8 @@ def _mark(seen, mfn, n):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _check_free_lists(ft32, ft8, nodes, lists, meta, seen, head_order):
+def _check_free_lists(hs, seen, head_order):
+    ft32, ft8, nodes, lists, meta = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta
     max_order = meta[M_MAX_ORDER]
     for node in range(meta[M_NR_NODES]):
         base = nodes[node, N_BASE]
@@ -155,7 +156,8 @@ def _check_buddies(nodes, meta, head_order):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _check_domains(ft32, ft8, doms, meta, seen):
+def _check_domains(hs, seen):
+    ft32, ft8, doms, meta = hs.ft32, hs.ft8, hs.doms, hs.meta
     nr_pages = meta[M_NR_PAGES]
     waiting = 0  # domains whose memory waits for relinquish_memory
     for slot in range(meta[M_MAX_DOMAINS]):
@@ -210,7 +212,8 @@ def _check_domains(ft32, ft8, doms, meta, seen):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _stop_scrubs(ft8, nodes, lists, ft32, meta):
+def _stop_scrubs(hs):
+    ft32, ft8, nodes, lists, meta = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta
     for node in range(meta[M_NR_NODES]):
         for order in range(meta[M_MAX_ORDER] + 1):
             link = lists[node, order, L_HEAD]
@@ -220,19 +223,20 @@ def _stop_scrubs(ft8, nodes, lists, ft32, meta):
 
 
 @njit(nogil=True, cache=True)
-def check_heap(ft32, ft8, nodes, lists, doms, meta):
+def check_heap(hs):
     """Check every invariant; returns (code, mfn) of the first broken one, or (OK, -1)."""
+    nodes, meta = hs.nodes, hs.meta
     nr_nodes = meta[M_NR_NODES]
     for node in range(nr_nodes):
         spin_lock(nodes, node, N_LOCK)
-    _stop_scrubs(ft8, nodes, lists, ft32, meta)
+    _stop_scrubs(hs)
     seen = np.zeros(meta[M_NR_PAGES], dtype=np.uint8)
     head_order = np.full(meta[M_NR_PAGES], -1, dtype=np.int8)
-    code, mfn = _check_free_lists(ft32, ft8, nodes, lists, meta, seen, head_order)
+    code, mfn = _check_free_lists(hs, seen, head_order)
     if code == OK:
         code, mfn = _check_buddies(nodes, meta, head_order)
     if code == OK:
-        code, mfn = _check_domains(ft32, ft8, doms, meta, seen)
+        code, mfn = _check_domains(hs, seen)
     if code == OK:
         for p in range(meta[M_NR_PAGES]):
             if not seen[p]:

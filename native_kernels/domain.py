@@ -146,16 +146,16 @@ def unlink_block(ft32, doms, meta, slot, mfn, order):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact, pinned):
+def _take_block(hs, slot, order, node_pref, exact, pinned):
     """Allocate and zero one block owned by ``slot``; returns (mfn, tag) or (error, 0)."""
-    packed = alloc_heap_pages(ft32, ft8, nodes, lists, zone, meta, node_pref, order, exact)
+    ft32, nodes, meta = hs.ft32, hs.nodes, hs.meta
+    packed = alloc_heap_pages(hs, node_pref, order, exact)
     if packed < 0:
         return packed, 0
     mfn = packed & MFN_MASK
     tag = packed >> 32
-    if scrub_taken_block(ft32, ft8, nodes, meta, mfn, order) < 0:
-        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, types.boolean(True),
-                        types.int64(0))
+    if scrub_taken_block(hs, mfn, order) < 0:
+        free_heap_pages(hs, mfn, order, types.boolean(True), types.int64(0))
         return E_CORRUPT, 0
     fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), 1)
     atomic_store(ft32, (PG_TAG, mfn), tag)
@@ -164,13 +164,14 @@ def _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exa
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order):
+def _release_block(hs, slot, dom_id, mfn, order):
     """Free a block that domain ``slot`` no longer owns; True if a scrubber should wake.
 
     "sync" mode zeroes it here, before returning (the behaviour the series replaced);
     otherwise it goes back dirty, poisoned first in debug mode, its scrub charged to the
     domain (D_DIRTIED_PAGES, and PG_TAG of its pages).
     """
+    ft32, nodes, doms, meta = hs.ft32, hs.nodes, hs.doms, hs.meta
     disown(ft32, mfn)
     node = node_of(meta, mfn)
     fetch_add(nodes, (node, N_FREES), 1)
@@ -184,73 +185,71 @@ def _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order
         if debug:
             stream_fill_pages(addr, 1 << order, POISON_PATTERN)
         fetch_add(doms, (slot, D_DIRTIED_PAGES), 1 << order)
-    return free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, order, not sync,
-                           0 if sync else dom_id)
+    return free_heap_pages(hs, mfn, order, not sync, 0 if sync else dom_id)
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _undo_take(ft32, ft8, nodes, lists, meta, first):
+def _undo_take(hs, first):
     """Give back a chain of blocks taken but never handed out: they are zeroed, so they go
     back clean, and the allocation counters are rolled back too."""
+    ft32, ft8, nodes, meta = hs.ft32, hs.ft8, hs.nodes, hs.meta
     link = first
     while link != NIL:
         mfn = link - 1
         link = ft32[PG_NEXT, mfn]
         disown(ft32, mfn)
         fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), -1)
-        free_heap_pages(ft32, ft8, nodes, lists, meta, mfn, types.int64(ft8[PG_ORDER, mfn]),
-                        types.boolean(False), types.int64(0))
+        free_heap_pages(hs, mfn, types.int64(ft8[PG_ORDER, mfn]), types.boolean(False),
+                        types.int64(0))
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, first, pages):
+def release_chain(hs, slot, dom_id, first, pages):
     """Release every block of a chain of ``pages`` pages linked through PG_NEXT, which
     domain ``slot`` no longer owns; returns the nodes to wake.
 
     Unless the blocks must be written first ("sync" zeroing, debug poisoning), they go back
     in node-lock batches: a destroy then costs a few atomics per block, not a dozen.
     """
+    ft32, ft8, doms, meta = hs.ft32, hs.ft8, hs.doms, hs.meta
     if meta[M_MODE] != MODE_SYNC and meta[M_DEBUG] == 0:
         fetch_add(doms, (slot, D_DIRTIED_PAGES), pages)
-        return free_heap_chain(ft32, ft8, nodes, lists, meta, first, types.boolean(True), dom_id)
+        return free_heap_chain(hs, first, types.boolean(True), dom_id)
     wake = 0
     link = first
     while link != NIL:
         mfn = link - 1
         link = ft32[PG_NEXT, mfn]
-        if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
-                          types.int64(ft8[PG_ORDER, mfn])):
+        if _release_block(hs, slot, dom_id, mfn, types.int64(ft8[PG_ORDER, mfn])):
             wake |= 1 << node_of(meta, mfn)
     return wake
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref,
-                exact, pinned):
+def alloc_block(hs, slot, dom_id, order, node_pref, exact, pinned):
     """Allocate a zeroed block of 2^order pages to domain ``slot``; ``pinned`` for numpy.
 
     Returns ``tag << 32 | mfn``, or E_DEAD, E_QUOTA, E_NOMEM, E_CORRUPT.
     """
+    ft32, doms, meta = hs.ft32, hs.doms, hs.meta
     if not is_alive(doms, slot, dom_id):
         return E_DEAD
     if _over_quota(doms, slot, 1 << order):
         return E_QUOTA
-    mfn, tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref, exact,
-                           pinned)
+    mfn, tag = _take_block(hs, slot, order, node_pref, exact, pinned)
     if mfn < 0:
         return mfn
     status = _link_chain(ft32, doms, meta, slot, dom_id, mfn, mfn, types.int64(1), 1 << order,
                          pinned)
     if status < 0:
         ft32[PG_NEXT, mfn] = NIL
-        _undo_take(ft32, ft8, nodes, lists, meta, mfn + 1)
+        _undo_take(hs, mfn + 1)
         return status
     return (tag << 32) | mfn
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, order, node_pref,
-             exact, out):
+def populate(hs, slot, dom_id, count, order, node_pref, exact, out):
     """Allocate ``count`` blocks of 2^order pages in one call, all or nothing.
 
     Checks the free lists' chunk counts first, so that a request that cannot fit fails
@@ -258,6 +257,7 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
     taken so far goes back. Returns ``count`` or a negative error. If ``out`` has rows,
     row i gets (mfn, tag) of the i-th block.
     """
+    ft32, lists, doms, meta, zone = hs.ft32, hs.lists, hs.doms, hs.meta, hs.zone
     if not is_alive(doms, slot, dom_id):
         return E_DEAD
     if _over_quota(doms, slot, count << order):
@@ -279,8 +279,7 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
         if taken == fail_after:
             status = E_FAULT
             break
-        mfn, tag = _take_block(ft32, ft8, nodes, lists, zone, meta, slot, order, node_pref,
-                               exact, types.boolean(False))
+        mfn, tag = _take_block(hs, slot, order, node_pref, exact, types.boolean(False))
         if mfn < 0:
             status = mfn
             break
@@ -299,18 +298,19 @@ def populate(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, count, ord
                              types.boolean(False))
     if status < 0:
         if first >= 0:
-            _undo_take(ft32, ft8, nodes, lists, meta, first + 1)
+            _undo_take(hs, first + 1)
         return status
     return count
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, tag):
+def free_block(hs, slot, dom_id, mfn, order, tag):
     """Free block (mfn, order, tag) of domain ``slot``.
 
     Returns 1 if a scrubber should wake, 0 if not, E_DEAD if the domain is no longer alive,
     E_BAD_FREE if the block is not a live block of this domain (double free, foreign, stale).
     """
+    ft32, ft8, doms, meta = hs.ft32, hs.ft8, hs.doms, hs.meta
     if mfn < 0 or mfn >= meta[M_NR_PAGES] or order < 0 or order > meta[M_MAX_ORDER]:
         return E_BAD_FREE
     spin_lock(doms, slot, D_LOCK)
@@ -328,18 +328,18 @@ def free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order, ta
     # Clear ownership before dropping the lock: a racing free of the same handle must fail.
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     spin_unlock(doms, slot, D_LOCK)
-    return 1 if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
-                               order) else 0
+    return 1 if _release_block(hs, slot, dom_id, mfn, order) else 0
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
+def free_pinned_block(hs, slot, dom_id, mfn):
     """Free a block numpy no longer uses, also after its domain was destroyed.
 
     Returns 1 if a scrubber should wake, 0 if not, E_BAD_FREE if it is not such a block.
     The last pinned block of a destroyed domain whose other blocks were relinquished lays
     the domain to rest (DOM_DEAD).
     """
+    ft32, ft8, doms, meta = hs.ft32, hs.ft8, hs.doms, hs.meta
     spin_lock(doms, slot, D_LOCK)
     if (not holds_blocks(doms, slot, dom_id)
             or atomic_load(ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)):
@@ -354,5 +354,4 @@ def free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn):
             and atomic_load(doms, (slot, D_RELINQUISH)) == 0):
         atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     spin_unlock(doms, slot, D_LOCK)
-    return 1 if _release_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn,
-                               order) else 0
+    return 1 if _release_block(hs, slot, dom_id, mfn, order) else 0

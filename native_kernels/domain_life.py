@@ -81,7 +81,7 @@ def destroy_domain(doms, meta, slot, dom_id):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+def relinquish_memory(hs, slot, dom_id):
     """Free a destroyed domain's blocks (dirty, or zeroed in "sync" mode), once: Xen's
     relinquish_memory.
 
@@ -92,6 +92,7 @@ def relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
     another domain), and the bit mask of the nodes whose scrubber should wake. They are
     apart because with 64 nodes the mask's top bit makes it negative.
     """
+    ft32, ft8, doms, meta = hs.ft32, hs.ft8, hs.doms, hs.meta
     spin_lock(doms, slot, D_LOCK)
     if atomic_load(doms, (slot, D_ID)) != dom_id or atomic_load(doms, (slot, D_RELINQUISH)) == 0:
         spin_unlock(doms, slot, D_LOCK)
@@ -120,8 +121,7 @@ def relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
         detached = mfn + 1
     pinned = atomic_load(doms, (slot, D_BLOCKS)) != 0
     spin_unlock(doms, slot, D_LOCK)
-    wake = release_chain(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, detached,
-                         detached_pages)
+    wake = release_chain(hs, slot, dom_id, detached, detached_pages)
     if not pinned:
         atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     fetch_add(meta, M_RELINQUISH, -1)  # last: until now its pages were neither held nor dirty
@@ -129,18 +129,18 @@ def relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def relinquish_dying(ft32, ft8, nodes, lists, doms, meta):
+def relinquish_dying(hs):
     """An allocator found the heap short: relinquish every destroyed domain's memory now
     rather than wait for the scrubber's chore. Returns the pages freed (0: no use retrying).
     The scrubbers are not woken: the allocator zeroes what it takes, and they look at the
     nodes again within their idle wait."""
+    doms, meta = hs.doms, hs.meta
     freed = 0
     if atomic_load(meta, M_RELINQUISH) == 0:
         return freed
     for slot in range(meta[M_MAX_DOMAINS]):
         if atomic_load(doms, (slot, D_RELINQUISH)) != 0:
-            pages, _wake = relinquish_memory(ft32, ft8, nodes, lists, doms, meta, slot,
-                                             atomic_load(doms, (slot, D_ID)))
+            pages, _wake = relinquish_memory(hs, slot, atomic_load(doms, (slot, D_ID)))
             freed += max(pages, 0)
     return freed
 

@@ -36,6 +36,8 @@ read (FIELD_GROUPS and the rest) at the end of this file; tests/test_layout.py b
 rule once.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
 from native_kernels.layout_rules import check_layout
@@ -298,6 +300,22 @@ E_CORRUPT = -4  # a debug-mode allocation found a page without the scrub pattern
 E_QUOTA = -5  # the domain's quota would be exceeded
 E_FAULT = -6  # an injected fault fired
 E_CLOSED = -7  # the heap is closed
+
+
+class HeapState(NamedTuple):
+    """The heap's state arrays as one value: the first argument of every kernel that works
+    on more than a few of them, as CPython's obmalloc passes ``OMState *state`` and mimalloc
+    a ``mi_heap_t *``. Between compiled kernels it costs nothing (numba passes the arrays
+    inside); the kernels Python calls often take the arrays one by one and build it, as
+    unpacking a tuple of arrays from Python costs about a microsecond a call."""
+
+    ft32: np.ndarray  # uint32[FT32_FIELDS, nr_pages]: the frame table's 32-bit rows
+    ft8: np.ndarray  # uint8[FT8_FIELDS, nr_pages]: its 8-bit rows
+    nodes: np.ndarray  # int64[nr_nodes, NODE_FIELDS]
+    lists: np.ndarray  # int64[nr_nodes, MAX_ORDER_LIMIT + 1, LIST_FIELDS]
+    doms: np.ndarray  # int64[max_domains, DOM_FIELDS]
+    meta: np.ndarray  # int64[META_FIELDS]
+    zone: np.ndarray  # int64[nr_nodes, nr_nodes]: each node's fallback order, itself first
 
 
 def new_state(nr_nodes: int, pages_per_node: int, max_domains: int,

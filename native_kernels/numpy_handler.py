@@ -26,6 +26,7 @@ from native_kernels.layout import (
     NODE_FIELDS,
     PAGE_SIZE,
     SLAB_MAX_OBJECT,
+    HeapState,
 )
 from native_kernels.raw import (
     address_to_voidptr,
@@ -63,7 +64,7 @@ def _context(ctx):
 
 @njit(nogil=True, cache=True, **INTERNAL)
 def _state(c):
-    """The state arrays named in context record ``c``."""
+    """The heap's state named in context record ``c``."""
     n = c[CTX_NR_PAGES]
     nn = c[CTX_NR_NODES]
     ft32 = carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n))
@@ -73,7 +74,7 @@ def _state(c):
     doms = carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS))
     meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
     zone = carray(pointer_to(c[CTX_ZONE], types.int64), (nn, nn))
-    return ft32, ft8, nodes, lists, doms, meta, zone
+    return HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
@@ -104,9 +105,8 @@ def _release_small(c, meta, addr):
 @njit(nogil=True, cache=True, **INTERNAL)
 def _array_alloc(ctx, nbytes):
     c = _context(ctx)
-    ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
-    return array_alloc(ft32, ft8, nodes, lists, doms, meta, zone, c[CTX_SLOT], c[CTX_DOM_ID],
-                       nbytes, c[CTX_NODE])
+    hs = _state(c)
+    return array_alloc(hs, c[CTX_SLOT], c[CTX_DOM_ID], nbytes, c[CTX_NODE])
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
@@ -152,12 +152,11 @@ def numpy_calloc(ctx, nelem, elsize):
 @cfunc(_REALLOC_SIG, nopython=True, cache=True)
 def numpy_realloc(ctx, ptr, size):
     c = _context(ctx)
-    ft32, ft8, nodes, lists, doms, meta, zone = _state(c)
-    if atomic_load(meta, M_FORKED):
+    hs = _state(c)
+    if atomic_load(hs.meta, M_FORKED):
         return _null_or(0)  # as numpy_free: the old data's locks may never be released
-    return _null_or(array_realloc(ft32, ft8, nodes, lists, doms, meta, zone, c[CTX_SLOT],
-                                  c[CTX_DOM_ID], voidptr_to_address(ptr), types.int64(size),
-                                  c[CTX_NODE]))
+    return _null_or(array_realloc(hs, c[CTX_SLOT], c[CTX_DOM_ID], voidptr_to_address(ptr),
+                                  types.int64(size), c[CTX_NODE]))
 
 
 @cfunc(_FREE_SIG, nopython=True, cache=True)
@@ -172,13 +171,11 @@ def numpy_free(ctx, ptr, size):
     if addr & (PAGE_SIZE - 1):  # a slab object: the hot path, then its slab if emptied
         status = _release_small(c, meta, addr)
         if status > 0:
-            ft32, ft8, nodes, lists, doms, meta, _zone = _state(c)
-            status = drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT],
-                                     c[CTX_DOM_ID], status - 1)
+            hs = _state(c)
+            status = drop_empty_slab(hs, c[CTX_SLOT], c[CTX_DOM_ID], status - 1)
     else:
-        ft32, ft8, nodes, lists, doms, meta, _zone = _state(c)
-        status = array_free(ft32, ft8, nodes, lists, doms, meta, c[CTX_SLOT], c[CTX_DOM_ID],
-                            addr)
+        hs = _state(c)
+        status = array_free(hs, c[CTX_SLOT], c[CTX_DOM_ID], addr)
     if status < 0:
         fetch_add(meta, M_BAD_ARRAY_FREES, 1)  # nothing freed; Heap.stats() reports it
 

@@ -62,7 +62,7 @@ def _link_word(nodes, meta, mfn):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn, limit):
+def park_block(hs, slot, dom_id, mfn, limit):
     """Keep block ``mfn``, which numpy just freed, for the domain's next arrays, if its
     order's stack holds fewer than ``limit`` blocks (NUMPY_PARK_MAX for an array's block,
     SLAB_PARK_MAX for an emptied slab).
@@ -70,6 +70,7 @@ def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn, limit):
     True if parked; False if it must be freed instead (not parkable, stack full, or not a
     pinned block of this live domain).
     """
+    ft32, ft8, nodes, doms, meta = hs.ft32, hs.ft8, hs.nodes, hs.doms, hs.meta
     if meta[M_REUSE] == 0:
         return False
     spin_lock(doms, slot, D_LOCK)
@@ -92,9 +93,10 @@ def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn, limit):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
+def pop_parked(hs, slot, order, pin):
     """Take the top of the order's stack (caller holds the domain lock); its mfn or -1.
     ``pin``: for numpy again (count_reuse then counts it as an allocation)."""
+    ft32, nodes, doms, meta = hs.ft32, hs.nodes, hs.doms, hs.meta
     link = doms[slot, D_PARKED + order]
     if link == NIL:
         return -1
@@ -108,12 +110,13 @@ def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
+def take_parked(hs, slot, dom_id, order):
     """A parked block of ``order`` pinned for a new array: its address, or 0 if none."""
+    nodes, doms, meta = hs.nodes, hs.doms, hs.meta
     if order >= NUMPY_PARK_ORDERS:
         return 0
     spin_lock(doms, slot, D_LOCK)
-    mfn = pop_parked(ft32, nodes, doms, meta, slot, order, types.boolean(True)) \
+    mfn = pop_parked(hs, slot, order, types.boolean(True)) \
         if is_alive(doms, slot, dom_id) else -1
     spin_unlock(doms, slot, D_LOCK)
     if mfn < 0:
@@ -133,19 +136,20 @@ def count_reuse(doms, meta, slot, order):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def flush_parked(ft32, ft8, nodes, lists, doms, meta, slot, dom_id):
+def flush_parked(hs, slot, dom_id):
     """Give every parked block of the domain back to the heap, dirty (an allocation found
     the quota or the heap short, or the stacks sat idle). Returns the blocks freed."""
+    ft32, doms, meta = hs.ft32, hs.doms, hs.meta
     freed = 0
     for order in range(NUMPY_PARK_ORDERS):
         while True:
             spin_lock(doms, slot, D_LOCK)
-            mfn = pop_parked(ft32, nodes, doms, meta, slot, order, types.boolean(False)) \
+            mfn = pop_parked(hs, slot, order, types.boolean(False)) \
                 if is_alive(doms, slot, dom_id) else -1
             spin_unlock(doms, slot, D_LOCK)
             if mfn < 0:
                 break
-            if free_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn, order,
+            if free_block(hs, slot, dom_id, mfn, order,
                           types.int64(atomic_load(ft32, (PG_TAG, mfn)))) >= 0:
                 freed += 1
     fetch_add(doms, (slot, D_UNPARKED), freed)

@@ -35,7 +35,7 @@ CHUNK_UNUSED = -1
 
 
 @njit(nogil=True, cache=True)
-def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
+def claim_clean_chunks(hs, node, max_pages, out):
     """Take clean free chunks of ``node`` off its lists, highest order first.
 
     Stops at ``max_pages`` pages or ``out.shape[0]`` chunks; fills rows of ``out`` (C_*,
@@ -43,6 +43,7 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
     chunk's head is marked in use, so a buddy being freed meanwhile does not try to merge
     with it.
     """
+    ft32, ft8, nodes, lists, meta = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta
     taken = 0
     pages = 0
     spin_lock(nodes, node, N_LOCK)
@@ -67,14 +68,15 @@ def claim_clean_chunks(ft32, ft8, nodes, lists, meta, node, max_pages, out):
 
 
 @njit(nogil=True, cache=True)
-def return_claimed_chunks(ft32, ft8, nodes, lists, meta, node, chunks, released_pages):
+def return_claimed_chunks(hs, node, chunks, released_pages):
     """Free back every claimed chunk in ``chunks`` and count ``released_pages`` as given
     to the OS. A chunk the OS took reads zero: clean, except in debug mode, where clean
     means "holds the scrub pattern"."""
+    nodes, meta = hs.nodes, hs.meta
     debug = meta[M_DEBUG] != 0
     for i in range(chunks.shape[0]):
         if chunks[i, C_ORDER] == CHUNK_UNUSED:
             break
-        free_heap_pages(ft32, ft8, nodes, lists, meta, chunks[i, C_MFN], chunks[i, C_ORDER],
+        free_heap_pages(hs, chunks[i, C_MFN], chunks[i, C_ORDER],
                         debug and chunks[i, C_RELEASED] != 0, types.int64(0))
     fetch_add(nodes, (node, N_RELEASED), released_pages)

@@ -67,8 +67,7 @@ def _let_go(ft32, ft8, head, progress, size):
 
 
 @njit(nogil=True, cache=True)
-def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages,
-                     charges):
+def scrub_free_pages(hs, node, budget_pages, granule_pages, charges):
     """Scrub up to about ``budget_pages`` of one dirty chunk of ``node``, adding the pages
     zeroed to ``charges`` by the domain that dirtied them (cleaning.charge_pages).
 
@@ -78,17 +77,17 @@ def scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
     """
     # One scrubber per node at a time (Xen's node_scrubbing mask): two would both take the
     # tail chunk, and the loser would zero a block already handed out.
+    nodes = hs.nodes
     if not atomic_cas(nodes, (node, N_SCRUBBING), 0, 1):
         return NOTHING_DIRTY
-    result = _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages,
-                              granule_pages, charges)
+    result = _scrub_one_chunk(hs, node, budget_pages, granule_pages, charges)
     atomic_store(nodes, (node, N_SCRUBBING), 0)
     return result
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_pages,
-                     charges):
+def _scrub_one_chunk(hs, node, budget_pages, granule_pages, charges):
+    ft32, ft8, nodes, lists, meta = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta
     spin_lock(nodes, node, N_LOCK)
     head = -1
     order = 0
@@ -146,8 +145,7 @@ def _scrub_one_chunk(ft32, ft8, nodes, lists, meta, node, budget_pages, granule_
 
 
 @njit(nogil=True, cache=True)
-def scrub_nodes(ft32, ft8, nodes, lists, meta, node_list, stop, budget_pages, granule_pages,
-                until_ns, charges):
+def scrub_nodes(hs, node_list, stop, budget_pages, granule_pages, until_ns, charges):
     """Scrub the nodes of ``node_list`` in turn, one bounded step each, until none has a
     dirty chunk, ``stop[0]`` is set or CLOCK_MONOTONIC passes ``until_ns``: the scrubber
     thread needs the GIL only between such slices. The pages zeroed go into ``charges``
@@ -155,13 +153,13 @@ def scrub_nodes(ft32, ft8, nodes, lists, meta, node_list, stop, budget_pages, gr
 
     Returns the pages zeroed, or E_FAULT when an injected fault fired.
     """
+    meta = hs.meta
     zeroed = 0
     while (atomic_load(stop, 0) == 0 and atomic_load(meta, M_CLOSED) == 0
            and monotonic_ns() < until_ns):
         busy = False
         for node in node_list:
-            got = scrub_free_pages(ft32, ft8, nodes, lists, meta, node, budget_pages,
-                                   granule_pages, charges)
+            got = scrub_free_pages(hs, node, budget_pages, granule_pages, charges)
             if got == E_FAULT:
                 return E_FAULT
             if got != NOTHING_DIRTY:

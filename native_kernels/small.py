@@ -188,22 +188,22 @@ def take_small(nodes, doms, meta, slot, dom_id, nbytes):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order, node_pref):
+def alloc_pinned(hs, slot, dom_id, order, node_pref):
     """A block pinned for numpy (alloc_block); if the quota or the heap is short, the
     domain's parked blocks go back to the heap first (or, the heap short, destroyed
     domains' memory is relinquished) and it tries once more."""
-    packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                         node_pref, types.boolean(False), types.boolean(True))
-    if (packed in (E_QUOTA, E_NOMEM) and flush_parked(
-            ft32, ft8, nodes, lists, doms, meta, slot, dom_id)) or (
-            packed == E_NOMEM and relinquish_dying(ft32, ft8, nodes, lists, doms, meta)):
-        packed = alloc_block(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                             node_pref, types.boolean(False), types.boolean(True))
+    packed = alloc_block(hs, slot, dom_id, order, node_pref, types.boolean(False),
+                         types.boolean(True))
+    if (packed in (E_QUOTA, E_NOMEM) and flush_parked(hs, slot, dom_id)) or (
+            packed == E_NOMEM and relinquish_dying(hs)):
+        packed = alloc_block(hs, slot, dom_id, order, node_pref, types.boolean(False),
+                             types.boolean(True))
     return packed
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes, node_pref):
+def small_alloc(hs, slot, dom_id, nbytes, node_pref):
+    nodes, doms, meta = hs.nodes, hs.doms, hs.meta
     addr = take_small(nodes, doms, meta, slot, dom_id, nbytes)
     if addr != 0:
         return addr
@@ -217,8 +217,7 @@ def small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
         spin_unlock(doms, slot, D_LOCK)
         return E_DEAD
     addr = _take_object(nodes, meta, doms, slot, cls)
-    reused = -1 if addr else pop_parked(ft32, nodes, doms, meta, slot, order,
-                                         types.boolean(True))
+    reused = -1 if addr else pop_parked(hs, slot, order, types.boolean(True))
     if reused >= 0:
         _init_slab(nodes, meta, reused, cls)
         _slab_push(nodes, meta, doms, slot, cls, reused)
@@ -228,8 +227,7 @@ def small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
         count_reuse(doms, meta, slot, order)
     if addr:
         return addr
-    packed = alloc_pinned(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, order,
-                           node_pref)
+    packed = alloc_pinned(hs, slot, dom_id, order, node_pref)
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
@@ -237,7 +235,7 @@ def small_alloc(ft32, ft8, nodes, lists, doms, meta, zone, slot, dom_id, nbytes,
     spin_lock(doms, slot, D_LOCK)
     if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
-        free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, mfn)
+        free_pinned_block(hs, slot, dom_id, mfn)
         return E_DEAD
     _slab_push(nodes, meta, doms, slot, cls, mfn)
     addr = _take_object(nodes, meta, doms, slot, cls)
@@ -257,7 +255,8 @@ def page_of(nodes, meta, addr):
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def find_slab(ft32, ft8, nodes, meta, slot, page):
-    """The head of the slab of ``slot`` holding page ``page``, or -1; under the domain lock."""
+    """The head of the slab of ``slot`` holding page ``page``, or -1; under the domain lock.
+    Its arrays one by one: numpy's hot free (release_small) builds only those it reads."""
     base = nodes[node_of(meta, page), N_BASE]
     for order in range(MAX_SLAB_ORDER + 1):
         head = base + ((page - base) & ~((1 << order) - 1))
@@ -307,7 +306,7 @@ def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head):
+def drop_empty_slab(hs, slot, dom_id, head):
     """Slab ``head``, which release_small emptied: off every list, so nobody takes an object
     from it meanwhile. Kept for the domain's next slab of its order, or freed; 1 if a
     scrubber should wake, else 0 or < 0 (as free_pinned_block).
@@ -317,7 +316,7 @@ def drop_empty_slab(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head):
     8-1000 bytes use), while one page holds 15 to 252 smaller objects; and an order-0
     slab would take the place of a 4 KiB array's block on the stack of that order.
     """
-    if ft8[PG_ORDER, head] > 0 and park_block(ft32, ft8, nodes, doms, meta, slot, dom_id,
-                                               head, SLAB_PARK_MAX):
+    ft8 = hs.ft8
+    if ft8[PG_ORDER, head] > 0 and park_block(hs, slot, dom_id, head, SLAB_PARK_MAX):
         return 0
-    return free_pinned_block(ft32, ft8, nodes, lists, doms, meta, slot, dom_id, head)
+    return free_pinned_block(hs, slot, dom_id, head)

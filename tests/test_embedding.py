@@ -318,7 +318,7 @@ def test_only_one_thread_scrubs_a_node_at_a_time():
         dom.alloc(4).free()
         s = heap.core.state
         charges = np.zeros((8, 2), dtype=np.int64)
-        args = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"], 0, 4096, 64, charges)
+        args = (heap.core.hs, 0, 4096, 64, charges)
         s["nodes"][0, N_SCRUBBING] = 1  # as if another scrubber were working on node 0
         assert scrub_free_pages(*args) == NOTHING_DIRTY
         assert heap.stats()["dirty_pages"] == 16

@@ -728,8 +728,7 @@ def test_check_while_a_scrub_finishes_leaves_the_free_lists_ordered(heap_factory
     inject_fault(heap, "scrub_stall", 1_000_000)
     out: list[int] = []
     scrubber = threading.Thread(target=lambda: out.append(scrub_free_pages(
-        state["ft32"], state["ft8"], state["nodes"], state["lists"], state["meta"], 0,
-        4096, 64, np.zeros((8, 2), dtype=np.int64))), daemon=True)
+        heap.core.hs, 0, 4096, 64, np.zeros((8, 2), dtype=np.int64))), daemon=True)
     scrubber.start()
     deadline = time.monotonic() + 30
     while load(state["ft8"], PG_SCRUB_STATE, c.mfn) != BUDDY_SCRUBBING:
@@ -748,8 +747,7 @@ def test_check_while_a_scrub_finishes_leaves_the_free_lists_ordered(heap_factory
     heap.check()
     # The other dirty page can still be found and scrubbed.
     assert heap.stats()["dirty_pages"] == 1
-    assert scrub_free_pages(state["ft32"], state["ft8"], state["nodes"], state["lists"],
-                            state["meta"], 0, 4096, 64,
+    assert scrub_free_pages(heap.core.hs, 0, 4096, 64,
                             np.zeros((8, 2), dtype=np.int64)) != NOTHING_DIRTY
 
 

@@ -11,9 +11,9 @@ The surface:
 - Geometry: ``topology``, ``nodes``, ``pages_per_node``, ``total_pages``, ``max_order``,
   ``max_block_bytes``, ``mode`` (MODE_*), ``debug``, ``reuse_blocks`` (domains park
   their freed blocks), ``arenas``.
-- State: ``state`` (the arrays of native_kernels.layout by name), ``arrays`` (the six
-  every domain kernel starts with), ``node_arrays`` (the five of the node kernels),
-  ``zone`` (each node's fallback order), ``charges`` (xenheap.charges).
+- State: ``state`` (the arrays of native_kernels.layout by name), ``hs`` (the same as
+  one native_kernels.layout.HeapState, for the kernels that take it), ``arrays`` (the same
+  one by one, as the API kernels take them), ``charges`` (xenheap.charges).
 - Life: ``lock`` (domain slots, the live set, the closed flag), ``closed``,
   ``closed_reason``, ``forked`` (an inherited copy in a forked child), ``refuse_if_forked``.
 - Calls: ``call`` (a guarded kernel call), ``wake`` (scrubbers of some nodes),
@@ -61,6 +61,7 @@ from native_kernels.layout import (
     N_NEED_SCRUB,
     N_PAGES,
     PAGE_SIZE,
+    HeapState,
     new_state,
 )
 from xenheap import prim
@@ -99,10 +100,9 @@ class HeapCore:
             self.charges = ChargeBook()  # scrub work by the domain that dirtied the memory
         self._fill_state(max_domains)
         s = self.state
-        init_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
-        self.arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["doms"], s["meta"])
-        self.node_arrays = (s["ft32"], s["ft8"], s["nodes"], s["lists"], s["meta"])
-        self.zone = s["zone"]
+        self.hs = HeapState(**s)
+        init_heap(self.hs)
+        self.arrays = tuple(self.hs)  # for the API kernels, which take them one by one
         self.meta_row = s["meta"].reshape(1, -1)  # meta as a row, for the counter kernels
         self._cpu_node = topology.cpu_to_node()
 

@@ -171,8 +171,7 @@ class Domain:
         order = core.check_order(order)
         pref, exact = core.placement(node)
         kernel = api.heap_alloc if order >= LONG_ORDER else api.heap_alloc_short
-        packed = self._call_making_room(kernel, core.zone, self._slot, self.id, order, pref,
-                                        exact)
+        packed = self._call_making_room(kernel, self._slot, self.id, order, pref, exact)
         if packed < 0:
             self._raise_for(packed, f"alloc(order={order})")
         mfn = packed & _MFN_MASK
@@ -202,7 +201,7 @@ class Domain:
         pref, exact = core.placement(node)
         with default_numpy_memory():
             out = np.empty((count, 2), dtype=np.int64)
-        got = self._call_making_room(api.heap_alloc_many, core.zone, self._slot, self.id,
+        got = self._call_making_room(api.heap_alloc_many, self._slot, self.id,
                                      count, order, pref, exact, out)
         if got < 0:
             self._raise_for(got, f"alloc_many({count}, order={order})")
@@ -245,7 +244,7 @@ class Domain:
             raise OutOfMemory(f"populate({format_size(size)}) exceeds the whole heap "
                               f"({format_size(heap.total_pages * heap.page_size)})")
         pref, exact = core.placement(node)
-        got = self._call_making_room(api.heap_alloc_many, core.zone, self._slot, self.id,
+        got = self._call_making_room(api.heap_alloc_many, self._slot, self.id,
                                      count, order, pref, exact, _NO_ROWS)
         if got < 0:
             self._raise_for(got, f"populate({format_size(size)}, order={order})")

@@ -216,14 +216,12 @@ class Heap:
         release_unused, numpy's callbacks); running scrubbers are stopped for it, and the
         heap's periodic chores wait.
         """
-        s = self.core.state
         with self.core.lock:
             if self.core.closed:
                 raise HeapClosed(self.core.closed_reason)
         with self._chores:
             self.core.relinquish()  # destroyed domains' memory is on the free lists
-            code, mfn = check_kernels.check_heap(s["ft32"], s["ft8"], s["nodes"], s["lists"],
-                                                 s["doms"], s["meta"])
+            code, mfn = check_kernels.check_heap(self.core.hs)
         if code != check_kernels.OK:
             raise HeapCorruption(f"{stats.INVARIANTS[code]} (at mfn {mfn})")
 

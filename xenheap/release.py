@@ -73,7 +73,7 @@ def _release_node(core: HeapCore, node: int, limit: int, released: list[int]) ->
                 chunks = np.full((RELEASE_BATCH, CLAIM_FIELDS), CHUNK_UNUSED,
                                  dtype=np.int64)
             batches.append(chunks)
-            count = claim_clean_chunks(*core.node_arrays, node, limit - claimed, chunks)
+            count = claim_clean_chunks(core.hs, node, limit - claimed, chunks)
             claimed += int((1 << chunks[:count, C_ORDER]).sum())
             if count < RELEASE_BATCH:
                 break
@@ -91,4 +91,4 @@ def _release_node(core: HeapCore, node: int, limit: int, released: list[int]) ->
     finally:
         released[0] += pages
         for i, chunks in enumerate(batches):
-            return_claimed_chunks(*core.node_arrays, node, chunks, 0 if i else pages)
+            return_claimed_chunks(core.hs, node, chunks, 0 if i else pages)

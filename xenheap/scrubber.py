@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from native_kernels.counters import column_min_where
-from native_kernels.layout import E_FAULT, N_DIRTY_SINCE_NS, N_NEED_SCRUB
+from native_kernels.layout import E_FAULT, N_DIRTY_SINCE_NS, N_NEED_SCRUB, HeapState
 from native_kernels.scrub import scrub_nodes
 from native_kernels.switches import set_switch
 from xenheap import prim
@@ -83,8 +83,7 @@ class Scrubber(threading.Thread):
         self._stop_flag = np.zeros(1, dtype=np.int64)  # what the kernel polls
         self._arenas = tuple(arenas)  # the memory it writes stays mapped while it runs
         self._nodes_rows = state["nodes"]
-        self._arrays = (state["ft32"], state["ft8"], state["nodes"], state["lists"],
-                        state["meta"])
+        self._hs = HeapState(**state)
 
     def stop(self) -> None:
         """Ask the thread to stop; it finishes its current bounded step first."""
@@ -110,7 +109,7 @@ class Scrubber(threading.Thread):
         """One slice of scrubbing, its CPU time charged to ``kind``."""
         before = time.thread_time()
         until = time.monotonic_ns() + int(SLICE_S * 1e9)
-        got = scrub_nodes(*self._arrays, self._node_array, self._stop_flag, BUDGET_PAGES,
+        got = scrub_nodes(self._hs, self._node_array, self._stop_flag, BUDGET_PAGES,
                           GRANULE_PAGES, until, self._charges)
         now = time.thread_time()
         spent = now - before
