@@ -230,7 +230,8 @@ def scrub_taken_block(hs, mfn, order):
     n = 1 << order
     # Cached stores: the caller touches the block next.
     scrubbed = zero_dirty_runs(ft32, ft8, nodes, node, addr, mfn, types.int64(0), n,
-                               SCRUB_PATTERN if debug else 0, types.boolean(False), nodes)
+                               SCRUB_PATTERN if debug else 0, types.boolean(False), nodes,
+                               None)
     if scrubbed:
         fetch_add(nodes, (node, N_NEED_SCRUB), -scrubbed)
         fetch_add(nodes, (node, N_ALLOC_SCRUBBED), scrubbed)

@@ -20,7 +20,7 @@ from native_kernels.atomics import (
     usleep,
 )
 from native_kernels.buddy import page_address
-from native_kernels.cleaning import zero_dirty_runs
+from native_kernels.cleaning import residency, zero_dirty_runs
 from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     BUDDY_NOT_SCRUBBING,
@@ -43,6 +43,7 @@ from native_kernels.layout import (
     N_SCRUBBED,
     N_SCRUBBING,
     NIL,
+    PAGE_SHIFT,
     PG_FIRST_DIRTY,
     PG_SCRUB_STATE,
     SCRUB_PATTERN,
@@ -110,12 +111,16 @@ def _scrub_one_chunk(hs, node, budget_pages, granule_pages, charges):
     value = SCRUB_PATTERN if meta[M_DEBUG] != 0 else 0
     size = 1 << order
     addr = page_address(nodes, node, head)
+    # Which pages of this step are in RAM, asked once (none to ask in debug mode, where
+    # the pattern is written whatever is resident).
+    resident = residency(addr + (start << PAGE_SHIFT),
+                         min(size - start, budget_pages + granule_pages) if value == 0 else 0)
     zeroed = 0
     i = start
     while i < size:
         end = min(i + granule_pages, size)
         cleared = zero_dirty_runs(ft32, ft8, nodes, node, addr, head, i, end, value,
-                                  types.boolean(True), charges)
+                                  types.boolean(True), charges, resident[i - start:end - start])
         if cleared:
             fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
             fetch_add(nodes, (node, N_SCRUBBED), cleared)
