@@ -24,7 +24,7 @@ from numba.core import event
 
 __all__ = ["MESSAGE", "install"]
 
-MESSAGE = ("xenheap: compiling its kernels, once (10 to 40 s); later starts load them from "
+MESSAGE = ("xenheap: compiling its kernels, once (10 to 60 s); later starts load them from "
            "numba's cache\n")
 QUIET_ENV = "XENHEAP_QUIET"
 # The packages whose numba functions are xenheap's kernels.
