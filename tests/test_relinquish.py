@@ -38,6 +38,16 @@ def stall_the_scrubber(heap: xenheap.Heap) -> xenheap.Block:
     return kept
 
 
+def destroyed_domain(heap: xenheap.Heap, nbytes: int, order: int) -> xenheap.Domain:
+    """A domain that held ``nbytes`` in blocks of ``order``, destroyed while the chore
+    waits behind the stalled scrubber."""
+    dom = heap.create_domain()
+    dom.populate(nbytes, order=order)
+    dom.destroy()
+    assert heap.core.relinquish_pending()
+    return dom
+
+
 def wait_for_the_stall(heap: xenheap.Heap) -> None:
     assert heap.wait_clean(60)
     heap.check()
@@ -46,12 +56,9 @@ def wait_for_the_stall(heap: xenheap.Heap) -> None:
 def test_destroy_leaves_the_memory_to_the_first_scrubbers_chore() -> None:
     with xenheap.Heap("64MiB") as heap:
         kept = stall_the_scrubber(heap)
-        dom = heap.create_domain()
-        dom.populate(32 * MiB, order=0)
-        dom.destroy()
-        assert heap.core.relinquish_pending()  # the chore waits behind the stalled scrub
+        destroyed_domain(heap, 32 * MiB, 0)
         assert len(heap.core.relinquishing) == 1
-        slot = dom._slot
+        slot = heap.core.relinquishing[0][0]
         assert domain_row(heap.core.state["doms"], slot)[D_STATE] != DOM_DEAD
         deadline = time.monotonic() + 30
         while heap.core.relinquish_pending():  # nothing here asks for it: only the chore
@@ -66,10 +73,7 @@ def test_destroy_leaves_the_memory_to_the_first_scrubbers_chore() -> None:
 def test_statistics_and_check_see_a_destroyed_domains_memory_back_in_the_heap() -> None:
     with xenheap.Heap("64MiB") as heap:
         kept = stall_the_scrubber(heap)
-        dom = heap.create_domain()
-        dom.populate(32 * MiB, order=9)
-        dom.destroy()
-        assert heap.core.relinquish_pending()
+        dom = destroyed_domain(heap, 32 * MiB, 9)
         stats = heap.stats()
         assert stats["bytes_allocated"] == kept.nbytes
         assert stats["dirty_pages"] >= (32 * MiB) // heap.page_size
@@ -86,10 +90,7 @@ def test_an_allocator_short_of_memory_relinquishes_a_destroyed_domain_itself() -
         # 48 MiB are free besides the stalled chunk: one domain takes them all, is destroyed,
         # and the next tenants need them while the chore still waits.
         for take in ("populate", "alloc", "numpy"):
-            dom = heap.create_domain()
-            dom.populate(48 * MiB, order=9)
-            dom.destroy()
-            assert heap.core.relinquish_pending()
+            destroyed_domain(heap, 48 * MiB, 9)
             tenant = heap.create_domain()
             if take == "populate":
                 assert tenant.populate(48 * MiB, order=9) == 24
@@ -113,9 +114,6 @@ def test_a_new_domain_gets_a_slot_a_destroyed_domain_still_held() -> None:
     with xenheap.Heap("64MiB", max_domains=3) as heap:
         kept = stall_the_scrubber(heap)  # its keeper takes one slot
         for _ in range(5):
-            dom = heap.create_domain()
-            dom.populate(4 * MiB, order=0)
-            dom.destroy()
-            assert heap.core.relinquishing  # the chore still waits
+            destroyed_domain(heap, 4 * MiB, 0)  # the third takes the first one's slot
         assert heap.stats()["bytes_allocated"] == kept.nbytes
         wait_for_the_stall(heap)
