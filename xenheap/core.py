@@ -302,4 +302,5 @@ class HeapCore:
     def relinquish_pending(self) -> bool:
         """True while some destroyed domain's relinquish_memory has not finished (also one
         an allocator runs because it found the heap short)."""
-        return int(column_sum(self.meta_row, M_RELINQUISH, self.all_nodes[:1])) != 0
+        first_row = self.all_nodes[:1]  # [0]: meta_row's one row
+        return int(column_sum(self.meta_row, M_RELINQUISH, first_row)) != 0

@@ -68,7 +68,8 @@ class Domain:
         self._max_pages = max_pages
         self._destroyed = False
         self._capsule: object | None = None
-        # Its row as a destroy left it: the statistics once the slot has a new domain.
+        # Its row once laid to rest (HeapCore._reap_slots): its statistics once the slot
+        # has a new domain.
         self._final_row: np.ndarray | None = None
         # Freed blocks parked for reuse (xenheap.reuse); none where frees must write the
         # memory ("sync" zeroes, debug poisons).
