@@ -3,10 +3,13 @@
 scrubber's chore, by an allocator that finds the heap short, and before any statistics,
 check() or wait_clean() look. A scrubber stalled mid-chunk (fault injection, 3 s) holds
 the chore back, so each test sees the memory still waiting; each ends within the stall.
+The last test races destroyers against allocators that run short, bounded in count.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import numpy as np
@@ -117,3 +120,57 @@ def test_a_new_domain_gets_a_slot_a_destroyed_domain_still_held() -> None:
             destroyed_domain(heap, 4 * MiB, 0)  # the third takes the first one's slot
         assert heap.stats()["bytes_allocated"] == kept.nbytes
         wait_for_the_stall(heap)
+
+
+def test_threads_destroying_while_others_run_short_lose_no_page() -> None:
+    # Destroyers hand their domains to the chore while takers fill the heap and so
+    # relinquish them themselves: each domain is relinquished once, whoever gets there.
+    # Any populate may find the heap short for a moment (a taker holds 40 MiB while it
+    # fills or gives back), so both kinds try again.
+    with xenheap.Heap("64MiB") as heap:
+        errors: list[BaseException] = []
+        stop = threading.Event()
+        populated = []
+
+        def destroyer() -> None:
+            try:
+                for _ in range(40):
+                    destroyed = heap.create_domain()
+                    for _attempt in range(50):
+                        try:
+                            populated.append(destroyed.populate(8 * MiB, order=0))
+                            break
+                        except xenheap.OutOfMemory:
+                            time.sleep(0.001)
+                    destroyed.destroy()
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        def taker() -> None:
+            try:
+                while not stop.is_set():
+                    tenant = heap.create_domain()
+                    with contextlib.suppress(xenheap.OutOfMemory):
+                        tenant.populate(40 * MiB, order=9)
+                    tenant.destroy()
+            except BaseException as exc:
+                errors.append(exc)
+
+        destroyers = [threading.Thread(target=destroyer) for _ in range(2)]
+        takers = [threading.Thread(target=taker) for _ in range(2)]
+        for thread in destroyers + takers:
+            thread.start()
+        for thread in destroyers:
+            thread.join(120)
+        stop.set()
+        for thread in takers:
+            thread.join(120)
+        assert not any(t.is_alive() for t in destroyers + takers)
+        assert errors == []
+        assert len(populated) >= 40  # most destroyed domains held memory
+        assert heap.wait_clean(60)
+        heap.check()
+        stats = heap.stats()
+        assert stats["bytes_allocated"] == 0 and stats["domains"] == 0
+        assert stats["free_pages"] == heap.total_pages
+        assert not heap.core.relinquish_pending()
