@@ -70,7 +70,7 @@ def domain_block_list(heap: xenheap.Heap, dom: xenheap.Domain) -> list[tuple[int
     """(mfn, order) of every block on ``dom``'s list, read from the state (no concurrency)."""
     ft32, ft8 = heap.core.state["ft32"], heap.core.state["ft8"]
     out = []
-    link = int(heap.core.state["doms"][dom._slot, D_HEAD])
+    link = int(heap.core.state["doms"][dom.slot, D_HEAD])
     while link != NIL:
         mfn = link - 1
         out.append((mfn, int(ft8[PG_ORDER, mfn])))

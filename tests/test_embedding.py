@@ -337,7 +337,7 @@ def test_a_forked_child_freeing_inherited_arrays_does_not_touch_the_heap():
             arrays = [np.ones(10), np.ones(100_000)]
         s = heap.core.state
         held = dom.stats()["numpy_pages"]
-        hold_lock(s["doms"], dom._slot, D_LOCK)  # a parent thread mid-call at the fork
+        hold_lock(s["doms"], dom.slot, D_LOCK)  # a parent thread mid-call at the fork
 
         def child():
             arrays.clear()  # numpy frees both; a free that took the lock would hang
@@ -357,7 +357,7 @@ def test_a_forked_child_freeing_inherited_arrays_does_not_touch_the_heap():
                 raise AssertionError("the child hung freeing an inherited array")
             time.sleep(0.01)
         assert os.waitstatus_to_exitcode(status) == 0
-        release_lock(s["doms"], dom._slot, D_LOCK)
+        release_lock(s["doms"], dom.slot, D_LOCK)
         assert dom.stats()["numpy_pages"] == held  # the parent's arrays are untouched
         arrays.clear()
         assert dom.stats()["numpy_pages"] == 0

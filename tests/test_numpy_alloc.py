@@ -337,7 +337,7 @@ print("done")
 def _parked(heap, dom):
     from native_kernels.layout import D_PARKED_COUNT, NUMPY_PARK_ORDERS
 
-    row = heap.core.state["doms"][dom._slot]
+    row = heap.core.state["doms"][dom.slot]
     return [int(n) for n in row[D_PARKED_COUNT:D_PARKED_COUNT + NUMPY_PARK_ORDERS]]
 
 

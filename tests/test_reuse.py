@@ -123,7 +123,7 @@ def test_alloc_many_returns_distinct_zeroed_blocks_all_or_nothing():
 def test_numpy_blocks_are_parked_for_the_next_arrays_and_calloc_zeroes_them():
     with xenheap.Heap("16MiB", scrub="alloc") as heap:
         dom = heap.create_domain()
-        row = heap.core.state["doms"][dom._slot]
+        row = heap.core.state["doms"][dom.slot]
         with dom.numpy_allocator():
             a = np.zeros(512)  # 4 KiB: an order-0 block
             a[:] = 3
@@ -160,7 +160,7 @@ def test_idle_parked_numpy_blocks_go_back_to_the_heap():
         with dom.numpy_allocator():
             arrays = [np.ones(512) for _ in range(8)]
         del arrays
-        row = heap.core.state["doms"][dom._slot]
+        row = heap.core.state["doms"][dom.slot]
         assert row[D_PARKED_COUNT] == 8
         deadline = time.monotonic() + 30
         while row[D_PARKED_COUNT]:  # the first scrubber gives idle stacks back
@@ -193,7 +193,7 @@ def test_reuse_off_parks_no_numpy_block_either():
         with dom.numpy_allocator():
             a = np.ones(512)
         del a
-        assert heap.core.state["doms"][dom._slot, D_PARKED_COUNT] == 0
+        assert heap.core.state["doms"][dom.slot, D_PARKED_COUNT] == 0
         assert dom.stats()["cached_bytes"] == 0 and dom.stats()["pages"] == 0
         heap.check()
 

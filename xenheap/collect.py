@@ -222,7 +222,7 @@ def domain_stats(dom: Domain) -> DomainStats:
     core.refuse_if_forked()
     core.charges.drain_allocators(core.state["nodes"], heap.nodes)
     charges = core.charges.of(dom.id)  # scrubbing goes on after a destroy: always fresh
-    row = domain_row(core.state["doms"], dom._slot)
+    row = domain_row(core.state["doms"], dom.slot)
     if row[D_ID] != dom.id and dom._final_row is not None:
         row = dom._final_row  # the slot went to another domain after this one died
     page_size = heap.page_size

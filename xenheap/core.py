@@ -259,7 +259,7 @@ class HeapCore:
         """A destroyed domain's slot: free once the domain is laid to rest (its memory
         relinquished and numpy's last pinned block freed)."""
         with self.lock:
-            self._dying_slots.append((dom._slot, weakref.ref(dom)))
+            self._dying_slots.append((dom.slot, weakref.ref(dom)))
 
     def _reap_slots(self) -> None:
         """Move slots of domains laid to rest to the free list, keeping each one's last

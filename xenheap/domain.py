@@ -91,6 +91,13 @@ class Domain:
         return not self._destroyed and not self.heap.closed
 
     @property
+    def slot(self) -> int:
+        """The domain's row in the heap's domain table (``heap.core.state["doms"]``), which
+        a later domain may reuse once this one is laid to rest: with ``id``, what the
+        kernels know it by."""
+        return self._slot
+
+    @property
     def pages(self) -> int:
         """Pages the domain holds now."""
         return self.stats()["pages"]

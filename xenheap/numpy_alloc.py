@@ -88,7 +88,7 @@ def make_handler(dom: Domain) -> object:
     ctx[cb.CTX_NR_PAGES] = heap.total_pages
     ctx[cb.CTX_NR_NODES] = heap.nodes
     ctx[cb.CTX_MAX_DOMAINS] = s["doms"].shape[0]
-    ctx[cb.CTX_SLOT] = dom._slot
+    ctx[cb.CTX_SLOT] = dom.slot
     ctx[cb.CTX_DOM_ID] = dom.id
     ctx[cb.CTX_NODE] = core.placement(None)[0]
     handler = _Handler(f"xenheap:{dom.name}".encode()[:126], 1,
