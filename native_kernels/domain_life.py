@@ -12,7 +12,14 @@ DOM_DEAD, and the Python side then hands the slot to a new domain.
 import numpy as np
 from numba import njit, types
 
-from native_kernels.atomics import atomic_load, atomic_store, fetch_add
+from native_kernels.atomics import (
+    SPINS_BEFORE_YIELD,
+    YIELDS_BEFORE_SLEEP,
+    atomic_load,
+    atomic_store,
+    backoff,
+    fetch_add,
+)
 from native_kernels.domain import is_alive, release_chain, unlink_block
 from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
@@ -56,6 +63,10 @@ from native_kernels.layout import (
 )
 from native_kernels.links import detach_all
 from native_kernels.locks import spin_lock, spin_unlock
+
+# An allocator short of memory waits this many back-off steps (spins, yields, then 50 us
+# naps: about 10 ms in all) for other threads' relinquish_memory to finish.
+RELINQUISH_WAIT_STEPS = SPINS_BEFORE_YIELD + YIELDS_BEFORE_SLEEP + 200
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
@@ -131,18 +142,25 @@ def relinquish_memory(hs, slot, dom_id):
 @njit(nogil=True, cache=True, **INTERNAL)
 def relinquish_dying(hs):
     """An allocator found the heap short: relinquish every destroyed domain's memory now
-    rather than wait for the scrubber's chore. Returns the pages freed (0: no use retrying).
+    rather than wait for the scrubber's chore, and wait for those another thread (the chore,
+    another allocator) is relinquishing meanwhile, as their memory is on its way back: at
+    most RELINQUISH_WAIT_STEPS back-off steps (about 10 ms), so that a descheduled
+    relinquisher cannot hold the allocator for long. True if trying again may succeed.
     The scrubbers are not woken: the allocator zeroes what it takes, and they look at the
     nodes again within their idle wait."""
     doms, meta = hs.doms, hs.meta
-    freed = 0
     if atomic_load(meta, M_RELINQUISH) == 0:
-        return freed
-    for slot in range(meta[M_MAX_DOMAINS]):
-        if atomic_load(doms, (slot, D_RELINQUISH)) != 0:
-            pages, _wake = relinquish_memory(hs, slot, atomic_load(doms, (slot, D_ID)))
-            freed += max(pages, 0)
-    return freed
+        return False
+    freed = 0
+    for attempt in range(RELINQUISH_WAIT_STEPS):
+        for slot in range(meta[M_MAX_DOMAINS]):
+            if atomic_load(doms, (slot, D_RELINQUISH)) != 0:
+                pages, _wake = relinquish_memory(hs, slot, atomic_load(doms, (slot, D_ID)))
+                freed += max(pages, 0)
+        if atomic_load(meta, M_RELINQUISH) == 0:
+            return True
+        backoff(attempt)
+    return freed > 0
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
