@@ -21,30 +21,31 @@ from native_kernels.layout import NIL, PG_NEXT, PG_PREV
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
+def _link_at(ft32, ends, near, far, out, back, first, last):
+    """Put the chain ``first``..``last`` at the ``near`` end of the list: ``out`` is the
+    frame-table row that leads away from that end (PG_NEXT from the head), ``back`` the
+    row that leads to it. link_head and link_tail are this, one the other's mirror."""
+    old = ends[near]
+    ft32[out, last] = old
+    ft32[back, first] = NIL
+    if old == NIL:
+        ends[far] = last + 1
+    else:
+        ft32[back, old - 1] = last + 1
+    ends[near] = first + 1
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
 def link_head(ft32, ends, head, tail, first, last):
     """Put the chain ``first``..``last`` (already linked among themselves; one entry when
     first == last) at the head of the list whose ends are ``ends[head]``, ``ends[tail]``."""
-    old = ends[head]
-    ft32[PG_NEXT, last] = old
-    ft32[PG_PREV, first] = NIL
-    if old == NIL:
-        ends[tail] = last + 1
-    else:
-        ft32[PG_PREV, old - 1] = last + 1
-    ends[head] = first + 1
+    _link_at(ft32, ends, head, tail, PG_NEXT, PG_PREV, first, last)
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
 def link_tail(ft32, ends, head, tail, mfn):
     """Put entry ``mfn`` at the tail of the list."""
-    old = ends[tail]
-    ft32[PG_PREV, mfn] = old
-    ft32[PG_NEXT, mfn] = NIL
-    if old == NIL:
-        ends[head] = mfn + 1
-    else:
-        ft32[PG_NEXT, old - 1] = mfn + 1
-    ends[tail] = mfn + 1
+    _link_at(ft32, ends, tail, head, PG_PREV, PG_NEXT, mfn, mfn)
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
