@@ -131,7 +131,12 @@ def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
         head = link - 1
         # A scrubber letting go of a chunk stores first_dirty without the lock.
         if not use_dirty:
-            if atomic_load(ft32, (PG_FIRST_DIRTY, head)) == INVALID_DIRTY_IDX:
+            # Clean, or clean below its first dirty page for at least the block's size
+            # (_take_chunk cuts the block from there) and held by no scrubber.
+            first_dirty = atomic_load(ft32, (PG_FIRST_DIRTY, head))
+            if first_dirty == INVALID_DIRTY_IDX or (
+                    first_dirty - 1 >= (1 << order)
+                    and atomic_load(ft8, (PG_SCRUB_STATE, head)) == BUDDY_NOT_SCRUBBING):
                 return head, j
             continue
         # Prefer a chunk no scrubber holds: taking that one means waiting for a thread the
@@ -152,8 +157,11 @@ def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
 def _take_chunk(hs, node, head, j, order):
     """Unlink chunk (head, j) and give back all but 2^order pages; returns (mfn, tag).
 
-    As in Xen, the lower halves go back to the lists carrying first_dirty, and the block is
-    the chunk's top part. Caller holds the node's lock.
+    As in Xen, each split gives the lower half back carrying first_dirty and the block goes
+    on in the top half; except that when the chunk is clean below its first dirty page for
+    at least 2^order pages, the splits give the top halves back and the block is cut from
+    that clean bottom, so a chunk whose top was just freed dirty still hands out clean
+    memory. Caller holds the node's lock.
     """
     ft32, ft8, nodes, lists = hs.ft32, hs.ft8, hs.nodes, hs.lists
     check_and_stop_scrub(ft8, nodes, node, head)
@@ -161,16 +169,27 @@ def _take_chunk(hs, node, head, j, order):
     page_list_del(ft32, lists, node, j, head)
     chunk_tag = atomic_load(ft32, (PG_TAG, head))
     pg = head
+    # The clean part below first_dirty holds the block: cut it from there.
+    go_low = first_dirty != INVALID_DIRTY_IDX and first_dirty - 1 >= (1 << order)
     while j > order:
         j -= 1
         half = 1 << j
-        lower = first_dirty if first_dirty != INVALID_DIRTY_IDX and first_dirty - 1 < half \
-            else INVALID_DIRTY_IDX
-        page_list_add_scrub(ft32, ft8, lists, node, j, pg, lower)
+        lower_clean = first_dirty == INVALID_DIRTY_IDX or first_dirty - 1 >= half
+        # Past the first dirty page a half is dirty as far as anyone knows (Xen's 1).
+        upper_dirty = first_dirty - half if lower_clean else 1
+        if first_dirty == INVALID_DIRTY_IDX:
+            upper_dirty = INVALID_DIRTY_IDX
+        if go_low:
+            _split_tag(ft32, chunk_tag, pg + half)  # the top half: a head now
+            page_list_add_scrub(ft32, ft8, lists, node, j, pg + half, upper_dirty)
+            if lower_clean:
+                first_dirty = INVALID_DIRTY_IDX
+            continue
+        page_list_add_scrub(ft32, ft8, lists, node, j, pg,
+                            INVALID_DIRTY_IDX if lower_clean else first_dirty)
         pg += half
         _split_tag(ft32, chunk_tag, pg)  # the next part's head: the block's, at the end
-        if first_dirty != INVALID_DIRTY_IDX:
-            first_dirty = first_dirty - half if first_dirty - 1 >= half else 1
+        first_dirty = upper_dirty
     fill_row(ft8, PG_STATE, pg, 1 << order, PGS_INUSE)
     ft8[PG_ORDER, pg] = order
     ft32[PG_FIRST_DIRTY, pg] = INVALID_DIRTY_IDX

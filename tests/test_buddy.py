@@ -269,21 +269,41 @@ def test_first_dirty_merges_in_both_directions_with_clean_frees(heap_factory) ->
     heap.check()
 
 
-def test_split_carries_first_dirty_into_each_half(heap_factory) -> None:
+def test_split_cuts_the_block_from_a_clean_bottom(heap_factory) -> None:
     heap = heap_factory(2 * MiB, nodes=1)
     top = heap.total_pages
     dom = heap.create_domain()
     dom.alloc(0).free()  # one chunk, dirty only in its last page
     before = node_stat(heap, 0, "alloc_scrubbed_pages")
-    blk = dom.alloc(0)  # no clean chunk anywhere: pass 2 splits the dirty one
-    assert blk.mfn == top - 1
+    blk = dom.alloc(0)  # clean below its first dirty page: the block is cut from there
+    assert blk.mfn == 0
     assert_zero(blk)
     chunks = all_free_chunks(heap, 0)
-    # first_dirty pointed past every lower half, so each went back clean.
-    for order in range(heap.max_order):
-        assert chunks[order] == [(top - (2 << order), INVALID_DIRTY_IDX)]
+    # Each split gave its top half back: the highest carries the dirty page (first_dirty is
+    # its offset plus one), the others are clean.
+    half = 1 << (heap.max_order - 1)
+    assert chunks[heap.max_order - 1] == [(top - half, half)]
+    for order in range(heap.max_order - 1):
+        assert chunks[order] == [(1 << order, INVALID_DIRTY_IDX)]
+    assert need_scrub(heap, 0, top) == [top - 1]
+    assert node_stat(heap, 0, "alloc_scrubbed_pages") == before  # nothing to zero
+    heap.check()
+
+
+def test_split_of_a_chunk_dirty_at_its_bottom_keeps_the_top(heap_factory) -> None:
+    heap = heap_factory(2 * MiB, nodes=1)
+    top = heap.total_pages
+    dom = heap.create_domain()
+    dom.alloc(0).free()  # dirty in its last page
+    low = dom.alloc(0)
+    assert low.mfn == 0  # cut from the clean bottom
+    low.free()  # dirty in its first page too: no clean bottom left, so Xen's split
+    before = node_stat(heap, 0, "alloc_scrubbed_pages")
+    blk = dom.alloc(1)
+    assert blk.mfn == top - 2
+    assert_zero(blk)
     assert node_stat(heap, 0, "alloc_scrubbed_pages") - before == 1
-    assert heap.stats()["dirty_pages"] == 0
+    assert need_scrub(heap, 0, top) == [0]
     heap.check()
 
 
