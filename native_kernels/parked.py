@@ -17,7 +17,13 @@ poison, and an allocation check the pattern).
 
 from numba import njit, types
 
-from native_kernels.atomics import atomic_load, atomic_store, fetch_add, monotonic_ns
+from native_kernels.atomics import (
+    add_locked,
+    atomic_load,
+    atomic_store,
+    coarse_monotonic_ns,
+    fetch_add,
+)
 from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import free_block, is_alive
 from native_kernels.jit import INTERNAL
@@ -84,10 +90,11 @@ def park_block(hs, slot, dom_id, mfn, limit):
     doms[slot, D_PARKED + order] = mfn + 1
     doms[slot, D_PARKED_COUNT + order] += 1
     atomic_store(ft32, (PG_OWNER, mfn), slot + 1)  # unpinned: a destroy frees it
-    fetch_add(doms, (slot, D_NUMPY_PAGES), -(1 << order))
-    fetch_add(doms, (slot, D_PARKS), 1)
+    # The domain's counters change under its lock only: no locked instruction for them.
+    add_locked(doms, (slot, D_NUMPY_PAGES), -(1 << order))
+    add_locked(doms, (slot, D_PARKS), 1)
     fetch_add(meta, M_PARKS, 1)
-    atomic_store(doms, (slot, D_PARKED_NS), monotonic_ns())
+    atomic_store(doms, (slot, D_PARKED_NS), coarse_monotonic_ns())
     spin_unlock(doms, slot, D_LOCK)
     return True
 
@@ -95,7 +102,7 @@ def park_block(hs, slot, dom_id, mfn, limit):
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def pop_parked(hs, slot, order, pin):
     """Take the top of the order's stack (caller holds the domain lock); its mfn or -1.
-    ``pin``: for numpy again (count_reuse then counts it as an allocation)."""
+    ``pin``: for numpy again, counted as an allocation (count_reuse)."""
     ft32, nodes, doms, meta = hs.ft32, hs.nodes, hs.doms, hs.meta
     link = doms[slot, D_PARKED + order]
     if link == NIL:
@@ -105,7 +112,8 @@ def pop_parked(hs, slot, order, pin):
     doms[slot, D_PARKED_COUNT + order] -= 1
     if pin:
         atomic_store(ft32, (PG_OWNER, mfn), (slot + 1) | OWNER_PINNED)
-        fetch_add(doms, (slot, D_NUMPY_PAGES), 1 << order)
+        add_locked(doms, (slot, D_NUMPY_PAGES), 1 << order)
+        count_reuse(doms, meta, slot, order)
     return mfn
 
 
@@ -121,16 +129,15 @@ def take_parked(hs, slot, dom_id, order):
     spin_unlock(doms, slot, D_LOCK)
     if mfn < 0:
         return 0
-    count_reuse(doms, meta, slot, order)
     return page_address(nodes, node_of(meta, mfn), mfn)
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def count_reuse(doms, meta, slot, order):
     """Count a parked block taken back as an allocation, for the statistics (pyarrow's
-    num_allocations and total bytes)."""
-    fetch_add(doms, (slot, D_REUSED), 1)
-    fetch_add(doms, (slot, D_REUSED_PAGES), 1 << order)
+    num_allocations and total bytes); caller holds the domain lock."""
+    add_locked(doms, (slot, D_REUSED), 1)
+    add_locked(doms, (slot, D_REUSED_PAGES), 1 << order)
     fetch_add(meta, M_REUSED, 1)
     fetch_add(meta, M_TOTAL_PAGES, 1 << order)
 

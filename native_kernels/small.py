@@ -45,7 +45,6 @@ from native_kernels.layout import (
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.parked import (
-    count_reuse,
     flush_parked,
     park_block,
     pop_parked,
@@ -223,8 +222,6 @@ def small_alloc(hs, slot, dom_id, nbytes, node_pref):
         _slab_push(nodes, meta, doms, slot, cls, reused)
         addr = _take_object(nodes, meta, doms, slot, cls)
     spin_unlock(doms, slot, D_LOCK)
-    if reused >= 0:
-        count_reuse(doms, meta, slot, order)
     if addr:
         return addr
     packed = alloc_pinned(hs, slot, dom_id, order, node_pref)

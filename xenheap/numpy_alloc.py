@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from native_kernels import numpy_handler as cb
 from xenheap.errors import DomainDead, HeapClosed
-from xenheap.numpy_api import CAPSULE_NAME, capsule_new, set_handler
+from xenheap.numpy_api import CAPSULE_NAME, capsule_new, handler_var, set_handler
 
 if TYPE_CHECKING:
     from xenheap.domain import Domain
@@ -129,12 +129,19 @@ class numpy_allocator:
         handler = dom._numpy_handler()
         if dom._dropped:  # numpy's callbacks cannot free them, should the quota run short
             dom._free_dropped()
-        self._previous = set_handler(handler)
+        if handler_var is not None:
+            self._previous = handler_var.get()
+            handler_var.set(handler)
+        else:
+            self._previous = set_handler(handler)
         return dom
 
     def __exit__(self, *exc_info: object) -> None:
         previous, self._previous = self._previous, None
-        set_handler(previous)
+        if handler_var is not None:
+            handler_var.set(previous)
+        else:
+            set_handler(previous)
 
 
 def handlers_for(state: dict) -> int:

@@ -9,6 +9,7 @@ a domain's handler points to live in xenheap.numpy_alloc, compiled on first use.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 from collections.abc import Iterator
 
@@ -36,6 +37,29 @@ _address = _set_handler_address()
 set_handler = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(_address)
 # The same call with NULL, which numpy reads as "its default handler".
 _set_default_handler = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p)(_address)
+
+
+def _find_handler_var() -> contextvars.ContextVar | None:
+    """numpy's context variable itself ("current_allocator"), found in a copy of the
+    context right after PyDataMem_SetHandler set it; None if this numpy keeps it otherwise.
+    PyDataMem_SetHandler is a get and a set of it, so ``var.get()`` and ``var.set()`` do
+    the same from Python at a fifth of the ctypes call's cost (about 0.1 against 0.5 us
+    for each end of a ``with dom.numpy_allocator():`` block)."""
+    default = _set_default_handler(None)
+    try:
+        for var, value in contextvars.copy_context().items():
+            if var.name == "current_allocator" and value is not None:
+                try:
+                    if capsule_pointer(value, CAPSULE_NAME):
+                        return var
+                except (ValueError, TypeError):
+                    pass
+    finally:
+        set_handler(default)
+    return None
+
+
+handler_var = _find_handler_var()
 
 
 @contextlib.contextmanager
