@@ -39,7 +39,7 @@ __all__ = ["Block"]
 class _Owner(np.ndarray):
     """The root of a block's views; ``block`` is the handle they keep alive."""
 
-    block: Block
+    __slots__ = ("block",)  # no per-root __dict__: one is made for every array() call
 
 
 class Block:
@@ -85,25 +85,21 @@ class Block:
         if not self.domain.alive:
             raise InvalidFree(f"{self!r} belongs to destroyed {self.domain!r}")
 
-    def _bytes(self) -> np.ndarray:
-        """The block's bytes as a uint8 array: the reuse cache's view while the block cycles
-        through it (kept by the cache, never by the handle, so that a live handle does not
-        keep a closed heap's memory mapped), else a new one."""
-        reuse = self.domain._reuse
-        nbytes = PAGE_SIZE << self.order
-        if reuse is not None:
-            u8 = reuse.views.get(self.mfn)
-            if u8 is not None and u8.size == nbytes:
-                return u8
-        return self.domain.core.bytes_at(self.mfn, nbytes)
-
     def array(self, dtype: npt.DTypeLike = "uint8") -> np.ndarray:
         """A writable numpy view of the block (zero-copy) with the given dtype; it and the
         views made from it keep the block alive."""
         dom = self.domain
         if self._freed or dom._destroyed or dom.core.closed:  # _in_use(), inlined: hot path
             self._check_usable()
-        root = self._bytes().view(_Owner)
+        # The reuse cache's view while the block cycles through it, else a new one: kept by
+        # the cache, never by the handle, so that a live handle does not keep a closed
+        # heap's memory mapped.
+        reuse = dom._reuse
+        nbytes = PAGE_SIZE << self.order
+        u8 = reuse.views.get(self.mfn) if reuse is not None else None
+        if u8 is None or u8.size != nbytes:
+            u8 = dom.core.bytes_at(self.mfn, nbytes)
+        root = u8.view(_Owner)
         root.block = self
         if dtype == "uint8":  # the default: no dtype to parse or check
             return root.view(type=np.ndarray)

@@ -165,12 +165,13 @@ class Heap:
         domains that have not used them for a while, so that they reach the scrubbers (and
         the dirty-lifetime bound) too."""
         self.core.free_dropped()
-        stale = time.monotonic() - REUSE_IDLE_S
+        now = time.monotonic()
+        stale = now - REUSE_IDLE_S
         for dom in self.core.live_domains():
             reuse = dom._reuse
             # Each kind by its own clock; both go back together (a busy one just refills).
-            if (reuse is not None and reuse.used_at < stale and reuse.cached_bytes()) \
-                    or dom._parked_numpy_since(stale):
+            if (reuse is not None and reuse.quiet_for(now) >= REUSE_IDLE_S
+                    and reuse.cached_bytes()) or dom._parked_numpy_since(stale):
                 dom._return_parked()
 
     # --- public API ----------------------------------------------------------------------

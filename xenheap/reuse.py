@@ -12,7 +12,8 @@ domain's quota and goes back dirty with everything else when the domain is destr
 not counted in ``bytes_allocated`` (what the user holds) but in ``cached_bytes``. The cache
 is bounded per order (``Heap(reuse_bytes=...)``), is given back to the heap (dirty, for the
 scrubbers) when an allocation finds the heap or the quota short, and after REUSE_IDLE_S
-without use, so the dirty-lifetime bound still covers memory a domain stopped using.
+without use (as the heap's periodic chore sees it), so the dirty-lifetime bound still
+covers memory a domain stopped using.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class ReuseCache:
     """
 
     __slots__ = ("_limit", "_lists", "_lock", "_make_view", "closed", "hit_pages", "hits",
-                 "issued", "memoryviews", "parks", "returned", "used_at", "views")
+                 "issued", "memoryviews", "parks", "quiet_since", "returned", "uses_seen",
+                 "views")
 
     def __init__(self, bytes_per_order: int,
                  make_view: Callable[[int, int], np.ndarray]) -> None:
@@ -72,7 +74,10 @@ class ReuseCache:
         # acquire()/release() rather than "with": half the cost on this path.
         self._lock = threading.Lock()
         self.closed = False
-        self.used_at = time.monotonic()
+        # When the chore last saw hits or parks move (quiet_for): the clock is read once
+        # a tick, not on every free.
+        self.uses_seen = 0
+        self.quiet_since = time.monotonic()
 
     def view(self, mfn: int, order: int) -> np.ndarray:
         """Block (mfn, order)'s bytes as a uint8 array, made once."""
@@ -142,7 +147,6 @@ class ReuseCache:
             blk._freed = True
             self.parks += 1
             self._lists[order].append((mfn, blk._tag))
-            self.used_at = time.monotonic()
             return PARKED
         finally:
             lock.release()
@@ -184,6 +188,15 @@ class ReuseCache:
         if mv is not None:
             mv.release()
         self.views.pop(mfn, None)
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds (by ``now``, time.monotonic) since hits or parks last moved, as seen by
+        the periodic chore that calls this: a cache unused for REUSE_IDLE_S goes back."""
+        uses = self.hits + self.parks
+        if uses != self.uses_seen:
+            self.uses_seen = uses
+            self.quiet_since = now
+        return now - self.quiet_since
 
     def count_returned(self, blocks: int) -> None:
         """``blocks`` drained blocks went on to the heap (freed there, or with a destroy)."""
