@@ -174,19 +174,18 @@ def _take_chunk(hs, node, head, j, order):
     while j > order:
         j -= 1
         half = 1 << j
-        lower_clean = first_dirty == INVALID_DIRTY_IDX or first_dirty - 1 >= half
-        # Past the first dirty page a half is dirty as far as anyone knows (Xen's 1).
-        upper_dirty = first_dirty - half if lower_clean else 1
         if first_dirty == INVALID_DIRTY_IDX:
-            upper_dirty = INVALID_DIRTY_IDX
+            lower_dirty = upper_dirty = INVALID_DIRTY_IDX
+        elif first_dirty - 1 >= half:
+            lower_dirty, upper_dirty = INVALID_DIRTY_IDX, first_dirty - half
+        else:  # past a dirty page the top half is dirty as far as anyone knows (Xen's 1)
+            lower_dirty, upper_dirty = first_dirty, 1
         if go_low:
             _split_tag(ft32, chunk_tag, pg + half)  # the top half: a head now
             page_list_add_scrub(ft32, ft8, lists, node, j, pg + half, upper_dirty)
-            if lower_clean:
-                first_dirty = INVALID_DIRTY_IDX
+            first_dirty = lower_dirty
             continue
-        page_list_add_scrub(ft32, ft8, lists, node, j, pg,
-                            INVALID_DIRTY_IDX if lower_clean else first_dirty)
+        page_list_add_scrub(ft32, ft8, lists, node, j, pg, lower_dirty)
         pg += half
         _split_tag(ft32, chunk_tag, pg)  # the next part's head: the block's, at the end
         first_dirty = upper_dirty
