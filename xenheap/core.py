@@ -24,7 +24,8 @@ The surface:
   ``retire_slot``), destroyed domains' memory (``relinquishing``, ``relinquish``,
   ``relinquish_pending``),
   ``reuse_retired`` (destroyed domains' reuse counters), ``numpy_handlers``.
-- Scrubbers: ``scrubbers`` and ``scrubber_of`` (node -> index), set by the Heap.
+- Scrubbers: ``scrubbers`` and ``scrubber_of`` (node -> index), set by the Heap;
+  ``cleaned``, the condition a scrubber notifies when it finds its nodes clean.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class HeapCore:
         self.reuse_retired = (0, 0, 0, 0)
         self.scrubbers: list[Scrubber] = []
         self.scrubber_of = [0] * self.nodes
+        # Notified by a scrubber that finds its nodes clean: wait_clean waits on it.
+        self.cleaned = threading.Condition()
 
     def _fill_state(self, max_domains: int) -> None:
         s = self.state

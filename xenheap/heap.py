@@ -43,6 +43,9 @@ SCRUB_MODES = {"idle": MODE_IDLE, "sync": MODE_SYNC, "alloc": MODE_ALLOC}
 DEFAULT_MAX_DOMAINS = 4096
 DEFAULT_SCRUB_DEADLINE_S = 1.0
 TICK_S = 0.05  # how often the first scrubber does the heap's periodic chores (_tick)
+# wait_clean wakes when a scrubber finds its nodes clean, and looks this often anyway
+# (allocators zeroing what they take clean memory too, and notify nobody).
+WAIT_CLEAN_POLL_S = 0.005
 FORKED_REASON = ("this heap belongs to the parent process (inherited across fork); create a "
                  "new Heap in the child")
 # Every heap not yet collected, closed ones too: the fork hook marks them all, and exit
@@ -120,7 +123,8 @@ class Heap:
         for node_ids, cpus in plan_scrubbers(self.topology):
             # The first scrubber also does the heap's periodic chores (_tick).
             scrubber = Scrubber(core.state, node_ids, cpus, core.arenas, self.scrub_deadline,
-                                core.charges, None if core.scrubbers else self._tick)
+                                core.charges, core.cleaned,
+                                None if core.scrubbers else self._tick)
             for node in node_ids:
                 core.scrubber_of[node] = len(core.scrubbers)
             core.scrubbers.append(scrubber)
@@ -233,13 +237,19 @@ class Heap:
         heap in the background, so it answers at once.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.core.relinquish()
-        while self.core.dirty_pages() != 0 or self.core.relinquish_pending():
-            if not any(s.is_alive() for s in self.core.scrubbers):
+        core = self.core
+        core.relinquish()
+        while core.dirty_pages() != 0 or core.relinquish_pending():
+            if not any(s.is_alive() for s in core.scrubbers):
                 return False
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return False
-            time.sleep(0.001)
+            wait_s = WAIT_CLEAN_POLL_S if deadline is None else \
+                min(WAIT_CLEAN_POLL_S, deadline - now)
+            with core.cleaned:  # looked at again under its lock: no notify is missed
+                if core.dirty_pages() != 0 or core.relinquish_pending():
+                    core.cleaned.wait(wait_s)
         return True
 
     def release_unused(self, nbytes: int | str | None = None) -> int:

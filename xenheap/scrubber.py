@@ -61,6 +61,7 @@ class Scrubber(threading.Thread):
 
     def __init__(self, state: dict, nodes: Sequence[int], cpus: Sequence[int],
                  arenas: Sequence[object], deadline_s: float, charges: ChargeBook,
+                 cleaned: threading.Condition,
                  on_tick: Callable[[], None] | None = None) -> None:
         super().__init__(name=f"xenheap-scrub-node{nodes[0]}", daemon=True)
         self.nodes = tuple(nodes)
@@ -68,6 +69,7 @@ class Scrubber(threading.Thread):
         self.cpus = tuple(cpus)
         self.deadline_ns = int(deadline_s * 1e9)
         self._on_tick = on_tick  # called each time round the loop (Heap._tick)
+        self._cleaned = cleaned  # notified each time round the loop that finds it all clean
         self._book = charges
         self._charges = np.zeros((CHARGE_ROWS, 2), dtype=np.int64)  # this slice's, by domain
         self._charged_cpu = 0.0  # thread_time when the last slice was charged
@@ -92,12 +94,12 @@ class Scrubber(threading.Thread):
         self.wakeup.set()
 
     def _next_step(self) -> tuple[str | None, float]:
-        """What to do now: ("idle" | "deadline", 0) to scrub a slice, or (None, seconds to
-        wait)."""
+        """What to do now: ("idle" | "deadline", 0) to scrub a slice, or (None | "clean",
+        seconds to wait)."""
         oldest = column_min_where(self._nodes_rows, N_DIRTY_SINCE_NS, N_NEED_SCRUB,
                                   self._node_array)
         if oldest < 0:  # every node clean
-            return None, IDLE_WAIT_S
+            return "clean", IDLE_WAIT_S
         overdue_in = (oldest + self.deadline_ns - time.monotonic_ns()) / 1e9
         if overdue_in <= 0:
             return "deadline", 0.0
@@ -139,7 +141,10 @@ class Scrubber(threading.Thread):
                     with contextlib.suppress(HeapClosed):
                         self._on_tick()
                 kind, wait_s = self._next_step()
-                if kind is None:
+                if kind is None or kind == "clean":
+                    if kind == "clean":
+                        with self._cleaned:
+                            self._cleaned.notify_all()
                     self.state = "idle"
                     self.wakeup.wait(wait_s)
                 else:
