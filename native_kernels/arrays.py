@@ -33,7 +33,6 @@ from native_kernels.raw import memcpy_bytes, pointer_to
 from native_kernels.small import (
     alloc_pinned,
     block_address,
-    drop_empty_slab,
     find_slab,
     order_for_bytes,
     page_of,
@@ -78,10 +77,10 @@ def array_free(hs, slot, dom_id, addr):
     """Give back what array_alloc returned; 1 if a scrubber should wake, else 0 or < 0."""
     ft32, ft8, nodes, doms, meta = hs.ft32, hs.ft8, hs.nodes, hs.doms, hs.meta
     if addr & (PAGE_SIZE - 1):
-        head = release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr)
+        head = release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr, 0)
         if head <= 0:
             return head
-        return drop_empty_slab(hs, slot, dom_id, head - 1)
+        return free_pinned_block(hs, slot, dom_id, head - 1)
     page = page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
@@ -102,7 +101,7 @@ def array_capacity(hs, slot, dom_id, addr):
             return E_BAD_FREE
         return PAGE_SIZE << ft8[PG_ORDER, page]
     spin_lock(doms, slot, D_LOCK)
-    head = find_slab(ft32, ft8, nodes, meta, slot, page)
+    head = find_slab(ft32, ft8, nodes, meta, slot, page, 0)
     size = E_BAD_FREE
     if head >= 0:
         hdr = pointer_to(block_address(nodes, meta, head), types.uint64)

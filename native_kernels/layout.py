@@ -208,9 +208,11 @@ D_UNPARKED = 36  # parked blocks that went on to the heap (flush, destroy): D_FR
 DOM_FIELDS = round_to_lines(D_UNPARKED + 1)  # 40: 5 cache lines
 
 NUMPY_PARK_ORDERS = 4  # numpy blocks of up to 32 KiB are parked for reuse
-NUMPY_PARK_MAX = 16  # at most this many of numpy's freed blocks per order and domain
-# ... and up to this many emptied slabs (native_kernels.small), on the same stacks: a stack
-# that slabs filled past NUMPY_PARK_MAX takes no array block of that order until it shrinks.
+NUMPY_PARK_MAX = 16  # at most this many of numpy's freed blocks (one-page slabs included)
+#                      per order and domain
+# ... and up to this many emptied slabs of more than a page (native_kernels.small), on the
+# same stacks: a stack that slabs filled past NUMPY_PARK_MAX takes no array block of that
+# order until it shrinks.
 SLAB_PARK_MAX = 64
 
 # --- the life of a domain (D_STATE) --------------------------------------------------------

@@ -12,6 +12,7 @@ from numba import carray, cfunc, njit, types
 
 from native_kernels.arrays import OLD_BYTES, array_alloc, array_free, array_realloc
 from native_kernels.atomics import atomic_load, fetch_add
+from native_kernels.domain import free_pinned_block
 from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     DOM_FIELDS,
@@ -34,7 +35,7 @@ from native_kernels.raw import (
     pointer_to,
     voidptr_to_address,
 )
-from native_kernels.small import drop_empty_slab, release_small, take_small
+from native_kernels.small import release_small, take_small
 
 CTX_FT32 = 0  # addresses of the state arrays
 CTX_FT8 = 1
@@ -83,6 +84,7 @@ def _take_small(ctx, nbytes):
     it reads (an address, 0 for the full path, or E_DEAD)."""
     c = carray(pointer_to(voidptr_to_address(ctx), types.int64), CTX_FIELDS)
     return take_small(
+        carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, c[CTX_NR_PAGES])),
         carray(pointer_to(c[CTX_NODES], types.int64), (c[CTX_NR_NODES], NODE_FIELDS)),
         carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
         carray(pointer_to(c[CTX_META], types.int64), META_FIELDS),
@@ -90,7 +92,7 @@ def _take_small(ctx, nbytes):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _release_small(c, meta, addr):
+def _release_small(c, meta, addr, nbytes):
     """small.release_small for context record ``c``, building only the arrays it reads."""
     n = c[CTX_NR_PAGES]
     return release_small(carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n)),
@@ -99,7 +101,7 @@ def _release_small(c, meta, addr):
                                 (c[CTX_NR_NODES], NODE_FIELDS)),
                          carray(pointer_to(c[CTX_DOMS], types.int64),
                                 (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
-                         meta, c[CTX_SLOT], c[CTX_DOM_ID], addr)
+                         meta, c[CTX_SLOT], c[CTX_DOM_ID], addr, nbytes)
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
@@ -169,10 +171,10 @@ def numpy_free(ctx, ptr, size):
     if atomic_load(meta, M_FORKED):
         return  # an inherited array in a forked child: its locks may never be released
     if addr & (PAGE_SIZE - 1):  # a slab object: the hot path, then its slab if emptied
-        status = _release_small(c, meta, addr)
+        status = _release_small(c, meta, addr, types.int64(size))  # and not parked
         if status > 0:
             hs = _state(c)
-            status = drop_empty_slab(hs, c[CTX_SLOT], c[CTX_DOM_ID], status - 1)
+            status = free_pinned_block(hs, c[CTX_SLOT], c[CTX_DOM_ID], status - 1)
     else:
         hs = _state(c)
         status = array_free(hs, c[CTX_SLOT], c[CTX_DOM_ID], addr)

@@ -1,8 +1,8 @@
 """Blocks numpy freed that a domain keeps for its next arrays (numpy's hot path).
 
 numpy allocates and frees array data at a high rate, often the same sizes again and again.
-A block that numpy frees goes, up to NUMPY_PARK_MAX per order (emptied slabs up to
-SLAB_PARK_MAX) and for orders below NUMPY_PARK_ORDERS, onto a per-domain stack
+A block that numpy frees goes, up to NUMPY_PARK_MAX per order (emptied slabs of more than a
+page up to SLAB_PARK_MAX) and for orders below NUMPY_PARK_ORDERS, onto a per-domain stack
 (layout.D_PARKED) instead of back to the heap: the next array of that order takes it back
 under the domain's lock alone, without the node's lock, the buddy lists or scrubbing. Only
 this domain ever wrote it, so isolation holds; ``arrays.array_alloc`` reports that it may hold old
@@ -52,10 +52,10 @@ from native_kernels.layout import (
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.raw import pointer_to
 
-# An emptied slab of more than a page (native_kernels.small) is parked too, up to
-# layout.SLAB_PARK_MAX per order: a burst of small arrays that comes and goes (1,000 arrays
-# of 8-1000 bytes empty 33 order-2 slabs) then cycles through the domain's own slabs, not
-# through the heap and its scrubbing.
+# An emptied slab (native_kernels.small) is parked too, up to layout.SLAB_PARK_MAX per order
+# above 0 and NUMPY_PARK_MAX for one page: a burst of small arrays that comes and goes
+# (1,000 arrays of 8-1000 bytes empty 33 order-2 slabs) then cycles through the domain's
+# own slabs, not through the heap and its scrubbing.
 
 # The kernels numpy's allocations and frees call are compiled with ``_nrt=False``, as
 # native_kernels.small explains: no reference-count calls around their array arguments.
@@ -71,20 +71,27 @@ def _link_word(nodes, meta, mfn):
 def park_block(hs, slot, dom_id, mfn, limit):
     """Keep block ``mfn``, which numpy just freed, for the domain's next arrays, if its
     order's stack holds fewer than ``limit`` blocks (NUMPY_PARK_MAX for an array's block,
-    SLAB_PARK_MAX for an emptied slab).
+    SLAB_PARK_MAX for an emptied slab of more than a page).
 
     True if parked; False if it must be freed instead (not parkable, stack full, or not a
     pinned block of this live domain).
     """
     ft32, ft8, nodes, doms, meta = hs.ft32, hs.ft8, hs.nodes, hs.doms, hs.meta
-    if meta[M_REUSE] == 0:
-        return False
     spin_lock(doms, slot, D_LOCK)
+    parked = (is_alive(doms, slot, dom_id)
+              and atomic_load(ft32, (PG_OWNER, mfn)) == ((slot + 1) | OWNER_PINNED)
+              and park_locked(ft32, ft8, nodes, doms, meta, slot, mfn, limit))
+    spin_unlock(doms, slot, D_LOCK)
+    return parked
+
+
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+def park_locked(ft32, ft8, nodes, doms, meta, slot, mfn, limit):
+    """park_block for a pinned block of the live domain whose lock the caller holds (the
+    arrays one by one, as numpy's hot free passes them). True if parked."""
     order = ft8[PG_ORDER, mfn]
-    if (not is_alive(doms, slot, dom_id) or order >= NUMPY_PARK_ORDERS
-            or atomic_load(ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)
+    if (meta[M_REUSE] == 0 or order >= NUMPY_PARK_ORDERS
             or doms[slot, D_PARKED_COUNT + order] >= limit):
-        spin_unlock(doms, slot, D_LOCK)
         return False
     _link_word(nodes, meta, mfn)[0] = doms[slot, D_PARKED + order]
     doms[slot, D_PARKED + order] = mfn + 1
@@ -95,15 +102,14 @@ def park_block(hs, slot, dom_id, mfn, limit):
     add_locked(doms, (slot, D_PARKS), 1)
     fetch_add(meta, M_PARKS, 1)
     atomic_store(doms, (slot, D_PARKED_NS), coarse_monotonic_ns())
-    spin_unlock(doms, slot, D_LOCK)
     return True
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def pop_parked(hs, slot, order, pin):
+def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
     """Take the top of the order's stack (caller holds the domain lock); its mfn or -1.
-    ``pin``: for numpy again, counted as an allocation (count_reuse)."""
-    ft32, nodes, doms, meta = hs.ft32, hs.nodes, hs.doms, hs.meta
+    ``pin``: for numpy again, counted as an allocation (count_reuse). The arrays one by
+    one: numpy's hot allocation (small.take_small) builds only those it reads."""
     link = doms[slot, D_PARKED + order]
     if link == NIL:
         return -1
@@ -124,7 +130,7 @@ def take_parked(hs, slot, dom_id, order):
     if order >= NUMPY_PARK_ORDERS:
         return 0
     spin_lock(doms, slot, D_LOCK)
-    mfn = pop_parked(hs, slot, order, types.boolean(True)) \
+    mfn = pop_parked(hs.ft32, nodes, doms, meta, slot, order, types.boolean(True)) \
         if is_alive(doms, slot, dom_id) else -1
     spin_unlock(doms, slot, D_LOCK)
     if mfn < 0:
@@ -151,7 +157,7 @@ def flush_parked(hs, slot, dom_id):
     for order in range(NUMPY_PARK_ORDERS):
         while True:
             spin_lock(doms, slot, D_LOCK)
-            mfn = pop_parked(hs, slot, order, types.boolean(False)) \
+            mfn = pop_parked(ft32, hs.nodes, doms, meta, slot, order, types.boolean(False)) \
                 if is_alive(doms, slot, dom_id) else -1
             spin_unlock(doms, slot, D_LOCK)
             if mfn < 0:

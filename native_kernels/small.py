@@ -2,8 +2,8 @@
 
 Objects up to SLAB_MAX_OBJECT bytes come from per-domain slabs: a pinned block split into
 equal objects of one size class, with a header at its start (layout.SH_*). Slabs with a free
-object are listed per class in the domain's row. An emptied one-page slab goes back to the
-heap (dirty); a larger one is parked for the class's next slab (drop_empty_slab says why).
+object are listed per class in the domain's row. An emptied slab is parked for the next slab
+of its order, within a bound (park_limit), or goes back to the heap (dirty).
 """
 
 from numba import njit, types
@@ -27,6 +27,7 @@ from native_kernels.layout import (
     N_BASE,
     N_PAGES,
     NIL,
+    NUMPY_PARK_MAX,
     OWNER_PINNED,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -40,15 +41,12 @@ from native_kernels.layout import (
     SLAB_BITMAP_WORDS,
     SLAB_CLASSES,
     SLAB_HEADER_BYTES,
+    SLAB_MAX_OBJECT,
     SLAB_MIN_OBJECT,
     SLAB_PARK_MAX,
 )
 from native_kernels.locks import spin_lock, spin_unlock
-from native_kernels.parked import (
-    flush_parked,
-    park_block,
-    pop_parked,
-)
+from native_kernels.parked import flush_parked, park_locked, pop_parked
 from native_kernels.raw import pointer_to, trailing_zeros
 
 MAX_SLAB_ORDER = SLAB_CLASSES - 5
@@ -156,7 +154,7 @@ def _take_object(nodes, meta, doms, slot, cls):
     return 0
 
 
-@njit(nogil=True, cache=True, **INTERNAL)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def _init_slab(nodes, meta, mfn, cls):
     """Write the header of a new, empty slab of class ``cls`` at block ``mfn``: the block
     may hold the debug pattern, or a parked block's link and its domain's old bytes."""
@@ -167,21 +165,32 @@ def _init_slab(nodes, meta, mfn, cls):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def take_small(nodes, doms, meta, slot, dom_id, nbytes):
+def take_small(ft32, nodes, doms, meta, slot, dom_id, nbytes):
     """numpy's hot path for ``nbytes`` (1 to SLAB_MAX_OBJECT): an object of the first listed
-    slab of its class, under the domain lock alone. Its address; 0 if no slab of the class
-    has room (arrays.array_alloc then makes one); E_DEAD.
+    slab of its class, else of a slab the domain emptied and parked (native_kernels.parked),
+    under the domain lock alone. Its address; 0 if neither is there (small_alloc then
+    makes a slab); E_DEAD.
 
-    Only three state arrays, and no call below it that takes more: numba passes every
-    array as its seven or more words, so a call that takes all seven arrays costs more
-    than this whole path.
+    The parked slab comes back under the same lock as the miss: a burst of arrays after
+    an earlier one empties its slabs takes one per slab. And only four state arrays, and
+    no call below it that takes more: numba passes every array as its seven or more
+    words, so a call that takes all seven arrays costs more than this whole path.
     """
     if atomic_load(meta, M_CLOSED):
         return E_DEAD
     cls = size_class(nbytes)
     spin_lock(doms, slot, D_LOCK)
-    addr = _take_object(nodes, meta, doms, slot, cls) if is_alive(doms, slot, dom_id) \
-        else E_DEAD
+    if not is_alive(doms, slot, dom_id):
+        spin_unlock(doms, slot, D_LOCK)
+        return E_DEAD
+    addr = _take_object(nodes, meta, doms, slot, cls)
+    if addr == 0:
+        # Its header is written before the lock goes, so no free finds it pinned without.
+        mfn = pop_parked(ft32, nodes, doms, meta, slot, slab_order(cls), types.boolean(True))
+        if mfn >= 0:
+            _init_slab(nodes, meta, mfn, cls)
+            _slab_push(nodes, meta, doms, slot, cls, mfn)
+            addr = _take_object(nodes, meta, doms, slot, cls)
     spin_unlock(doms, slot, D_LOCK)
     return addr
 
@@ -203,28 +212,11 @@ def alloc_pinned(hs, slot, dom_id, order, node_pref):
 @njit(nogil=True, cache=True, **INTERNAL)
 def small_alloc(hs, slot, dom_id, nbytes, node_pref):
     nodes, doms, meta = hs.nodes, hs.doms, hs.meta
-    addr = take_small(nodes, doms, meta, slot, dom_id, nbytes)
+    addr = take_small(hs.ft32, nodes, doms, meta, slot, dom_id, nbytes)
     if addr != 0:
         return addr
     cls = size_class(nbytes)
-    order = slab_order(cls)
-    # No slab with room: a slab the domain emptied and parked (native_kernels.parked) comes
-    # back under the lock, so no free ever finds it pinned without its header. Another
-    # thread may have listed a slab meanwhile: that one is used first.
-    spin_lock(doms, slot, D_LOCK)
-    if not is_alive(doms, slot, dom_id):
-        spin_unlock(doms, slot, D_LOCK)
-        return E_DEAD
-    addr = _take_object(nodes, meta, doms, slot, cls)
-    reused = -1 if addr else pop_parked(hs, slot, order, types.boolean(True))
-    if reused >= 0:
-        _init_slab(nodes, meta, reused, cls)
-        _slab_push(nodes, meta, doms, slot, cls, reused)
-        addr = _take_object(nodes, meta, doms, slot, cls)
-    spin_unlock(doms, slot, D_LOCK)
-    if addr:
-        return addr
-    packed = alloc_pinned(hs, slot, dom_id, order, node_pref)
+    packed = alloc_pinned(hs, slot, dom_id, slab_order(cls), node_pref)
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
@@ -234,7 +226,7 @@ def small_alloc(hs, slot, dom_id, nbytes, node_pref):
         spin_unlock(doms, slot, D_LOCK)
         free_pinned_block(hs, slot, dom_id, mfn)
         return E_DEAD
-    _slab_push(nodes, meta, doms, slot, cls, mfn)
+    _slab_push(nodes, meta, doms, slot, cls, mfn)  # another thread's may be listed too
     addr = _take_object(nodes, meta, doms, slot, cls)
     spin_unlock(doms, slot, D_LOCK)
     return addr
@@ -251,11 +243,18 @@ def page_of(nodes, meta, addr):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def find_slab(ft32, ft8, nodes, meta, slot, page):
+def find_slab(ft32, ft8, nodes, meta, slot, page, nbytes):
     """The head of the slab of ``slot`` holding page ``page``, or -1; under the domain lock.
-    Its arrays one by one: numpy's hot free (release_small) builds only those it reads."""
+    Its arrays one by one: numpy's hot free (release_small) builds only those it reads.
+
+    ``nbytes``, the object's size as numpy gives it to free (0: unknown), names the order
+    to try first (a slab's block is aligned to its order): one try where numpy is right.
+    The others follow, as the check is the same for each.
+    """
     base = nodes[node_of(meta, page), N_BASE]
-    for order in range(MAX_SLAB_ORDER + 1):
+    first = slab_order(size_class(nbytes)) if 0 < nbytes <= SLAB_MAX_OBJECT else 0
+    for k in range(MAX_SLAB_ORDER + 1):
+        order = (first + k) % (MAX_SLAB_ORDER + 1)
         head = base + ((page - base) & ~((1 << order) - 1))
         if (atomic_load(ft32, (PG_OWNER, head)) == ((slot + 1) | OWNER_PINNED)
                 and ft8[PG_ORDER, head] == order):
@@ -266,16 +265,16 @@ def find_slab(ft32, ft8, nodes, meta, slot, page):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
-    """numpy's hot path for freeing slab object ``addr``, under the domain lock alone (few
-    arrays, as take_small). 0 if done; E_BAD_FREE if it is no object of this domain in
-    use; head + 1 of its slab if that slab is now empty, off every list, for the caller
-    to park or free."""
+def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr, nbytes):
+    """numpy's hot path for freeing slab object ``addr`` (``nbytes``: as find_slab), under
+    the domain lock alone (few arrays, as take_small). 0 if done; E_BAD_FREE if it is no
+    object of this domain in use; head + 1 of its slab if that slab is now empty and
+    could not be parked (park_limit), off every list, for the caller to free."""
     page = page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
     spin_lock(doms, slot, D_LOCK)
-    head = find_slab(ft32, ft8, nodes, meta, slot, page) \
+    head = find_slab(ft32, ft8, nodes, meta, slot, page, nbytes) \
         if holds_blocks(doms, slot, dom_id) else -1
     if head < 0:
         spin_unlock(doms, slot, D_LOCK)
@@ -298,22 +297,23 @@ def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr):
     empty = hdr[SH_USED] == 0
     if empty:
         _slab_remove(nodes, meta, doms, slot, cls, head)
+        # Parked under the same lock: a burst of arrays empties its slabs by the dozen.
+        empty = not (is_alive(doms, slot, dom_id)
+                     and park_locked(ft32, ft8, nodes, doms, meta, slot, head,
+                                     park_limit(ft8, head)))
     spin_unlock(doms, slot, D_LOCK)
     return head + 1 if empty else 0
 
 
-@njit(nogil=True, cache=True, **INTERNAL)
-def drop_empty_slab(hs, slot, dom_id, head):
-    """Slab ``head``, which release_small emptied: off every list, so nobody takes an object
-    from it meanwhile. Kept for the domain's next slab of its order, or freed; 1 if a
-    scrubber should wake, else 0 or < 0 (as free_pinned_block).
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+def park_limit(ft8, head):
+    """How many emptied slabs of slab ``head``'s order its domain keeps (parked).
 
-    Only slabs of more than a page are kept: they hold 15 objects of 512 bytes and up, so
-    a burst of arrays empties them by the dozen (51 of the 66 slabs that 1,000 arrays of
-    8-1000 bytes use), while one page holds 15 to 252 smaller objects; and an order-0
-    slab would take the place of a 4 KiB array's block on the stack of that order.
+    Slabs of more than a page hold 15 objects of 512 bytes and up, so a burst of arrays
+    empties them by the dozen (51 of the 66 slabs that 1,000 arrays of 8-1000 bytes use):
+    up to SLAB_PARK_MAX. A one-page slab is kept as a 4 KiB array's block is (up to
+    NUMPY_PARK_MAX, on the same stack), so it never crowds such blocks out; else one
+    small array made and freed in a loop takes a page from the heap and gives it back
+    dirty every time (about 1 us per array).
     """
-    ft8 = hs.ft8
-    if ft8[PG_ORDER, head] > 0 and park_block(hs, slot, dom_id, head, SLAB_PARK_MAX):
-        return 0
-    return free_pinned_block(hs, slot, dom_id, head)
+    return SLAB_PARK_MAX if ft8[PG_ORDER, head] > 0 else NUMPY_PARK_MAX

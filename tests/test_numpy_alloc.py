@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from numpy._core.multiarray import get_handler_name
 
+import native_kernels.layout as layout
 import xenheap
-from native_kernels.layout import PAGE_SIZE
+from native_kernels.layout import NUMPY_PARK_MAX, PAGE_SIZE
 
 WAIT_S = 30
 
@@ -341,19 +342,28 @@ def _parked(heap, dom):
     return [int(n) for n in row[D_PARKED_COUNT:D_PARKED_COUNT + NUMPY_PARK_ORDERS]]
 
 
+def _field(heap, dom, name):
+    """A field of the domain's row, read without numpy allocating (as dom.stats() does,
+    under the handler: into a one-page slab that is then parked)."""
+    return int(heap.core.state["doms"][dom.slot, getattr(layout, name)])
+
+
 def test_emptied_large_slabs_are_parked_and_the_next_burst_reuses_them(heap):
     dom = heap.create_domain()
     with dom.numpy_allocator():
         first = [np.full(125, i, dtype=np.int64) for i in range(60)]  # 1000 B: 4-page slabs
-        slabs = dom.stats()["blocks"]
         addrs = {a.ctypes.data for a in first}
         del first
+        slabs = 60 // 15  # 15 objects of 1 KiB in a slab of 4 pages
         parked = _parked(heap, dom)
-        assert parked[2] == slabs and dom.stats()["numpy_pages"] == 0
+        # parked[0]: the one-page slabs of np.full's temporaries, emptied and parked too
+        assert parked[1:] == [0, slabs, 0] and _field(heap, dom, "D_BLOCKS") == slabs + parked[0]
+        assert dom.stats()["numpy_pages"] == 0
         heap.check()
+        blocks = _field(heap, dom, "D_BLOCKS")
         second = [np.full(125, -i, dtype=np.int64) for i in range(60)]
         assert {a.ctypes.data for a in second} == addrs  # the same slabs, no heap call
-        assert dom.stats()["blocks"] == slabs and _parked(heap, dom)[2] == 0
+        assert _field(heap, dom, "D_BLOCKS") == blocks and _parked(heap, dom)[2] == 0
         assert all((a == -i).all() for i, a in enumerate(second))
         zeroed = [np.zeros(125, dtype=np.int64) for _ in range(20)]  # calloc zeroes
         assert all(not a.any() for a in zeroed)
@@ -365,13 +375,29 @@ def test_emptied_large_slabs_are_parked_and_the_next_burst_reuses_them(heap):
     heap.check()
 
 
-def test_page_slabs_still_go_back_to_the_heap(heap):
+def test_emptied_page_slabs_are_parked_as_4k_blocks_are(heap):
     dom = heap.create_domain()
     with dom.numpy_allocator():
-        arrays = [np.zeros(8, dtype=np.int64) for _ in range(500)]  # one-page slabs
-        del arrays
-    assert _parked(heap, dom) == [0, 0, 0, 0]
-    assert dom.stats()["pages"] == 0
+        first = [np.zeros(8, dtype=np.int64) for _ in range(500)]  # 64 B: 8 one-page slabs
+        slabs = _field(heap, dom, "D_BLOCKS")
+        pages = {a.ctypes.data & -PAGE_SIZE for a in first}
+        assert slabs == len(pages) == 8
+        del first
+        assert _parked(heap, dom) == [slabs, 0, 0, 0] and _field(heap, dom, "D_BLOCKS") == slabs
+        heap.check()
+        second = [np.zeros(8, dtype=np.int64) for _ in range(500)]
+        assert {a.ctypes.data & -PAGE_SIZE for a in second} == pages  # no heap call
+        assert _field(heap, dom, "D_BLOCKS") == slabs and _parked(heap, dom)[0] == 0
+        assert not any(a.any() for a in second)  # calloc zeroes the old bytes
+        del second
+        many = [np.zeros(8, dtype=np.int64) for _ in range(40 * 63)]  # 40 slabs
+        del many
+        # Bounded as 4 KiB arrays' blocks are, on the same stack: the rest went to the heap.
+        assert _parked(heap, dom) == [NUMPY_PARK_MAX, 0, 0, 0]
+        assert _field(heap, dom, "D_BLOCKS") == NUMPY_PARK_MAX
+        heap.check()
+    dom.destroy()  # the parked slabs go with the domain, dirty
+    assert heap.stats()["free_pages"] == heap.total_pages
     heap.check()
 
 
@@ -381,7 +407,8 @@ def test_parked_slabs_make_room_when_the_quota_is_short():
         with dom.numpy_allocator():
             arrays = [np.ones(125) for _ in range(120)]  # 1000 B: 8 slabs of 4 pages
             del arrays
-            assert _parked(heap, dom)[2] == 8 and dom.stats()["pages"] == 32
+            parked = _parked(heap, dom)  # [0]: np.ones's temporaries' one-page slab
+            assert parked[2] == 8 and _field(heap, dom, "D_PAGES") == 32 + parked[0]
             big = np.ones(28 * 512)  # 32 pages: only with the parked slabs given back
             small = np.ones(100)  # a new slab of 4 pages, within the quota too
             assert big.sum() == 28 * 512 and small.sum() == 100
