@@ -62,7 +62,7 @@ def array_alloc(hs, slot, dom_id, nbytes, node_pref):
     order = order_for_bytes(meta, nbytes)
     if order < 0:
         return E_NOMEM
-    addr = take_parked(hs, slot, dom_id, order)
+    addr = take_parked(hs.ft32, nodes, hs.doms, meta, slot, dom_id, order)
     if addr:
         return addr | OLD_BYTES
     packed = alloc_pinned(hs, slot, dom_id, order, node_pref)
@@ -84,7 +84,7 @@ def array_free(hs, slot, dom_id, addr):
     page = page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
-    if park_block(hs, slot, dom_id, page, NUMPY_PARK_MAX):
+    if park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, page, NUMPY_PARK_MAX):
         return 0
     return free_pinned_block(hs, slot, dom_id, page)
 

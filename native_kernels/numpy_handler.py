@@ -10,32 +10,37 @@ its usual MemoryError. No Python object is touched, so numpy may call them witho
 
 from numba import carray, cfunc, njit, types
 
-from native_kernels.arrays import OLD_BYTES, array_alloc, array_free, array_realloc
+from native_kernels.arrays import OLD_BYTES, array_alloc, array_realloc
 from native_kernels.atomics import atomic_load, fetch_add
 from native_kernels.domain import free_pinned_block
 from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     DOM_FIELDS,
+    E_BAD_FREE,
     FT8_FIELDS,
     FT32_FIELDS,
     LIST_FIELDS,
     M_BAD_ARRAY_FREES,
+    M_CLOSED,
     M_DEBUG,
     M_FORKED,
     MAX_ORDER_LIMIT,
     META_FIELDS,
     NODE_FIELDS,
+    NUMPY_PARK_MAX,
+    NUMPY_PARK_ORDERS,
     PAGE_SIZE,
     SLAB_MAX_OBJECT,
     HeapState,
 )
+from native_kernels.parked import park_block, take_parked
 from native_kernels.raw import (
     address_to_voidptr,
     memset_bytes,
     pointer_to,
     voidptr_to_address,
 )
-from native_kernels.small import release_small, take_small
+from native_kernels.small import order_for_bytes, page_of, release_small, take_small
 
 CTX_FT32 = 0  # addresses of the state arrays
 CTX_FT8 = 1
@@ -51,6 +56,10 @@ CTX_SLOT = 10  # the domain
 CTX_DOM_ID = 11
 CTX_NODE = 12  # preferred node: that of the thread that installed the handler
 CTX_FIELDS = 13
+
+# Arrays of more than a slab object up to this many bytes may find a block the domain
+# parked (native_kernels.parked): a short path like the slabs' takes it, and parks it again.
+PARKED_MAX_BYTES = PAGE_SIZE << (NUMPY_PARK_ORDERS - 1)
 
 _MALLOC_SIG = types.voidptr(types.voidptr, types.uintp)
 _CALLOC_SIG = types.voidptr(types.voidptr, types.uintp, types.uintp)
@@ -105,6 +114,42 @@ def _release_small(c, meta, addr, nbytes):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
+def _take_parked(ctx, nbytes):
+    """parked.take_parked for an array of ``nbytes`` (SLAB_MAX_OBJECT to PARKED_MAX_BYTES),
+    building only the arrays it reads: a block's address (holding old bytes), or 0 for
+    the full path (none parked, or the heap closed)."""
+    c = _context(ctx)
+    meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
+    if atomic_load(meta, M_CLOSED):
+        return 0
+    n = c[CTX_NR_PAGES]
+    return take_parked(carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n)),
+                       carray(pointer_to(c[CTX_NODES], types.int64),
+                              (c[CTX_NR_NODES], NODE_FIELDS)),
+                       carray(pointer_to(c[CTX_DOMS], types.int64),
+                              (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
+                       meta, c[CTX_SLOT], c[CTX_DOM_ID], order_for_bytes(meta, nbytes))
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
+def _free_block(c, meta, addr):
+    """arrays.array_free for the page-aligned block at ``addr``: parked with only the arrays
+    that takes, else freed with the whole state. As array_free, 1 if a scrubber should
+    wake, else 0 or < 0."""
+    n = c[CTX_NR_PAGES]
+    nodes = carray(pointer_to(c[CTX_NODES], types.int64), (c[CTX_NR_NODES], NODE_FIELDS))
+    page = page_of(nodes, meta, addr)
+    if page < 0:
+        return E_BAD_FREE
+    if park_block(carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n)),
+                  carray(pointer_to(c[CTX_FT8], types.uint8), (FT8_FIELDS, n)), nodes,
+                  carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
+                  meta, c[CTX_SLOT], c[CTX_DOM_ID], page, NUMPY_PARK_MAX):
+        return 0
+    return free_pinned_block(_state(c), c[CTX_SLOT], c[CTX_DOM_ID], page)
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
 def _array_alloc(ctx, nbytes):
     c = _context(ctx)
     hs = _state(c)
@@ -123,6 +168,10 @@ def numpy_malloc(ctx, size):
         addr = _take_small(ctx, nbytes)
         if addr != 0:
             return _null_or(addr)
+    elif SLAB_MAX_OBJECT < nbytes <= PARKED_MAX_BYTES:  # a few pages: the next hot path
+        addr = _take_parked(ctx, nbytes)
+        if addr != 0:
+            return _null_or(addr)
     addr = _array_alloc(ctx, nbytes)
     return _null_or(addr & ~OLD_BYTES if addr > 0 else addr)
 
@@ -137,6 +186,11 @@ def numpy_calloc(ctx, nelem, elsize):
         if addr > 0:
             memset_bytes(addr, 0, nbytes)
         if addr != 0:
+            return _null_or(addr)
+    elif SLAB_MAX_OBJECT < nbytes <= PARKED_MAX_BYTES:  # as numpy_malloc; old bytes zeroed
+        addr = _take_parked(ctx, nbytes)
+        if addr != 0:
+            memset_bytes(addr, 0, nbytes)
             return _null_or(addr)
     addr = _array_alloc(ctx, nbytes)
     if addr > 0:
@@ -176,8 +230,7 @@ def numpy_free(ctx, ptr, size):
             hs = _state(c)
             status = free_pinned_block(hs, c[CTX_SLOT], c[CTX_DOM_ID], status - 1)
     else:
-        hs = _state(c)
-        status = array_free(hs, c[CTX_SLOT], c[CTX_DOM_ID], addr)
+        status = _free_block(c, meta, addr)
     if status < 0:
         fetch_add(meta, M_BAD_ARRAY_FREES, 1)  # nothing freed; Heap.stats() reports it
 

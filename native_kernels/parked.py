@@ -68,15 +68,15 @@ def _link_word(nodes, meta, mfn):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def park_block(hs, slot, dom_id, mfn, limit):
+def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn, limit):
     """Keep block ``mfn``, which numpy just freed, for the domain's next arrays, if its
     order's stack holds fewer than ``limit`` blocks (NUMPY_PARK_MAX for an array's block,
-    SLAB_PARK_MAX for an emptied slab of more than a page).
+    SLAB_PARK_MAX for an emptied slab of more than a page). The arrays one by one, as
+    take_parked.
 
     True if parked; False if it must be freed instead (not parkable, stack full, or not a
     pinned block of this live domain).
     """
-    ft32, ft8, nodes, doms, meta = hs.ft32, hs.ft8, hs.nodes, hs.doms, hs.meta
     spin_lock(doms, slot, D_LOCK)
     parked = (is_alive(doms, slot, dom_id)
               and atomic_load(ft32, (PG_OWNER, mfn)) == ((slot + 1) | OWNER_PINNED)
@@ -124,13 +124,13 @@ def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def take_parked(hs, slot, dom_id, order):
-    """A parked block of ``order`` pinned for a new array: its address, or 0 if none."""
-    nodes, doms, meta = hs.nodes, hs.doms, hs.meta
+def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
+    """A parked block of ``order`` pinned for a new array: its address, or 0 if none. The
+    arrays one by one: numpy's hot path for arrays of a few pages builds only these."""
     if order >= NUMPY_PARK_ORDERS:
         return 0
     spin_lock(doms, slot, D_LOCK)
-    mfn = pop_parked(hs.ft32, nodes, doms, meta, slot, order, types.boolean(True)) \
+    mfn = pop_parked(ft32, nodes, doms, meta, slot, order, types.boolean(True)) \
         if is_alive(doms, slot, dom_id) else -1
     spin_unlock(doms, slot, D_LOCK)
     if mfn < 0:
