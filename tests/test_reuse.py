@@ -128,8 +128,9 @@ def test_numpy_blocks_are_parked_for_the_next_arrays_and_calloc_zeroes_them():
             a = np.zeros(512)  # 4 KiB: an order-0 block
             a[:] = 3
             addr = a.ctypes.data
+            parked = row[D_PARKED_COUNT]  # emptied one-page slabs share the stack
             del a
-            assert row[D_PARKED_COUNT] == 1
+            assert row[D_PARKED_COUNT] == parked + 1
             b = np.zeros(512)
             assert b.ctypes.data == addr and not b.any()
             c = np.empty(512)
@@ -161,7 +162,7 @@ def test_idle_parked_numpy_blocks_go_back_to_the_heap():
             arrays = [np.ones(512) for _ in range(8)]
         del arrays
         row = heap.core.state["doms"][dom.slot]
-        assert row[D_PARKED_COUNT] == 8
+        assert row[D_PARKED_COUNT] >= 8  # and any one-page slab that np.ones emptied
         deadline = time.monotonic() + 30
         while row[D_PARKED_COUNT]:  # the first scrubber gives idle stacks back
             assert time.monotonic() < deadline
