@@ -348,6 +348,28 @@ def _field(heap, dom, name):
     return int(heap.core.state["doms"][dom.slot, getattr(layout, name)])
 
 
+def test_arrays_of_a_few_pages_reuse_parked_blocks_until_the_heap_closes():
+    heap = xenheap.Heap("8MiB")
+    dom = heap.create_domain()
+    with dom.numpy_allocator():
+        for nbytes in (3000, 8192, 20000, 32768):  # blocks of order 0, 1, 3 and 3
+            a = np.empty(nbytes, dtype=np.uint8)
+            a[:] = 9
+            addr = a.ctypes.data
+            del a
+            b = np.empty(nbytes, dtype=np.uint8)
+            assert b.ctypes.data == addr  # the block just parked, by the short path
+            c = np.zeros(nbytes, dtype=np.uint8)  # another block: calloc zeroes it
+            assert not c.any()
+            del b, c
+        parked = _parked(heap, dom)
+        assert parked[1:] == [2, 0, 2]  # (order 0 also holds emptied one-page slabs)
+        heap.check()
+        heap.close()
+        with pytest.raises(MemoryError):  # blocks are parked, but the heap is closed
+            np.empty(8192, dtype=np.uint8)
+
+
 def test_emptied_large_slabs_are_parked_and_the_next_burst_reuses_them(heap):
     dom = heap.create_domain()
     with dom.numpy_allocator():
