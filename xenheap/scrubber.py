@@ -16,7 +16,8 @@ priority is decided instead before each slice:
 
 Otherwise the thread sleeps on an event (set by a free that leaves one of its nodes 1 MiB
 dirty), looking again every IDLE_WAIT_S when its nodes are clean and every BUSY_POLL_S
-while they are dirty but no CPU is idle.
+while they are dirty but no CPU is idle. Finding its nodes clean, it first notifies the
+heap's ``cleaned`` condition, on which ``Heap.wait_clean`` waits.
 """
 
 from __future__ import annotations
@@ -141,10 +142,10 @@ class Scrubber(threading.Thread):
                     with contextlib.suppress(HeapClosed):
                         self._on_tick()
                 kind, wait_s = self._next_step()
-                if kind is None or kind == "clean":
-                    if kind == "clean":
-                        with self._cleaned:
-                            self._cleaned.notify_all()
+                if kind == "clean":
+                    with self._cleaned:
+                        self._cleaned.notify_all()
+                if kind in (None, "clean"):
                     self.state = "idle"
                     self.wakeup.wait(wait_s)
                 else:
