@@ -40,6 +40,7 @@ class _Owner(np.ndarray):
     """The root of a block's views; ``block`` is the handle they keep alive."""
 
     __slots__ = ("block",)  # no per-root __dict__: one is made for every array() call
+    block: Block
 
 
 class Block:
