@@ -12,6 +12,7 @@ from numpy._core.multiarray import get_handler_name
 import native_kernels.layout as layout
 import xenheap
 from native_kernels.layout import NUMPY_PARK_MAX, PAGE_SIZE
+from xenheap.numpy_api import handler_var
 
 WAIT_S = 30
 
@@ -25,6 +26,15 @@ def heap():
 def _in_heap(heap, arr):
     addr = arr.ctypes.data
     return any(a.address <= addr < a.address + a.nbytes for a in heap.core.arenas)
+
+
+def test_the_allocator_sets_numpys_own_context_variable():
+    # Found at import; without it each end of a block takes the slower ctypes call.
+    assert handler_var is not None and handler_var.name == "current_allocator"
+    with xenheap.Heap("8MiB") as heap, heap.create_domain("var").numpy_allocator():
+        assert get_handler_name() == "xenheap:var"
+        assert get_handler_name(np.empty(1)) == "xenheap:var"
+    assert get_handler_name() == "default_allocator"
 
 
 def test_one_allocator_context_is_entered_once_and_restores_numpys_handler(heap):
