@@ -231,7 +231,9 @@ class Heap:
             raise HeapCorruption(f"{stats.INVARIANTS[code]} (at mfn {mfn})")
 
     def wait_clean(self, timeout: float | None = None) -> bool:
-        """True once no page is dirty; False if ``timeout`` passes first.
+        """True once no page is dirty, and every scrubber has counted the CPU time of the
+        slice that cleaned the last ones (stats() right after sees it); False if
+        ``timeout`` passes first.
 
         Without running scrubbers (scrub="alloc", or all stopped) nothing will clean the
         heap in the background, so it answers at once.
@@ -239,7 +241,7 @@ class Heap:
         deadline = None if timeout is None else time.monotonic() + timeout
         core = self.core
         core.relinquish()
-        while core.dirty_pages() != 0 or core.relinquish_pending():
+        while self._cleaning():
             if not any(s.is_alive() for s in core.scrubbers):
                 return False
             now = time.monotonic()
@@ -248,9 +250,16 @@ class Heap:
             wait_s = WAIT_CLEAN_POLL_S if deadline is None else \
                 min(WAIT_CLEAN_POLL_S, deadline - now)
             with core.cleaned:  # looked at again under its lock: no notify is missed
-                if core.dirty_pages() != 0 or core.relinquish_pending():
+                if self._cleaning():
                     core.cleaned.wait(wait_s)
         return True
+
+    def _cleaning(self) -> bool:
+        """Pages dirty, a destroyed domain's memory not yet back, or a scrubber in a slice
+        (whose CPU time it counts when the slice ends)."""
+        core = self.core
+        return (core.dirty_pages() != 0 or core.relinquish_pending()
+                or any(s.state == "scrubbing" for s in core.scrubbers))
 
     def release_unused(self, nbytes: int | str | None = None) -> int:
         """Give up to ``nbytes`` (all, if None) of clean free memory back to the OS.

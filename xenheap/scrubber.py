@@ -142,11 +142,11 @@ class Scrubber(threading.Thread):
                     with contextlib.suppress(HeapClosed):
                         self._on_tick()
                 kind, wait_s = self._next_step()
-                if kind == "clean":
-                    with self._cleaned:
-                        self._cleaned.notify_all()
                 if kind in (None, "clean"):
-                    self.state = "idle"
+                    self.state = "idle"  # before the notification: wait_clean reads it
+                    if kind == "clean":
+                        with self._cleaned:
+                            self._cleaned.notify_all()
                     self.wakeup.wait(wait_s)
                 else:
                     self.state = "scrubbing"
