@@ -60,6 +60,12 @@ class Domain:
     """An owner of memory; destroying it gives all its memory back at once.
 
     Also a context manager: destroyed on exit.
+
+    What the package's other modules use, and users should not (underscored for them):
+    ``_reuse`` (its xenheap.reuse cache, or None), ``_destroyed``, ``_dropped`` and
+    ``_free_dropped()`` (handles dropped unfreed, xenheap.block), ``_return_parked()``,
+    ``_parked_numpy_since()``, ``_numpy_handler()`` and ``_capsule`` (numpy's handler),
+    and ``_final_row`` (its statistics once its slot has a new tenant).
     """
 
     def __init__(self, heap: Heap, slot: int, dom_id: int, name: str | None,
