@@ -23,7 +23,6 @@ from native_kernels.layout import (
     PAGE_SIZE,
     PG_ORDER,
     PG_OWNER,
-    SH_CLASS,
     SLAB_MAX_OBJECT,
     SLAB_MIN_OBJECT,
 )
@@ -37,6 +36,7 @@ from native_kernels.small import (
     order_for_bytes,
     page_of,
     release_small,
+    slab_class,
     small_alloc,
 )
 
@@ -105,7 +105,7 @@ def array_capacity(hs, slot, dom_id, addr):
     size = E_BAD_FREE
     if head >= 0:
         hdr = pointer_to(block_address(nodes, meta, head), types.uint64)
-        size = SLAB_MIN_OBJECT << (hdr[SH_CLASS] - 1)
+        size = SLAB_MIN_OBJECT << slab_class(hdr)  # find_slab checked it
     spin_unlock(doms, slot, D_LOCK)
     return size
 

@@ -120,7 +120,9 @@ def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
     """Head of the first usable chunk of ``order`` or above on ``node``, and its order.
 
     Clean chunks sit at a list's head, so one look per order decides whether the list has
-    one. With ``use_dirty``, the chunk a scrubber is working on is the last resort.
+    one; without ``use_dirty``, a head that is clean below its first dirty page for the
+    block's size counts too. With ``use_dirty``, the chunk a scrubber is working on is the
+    last resort.
     """
     busy_head = -1
     busy_order = -1
@@ -212,8 +214,9 @@ def _split_tag(ft32, chunk_tag, pg):
 def alloc_heap_pages(hs, node_pref, order, exact):
     """Take a block of 2^order pages; returns ``tag << 32 | mfn`` or E_NOMEM.
 
-    Pass 1 takes only clean chunks, on the preferred node and then the others by distance
-    (``exact``: that node only); pass 2 accepts dirty ones. The block's dirty pages are
+    Pass 1 takes only clean memory (a clean chunk, or a dirty one's clean bottom), on the
+    preferred node and then the others by distance (``exact``: that node only); pass 2
+    accepts dirty memory. The block's dirty pages are
     zeroed by the caller after the lock is dropped (scrub_taken_block).
     """
     ft32, ft8, nodes, lists, meta, zone = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta, hs.zone

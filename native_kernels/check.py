@@ -17,6 +17,8 @@ from native_kernels.layout import (
     D_HEAD,
     D_NUMPY_PAGES,
     D_PAGES,
+    D_PARKED,
+    D_PARKED_COUNT,
     D_RELINQUISH,
     D_STATE,
     D_TAIL,
@@ -37,6 +39,8 @@ from native_kernels.layout import (
     N_NEED_SCRUB,
     N_PAGES,
     NIL,
+    NUMPY_PARK_MAX,
+    NUMPY_PARK_ORDERS,
     OWNER_PINNED,
     PG_FIRST_DIRTY,
     PG_NEED_SCRUB,
@@ -47,8 +51,10 @@ from native_kernels.layout import (
     PG_STATE,
     PGS_FREE,
     PGS_INUSE,
+    SLAB_PARK_MAX,
 )
 from native_kernels.locks import spin_lock, spin_unlock
+from native_kernels.parked import link_word
 
 OK = 0
 BAD_LINK = 1  # a list's prev/next/tail links disagree
@@ -70,6 +76,9 @@ DOMAIN_COUNT = 15  # a domain's page or block counter differs from its list, or 
 #                   only while no call changes the heap, relinquish_memory included)
 DYING_DOMAIN = 16  # a destroyed domain whose memory was relinquished holds a block no numpy
 #                   array pins, or none at all; or a live or dead one waits for relinquishing
+BAD_PARKED = 17  # a domain's stack of parked numpy blocks (native_kernels.parked) is longer or
+#                  shorter than its count or past its bound, holds a block that is not one of
+#                  the domain's unpinned blocks of the stack's order, or outlived its destroy
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
@@ -206,8 +215,38 @@ def _check_domains(hs, seen):
             return DOMAIN_COUNT, -1
         if state == DOM_DYING and blocks == 0 and not relinquish:
             return DYING_DOMAIN, -1
+        code, mfn = _check_parked(hs, slot, state == DOM_ALIVE)
+        if code != OK:
+            return code, mfn
     if atomic_load(meta, M_RELINQUISH) != waiting:
         return DOMAIN_COUNT, -1
+    return OK, -1
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
+def _check_parked(hs, slot, alive):
+    """Domain ``slot``'s stacks of parked numpy blocks: as long as their counts, within
+    their bounds (NUMPY_PARK_MAX at order 0, which one-page slabs share; SLAB_PARK_MAX
+    above), holding only its unpinned blocks of the stack's order; empty once it is dying
+    (destroy forgets them, and the blocks go with the domain)."""
+    ft32, ft8, nodes, doms, meta = hs.ft32, hs.ft8, hs.nodes, hs.doms, hs.meta
+    for order in range(NUMPY_PARK_ORDERS):
+        count = doms[slot, D_PARKED_COUNT + order]
+        bound = NUMPY_PARK_MAX if order == 0 else SLAB_PARK_MAX
+        if count < 0 or count > bound or (count and not alive):
+            return BAD_PARKED, -1
+        length = 0
+        link = doms[slot, D_PARKED + order]
+        while link != NIL:
+            mfn = link - 1
+            length += 1
+            if (length > count or not 0 <= mfn < meta[M_NR_PAGES]
+                    or atomic_load(ft32, (PG_OWNER, mfn)) != slot + 1
+                    or ft8[PG_ORDER, mfn] != order):
+                return BAD_PARKED, mfn
+            link = link_word(nodes, meta, mfn)[0]
+        if length != count:
+            return BAD_PARKED, -1
     return OK, -1
 
 

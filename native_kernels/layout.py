@@ -283,7 +283,11 @@ MODE_ALLOC = 2
 SLAB_CLASSES = 8
 SLAB_MIN_OBJECT = 16
 SLAB_MAX_OBJECT = SLAB_MIN_OBJECT << (SLAB_CLASSES - 1)  # 2048
-SH_CLASS = 0  # size class + 1
+SH_CLASS = 0  # SLAB_MAGIC << 8 | (size class + 1)
+# Above the class byte of a slab's first word: a free names a slab only if the magic is
+# there, so a block that stopped being one (parked, its first word now a link, or taken for
+# an array and written) makes a stale free fail instead of reading array bytes as a header.
+SLAB_MAGIC = 0x58454E534C4142  # "XENSLAB"
 SH_USED = 1  # objects handed out
 SH_NEXT = 2  # next slab with a free object, mfn + 1
 SH_PREV = 3

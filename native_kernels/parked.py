@@ -62,7 +62,7 @@ from native_kernels.raw import pointer_to
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def _link_word(nodes, meta, mfn):
+def link_word(nodes, meta, mfn):
     """The first 8 bytes of block ``mfn``: the stack's next link (mfn + 1, or NIL)."""
     return pointer_to(page_address(nodes, node_of(meta, mfn), mfn), types.int64)
 
@@ -93,7 +93,7 @@ def park_locked(ft32, ft8, nodes, doms, meta, slot, mfn, limit):
     if (meta[M_REUSE] == 0 or order >= NUMPY_PARK_ORDERS
             or doms[slot, D_PARKED_COUNT + order] >= limit):
         return False
-    _link_word(nodes, meta, mfn)[0] = doms[slot, D_PARKED + order]
+    link_word(nodes, meta, mfn)[0] = doms[slot, D_PARKED + order]
     doms[slot, D_PARKED + order] = mfn + 1
     doms[slot, D_PARKED_COUNT + order] += 1
     atomic_store(ft32, (PG_OWNER, mfn), slot + 1)  # unpinned: a destroy frees it
@@ -114,7 +114,7 @@ def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
     if link == NIL:
         return -1
     mfn = link - 1
-    doms[slot, D_PARKED + order] = _link_word(nodes, meta, mfn)[0]
+    doms[slot, D_PARKED + order] = link_word(nodes, meta, mfn)[0]
     doms[slot, D_PARKED_COUNT + order] -= 1
     if pin:
         atomic_store(ft32, (PG_OWNER, mfn), (slot + 1) | OWNER_PINNED)

@@ -41,6 +41,7 @@ from native_kernels.layout import (
     SLAB_BITMAP_WORDS,
     SLAB_CLASSES,
     SLAB_HEADER_BYTES,
+    SLAB_MAGIC,
     SLAB_MAX_OBJECT,
     SLAB_MIN_OBJECT,
     SLAB_PARK_MAX,
@@ -161,7 +162,17 @@ def _init_slab(nodes, meta, mfn, cls):
     hdr = pointer_to(block_address(nodes, meta, mfn), types.uint64)
     for word in range(SLAB_HEADER_BYTES // 8):
         hdr[word] = 0
-    hdr[SH_CLASS] = cls + 1
+    hdr[SH_CLASS] = (types.uint64(SLAB_MAGIC) << types.uint64(8)) | types.uint64(cls + 1)
+
+
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+def slab_class(hdr):
+    """The size class a slab header names, or -1 if the block holds no slab header."""
+    word = hdr[SH_CLASS]
+    cls = types.int64(word & types.uint64(0xFF)) - 1
+    if word >> types.uint64(8) != types.uint64(SLAB_MAGIC) or not 0 <= cls < SLAB_CLASSES:
+        return -1
+    return cls
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
@@ -258,8 +269,8 @@ def find_slab(ft32, ft8, nodes, meta, slot, page, nbytes):
         head = base + ((page - base) & ~((1 << order) - 1))
         if (atomic_load(ft32, (PG_OWNER, head)) == ((slot + 1) | OWNER_PINNED)
                 and ft8[PG_ORDER, head] == order):
-            cls = pointer_to(block_address(nodes, meta, head), types.uint64)[SH_CLASS]
-            if cls != 0 and slab_order(cls - 1) == order:
+            cls = slab_class(pointer_to(block_address(nodes, meta, head), types.uint64))
+            if cls >= 0 and slab_order(cls) == order:
                 return head
     return -1
 
@@ -281,7 +292,7 @@ def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr, nbytes):
         return E_BAD_FREE
     start = block_address(nodes, meta, head)
     hdr = pointer_to(start, types.uint64)
-    cls = hdr[SH_CLASS] - 1
+    cls = slab_class(hdr)  # find_slab checked it
     offset = addr - start - SLAB_HEADER_BYTES
     shift = SLAB_MIN_SHIFT + cls  # objects are 1 << shift bytes: no division
     i = offset >> shift
@@ -311,9 +322,9 @@ def park_limit(ft8, head):
 
     Slabs of more than a page hold 15 objects of 512 bytes and up, so a burst of arrays
     empties them by the dozen (51 of the 66 slabs that 1,000 arrays of 8-1000 bytes use):
-    up to SLAB_PARK_MAX. A one-page slab is kept as a 4 KiB array's block is (up to
-    NUMPY_PARK_MAX, on the same stack), so it never crowds such blocks out; else one
-    small array made and freed in a loop takes a page from the heap and gives it back
-    dirty every time (about 1 us per array).
+    up to SLAB_PARK_MAX. A one-page slab is kept as a 4 KiB array's block is, on the
+    same stack and within its bound of NUMPY_PARK_MAX (the two kinds share it), so that
+    stack never grows past it; else one small array made and freed in a loop takes a page
+    from the heap and gives it back dirty every time (about 1 us per array).
     """
     return SLAB_PARK_MAX if ft8[PG_ORDER, head] > 0 else NUMPY_PARK_MAX

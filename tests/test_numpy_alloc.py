@@ -281,6 +281,33 @@ def test_a_free_of_memory_the_heap_did_not_give_out_is_counted_not_done(heap):
     heap.check()
 
 
+def test_a_stale_free_into_a_slab_page_now_an_array_is_refused(heap):
+    from native_kernels import numpy_handler
+    from xenheap import numpy_alloc, numpy_api
+
+    dom = heap.create_domain()
+    capsule = dom._numpy_handler()
+    handler = numpy_alloc._Handler.from_address(
+        numpy_api.capsule_pointer(capsule, numpy_api.CAPSULE_NAME))
+    with dom.numpy_allocator():
+        objects = [np.zeros(2, dtype=np.int64) for _ in range(200)]  # 16 B: one-page slabs
+        stale = objects[-1].ctypes.data
+        slab_page = stale & -PAGE_SIZE
+        del objects  # the slabs empty and are parked
+        arrays = [np.empty(512, dtype=np.uint64) for _ in range(NUMPY_PARK_MAX)]
+        reused = [a for a in arrays if a.ctypes.data == slab_page]
+        assert len(reused) == 1  # that slab's page is a 4 KiB array now
+        data = reused[0]
+        data[:] = np.iinfo(np.uint64).max  # every "bitmap" bit set...
+        data[0] = 1  # ...and the class word an old-style header would hold for class 0
+        before = heap.stats()["bad_array_frees"]
+        numpy_handler.numpy_free.ctypes(handler.allocator.ctx, stale, 16)
+        assert heap.stats()["bad_array_frees"] == before + 1
+        assert data[0] == 1 and (data[1:] == np.iinfo(np.uint64).max).all()  # untouched
+        del arrays, reused, data
+    heap.check()
+
+
 # --- issue 9: nested scopes, sizes past any heap --------------------------------------------
 def _run_bounded(code: str) -> None:
     """Run ``code`` in a fresh interpreter: a hang there fails the test instead of the run."""
@@ -368,7 +395,7 @@ def test_arrays_of_a_few_pages_reuse_parked_blocks_until_the_heap_closes():
             addr = a.ctypes.data
             del a
             b = np.empty(nbytes, dtype=np.uint8)
-            assert b.ctypes.data == addr  # the block just parked, by the short path
+            assert b.ctypes.data == addr  # the block just parked (the short path takes it)
             c = np.zeros(nbytes, dtype=np.uint8)  # another block: calloc zeroes it
             assert not c.any()
             del b, c
@@ -378,6 +405,31 @@ def test_arrays_of_a_few_pages_reuse_parked_blocks_until_the_heap_closes():
         heap.close()
         with pytest.raises(MemoryError):  # blocks are parked, but the heap is closed
             np.empty(8192, dtype=np.uint8)
+
+
+def test_check_walks_the_parked_stacks(heap):
+    dom = heap.create_domain()
+    with dom.numpy_allocator():
+        arrays = [np.ones(1024) for _ in range(3)]  # 8 KiB: order-1 blocks
+        del arrays
+    row = heap.core.state["doms"][dom.slot]
+    count = layout.D_PARKED_COUNT + 1
+    assert row[count] == 3
+    heap.check()
+    row[count] += 1  # one more than the stack holds
+    with pytest.raises(xenheap.HeapCorruption, match="parked numpy blocks"):
+        heap.check()
+    row[count] -= 1
+    top = int(row[layout.D_PARKED + 1]) - 1
+    link = heap.core.bytes_at(top, 8).view(np.int64)  # the stack's link, in the block
+    saved = int(link[0])
+    link[0] = top + 1  # the top block linked to itself: a cycle
+    with pytest.raises(xenheap.HeapCorruption, match="parked numpy blocks"):
+        heap.check()
+    link[0] = saved
+    heap.check()
+    dom.destroy()
+    heap.check()
 
 
 def test_emptied_large_slabs_are_parked_and_the_next_burst_reuses_them(heap):

@@ -259,7 +259,7 @@ class Heap:
         (whose CPU time it counts when the slice ends)."""
         core = self.core
         return (core.dirty_pages() != 0 or core.relinquish_pending()
-                or any(s.state == "scrubbing" for s in core.scrubbers))
+                or any(s.state == "scrubbing" and s.is_alive() for s in core.scrubbers))
 
     def release_unused(self, nbytes: int | str | None = None) -> int:
         """Give up to ``nbytes`` (all, if None) of clean free memory back to the OS.

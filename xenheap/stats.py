@@ -215,4 +215,7 @@ INVARIANTS = {
     check.DYING_DOMAIN: "a destroyed domain whose memory was relinquished holds a block no "
                         "numpy array uses, or none; or a domain not destroyed waits for "
                         "relinquishing",
+    check.BAD_PARKED: "a domain's stack of parked numpy blocks disagrees with its count or "
+                      "bound, holds a block that is not one of the domain's unpinned blocks "
+                      "of its order, or outlived the domain's destroy",
 }
