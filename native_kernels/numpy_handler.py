@@ -13,7 +13,7 @@ from numba import carray, cfunc, njit, types
 from native_kernels.arrays import OLD_BYTES, array_alloc, array_realloc
 from native_kernels.atomics import atomic_load, fetch_add
 from native_kernels.domain import free_pinned_block
-from native_kernels.jit import INTERNAL
+from native_kernels.jit import INLINE, INTERNAL
 from native_kernels.layout import (
     DOM_FIELDS,
     E_BAD_FREE,
@@ -87,7 +87,7 @@ def _state(c):
     return HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
 
 
-@njit(nogil=True, cache=True, **INTERNAL)
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
 def _take_small(ctx, nbytes):
     """small.take_small for context record ``ctx``: numpy's hot path builds only the arrays
     it reads (an address, 0 for the full path, or E_DEAD)."""
@@ -100,7 +100,7 @@ def _take_small(ctx, nbytes):
         c[CTX_SLOT], c[CTX_DOM_ID], nbytes)
 
 
-@njit(nogil=True, cache=True, **INTERNAL)
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
 def _release_small(c, meta, addr, nbytes):
     """small.release_small for context record ``c``, building only the arrays it reads."""
     n = c[CTX_NR_PAGES]

@@ -12,7 +12,7 @@ from native_kernels.atomics import atomic_load
 from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import MFN_MASK, alloc_block, free_pinned_block, holds_blocks, is_alive
 from native_kernels.domain_life import relinquish_dying
-from native_kernels.jit import INTERNAL
+from native_kernels.jit import INLINE, INTERNAL
 from native_kernels.layout import (
     D_LOCK,
     D_SLABS,
@@ -103,7 +103,7 @@ def block_address(nodes, meta, mfn):
     return page_address(nodes, node_of(meta, mfn), mfn)
 
 
-@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL, **INLINE)
 def _slab_push(nodes, meta, doms, slot, cls, mfn):
     """Put slab ``mfn`` at the head of its class's list; caller holds the domain lock."""
     head = doms[slot, D_SLABS + cls]
@@ -115,7 +115,7 @@ def _slab_push(nodes, meta, doms, slot, cls, mfn):
     doms[slot, D_SLABS + cls] = mfn + 1
 
 
-@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL, **INLINE)
 def _slab_remove(nodes, meta, doms, slot, cls, mfn):
     """Take slab ``mfn`` off its class's list; caller holds the domain lock."""
     hdr = pointer_to(block_address(nodes, meta, mfn), types.uint64)
@@ -131,7 +131,7 @@ def _slab_remove(nodes, meta, doms, slot, cls, mfn):
     hdr[SH_PREV] = NIL
 
 
-@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL, **INLINE)
 def _take_object(nodes, meta, doms, slot, cls):
     """An object from the first slab of the class with room, or 0; under the domain lock."""
     link = doms[slot, D_SLABS + cls]
@@ -175,7 +175,7 @@ def slab_class(hdr):
     return cls
 
 
-@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL, **INLINE)
 def take_small(ft32, nodes, doms, meta, slot, dom_id, nbytes):
     """numpy's hot path for ``nbytes`` (1 to SLAB_MAX_OBJECT): an object of the first listed
     slab of its class, else of a slab the domain emptied and parked (native_kernels.parked),
@@ -253,7 +253,7 @@ def page_of(nodes, meta, addr):
     return -1
 
 
-@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL, **INLINE)
 def find_slab(ft32, ft8, nodes, meta, slot, page, nbytes):
     """The head of the slab of ``slot`` holding page ``page``, or -1; under the domain lock.
     Its arrays one by one: numpy's hot free (release_small) builds only those it reads.
@@ -275,7 +275,7 @@ def find_slab(ft32, ft8, nodes, meta, slot, page, nbytes):
     return -1
 
 
-@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL, **INLINE)
 def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr, nbytes):
     """numpy's hot path for freeing slab object ``addr`` (``nbytes``: as find_slab), under
     the domain lock alone (few arrays, as take_small). 0 if done; E_BAD_FREE if it is no
