@@ -216,14 +216,16 @@ def alloc_latencies(dom: Domain, count: int, order: int = 0,
     """Time up to ``count`` allocations of ``order`` (ns each), keeping the blocks.
 
     Blocks are kept, not freed, so no sample pays for the previous one's free. ``stop`` is
-    asked every ``check_every`` samples (it may cost tens of microseconds) and ends the run.
+    asked after every ``check_every`` samples (it may cost tens of microseconds) and ends
+    the run; the first ``check_every`` are always taken, so that a condition met while the
+    first question was being answered (a small heap already clean) still leaves samples.
     """
     samples = np.empty(count, dtype=np.int64)
     held: list[Block] = []
     clock = time.perf_counter_ns
     n = 0
     while n < count:
-        if stop is not None and n % check_every == 0 and stop():
+        if stop is not None and n and n % check_every == 0 and stop():
             break
         t0 = clock()
         blk = dom.alloc(order)
