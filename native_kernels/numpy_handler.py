@@ -113,7 +113,7 @@ def _release_small(c, meta, addr, nbytes):
                          meta, c[CTX_SLOT], c[CTX_DOM_ID], addr, nbytes)
 
 
-@njit(nogil=True, cache=True, **INTERNAL)
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
 def _take_parked(ctx, nbytes):
     """parked.take_parked for an array of ``nbytes`` (SLAB_MAX_OBJECT to PARKED_MAX_BYTES),
     building only the arrays it reads: a block's address (holding old bytes), or 0 for
@@ -131,7 +131,7 @@ def _take_parked(ctx, nbytes):
                        meta, c[CTX_SLOT], c[CTX_DOM_ID], order_for_bytes(meta, nbytes))
 
 
-@njit(nogil=True, cache=True, **INTERNAL)
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
 def _free_block(c, meta, addr):
     """arrays.array_free for the page-aligned block at ``addr``: parked with only the arrays
     that takes, else freed with the whole state. As array_free, 1 if a scrubber should

@@ -26,7 +26,7 @@ from native_kernels.atomics import (
 )
 from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import free_block, is_alive
-from native_kernels.jit import INTERNAL
+from native_kernels.jit import INLINE, INTERNAL
 from native_kernels.layout import (
     D_LOCK,
     D_NUMPY_PAGES,
@@ -67,7 +67,7 @@ def link_word(nodes, meta, mfn):
     return pointer_to(page_address(nodes, node_of(meta, mfn), mfn), types.int64)
 
 
-@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL, **INLINE)
 def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn, limit):
     """Keep block ``mfn``, which numpy just freed, for the domain's next arrays, if its
     order's stack holds fewer than ``limit`` blocks (NUMPY_PARK_MAX for an array's block,
@@ -123,7 +123,7 @@ def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
     return mfn
 
 
-@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL, **INLINE)
 def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
     """A parked block of ``order`` pinned for a new array: its address, or 0 if none. The
     arrays one by one: numpy's hot path for arrays of a few pages builds only these."""
