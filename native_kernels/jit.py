@@ -15,7 +15,8 @@ the tests, the benchmarks) names one.
 INTERNAL = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
 # Inlined into their callers by numba (at its IR level): the numpy handler's paths for each
-# small array and for the parked blocks of arrays of a few pages. LLVM does not inline a function that takes several arrays, each passed as
-# seven or more words, and on that path the calls cost more than the work: a malloc and
-# free of 1,000 small arrays took 69-85 ns an array through the calls, 44-66 ns inlined.
+# small array and for the parked blocks of arrays of a few pages. LLVM does not inline a
+# function that takes several arrays, each passed as seven or more words, and on those
+# paths the calls cost more than the work: a malloc and free of 1,000 small arrays took
+# 69-85 ns an array through the calls, 44-66 ns inlined.
 INLINE = {"inline": "always"}
