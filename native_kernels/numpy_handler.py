@@ -67,50 +67,61 @@ _REALLOC_SIG = types.voidptr(types.voidptr, types.voidptr, types.uintp)
 _FREE_SIG = types.void(types.voidptr, types.voidptr, types.uintp)
 
 
-@njit(nogil=True, cache=True, **INTERNAL)
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
 def _context(ctx):
     return carray(pointer_to(voidptr_to_address(ctx), types.int64), CTX_FIELDS)
+
+
+# The state arrays named in context record ``c``, one at a time: the short paths below
+# build only those they read.
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
+def _ft32(c):
+    return carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, c[CTX_NR_PAGES]))
+
+
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
+def _ft8(c):
+    return carray(pointer_to(c[CTX_FT8], types.uint8), (FT8_FIELDS, c[CTX_NR_PAGES]))
+
+
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
+def _nodes(c):
+    return carray(pointer_to(c[CTX_NODES], types.int64), (c[CTX_NR_NODES], NODE_FIELDS))
+
+
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
+def _doms(c):
+    return carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS))
+
+
+@njit(nogil=True, cache=True, **INTERNAL, **INLINE)
+def _meta(c):
+    return carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
 def _state(c):
     """The heap's state named in context record ``c``."""
-    n = c[CTX_NR_PAGES]
     nn = c[CTX_NR_NODES]
-    ft32 = carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n))
-    ft8 = carray(pointer_to(c[CTX_FT8], types.uint8), (FT8_FIELDS, n))
-    nodes = carray(pointer_to(c[CTX_NODES], types.int64), (nn, NODE_FIELDS))
     lists = carray(pointer_to(c[CTX_LISTS], types.int64), (nn, MAX_ORDER_LIMIT + 1, LIST_FIELDS))
-    doms = carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS))
-    meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
     zone = carray(pointer_to(c[CTX_ZONE], types.int64), (nn, nn))
-    return HeapState(ft32, ft8, nodes, lists, doms, meta, zone)
+    return HeapState(_ft32(c), _ft8(c), _nodes(c), lists, _doms(c), _meta(c), zone)
 
 
 @njit(nogil=True, cache=True, **INTERNAL, **INLINE)
 def _take_small(ctx, nbytes):
     """small.take_small for context record ``ctx``: numpy's hot path builds only the arrays
     it reads (an address, 0 for the full path, or E_DEAD)."""
-    c = carray(pointer_to(voidptr_to_address(ctx), types.int64), CTX_FIELDS)
-    return take_small(
-        carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, c[CTX_NR_PAGES])),
-        carray(pointer_to(c[CTX_NODES], types.int64), (c[CTX_NR_NODES], NODE_FIELDS)),
-        carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
-        carray(pointer_to(c[CTX_META], types.int64), META_FIELDS),
-        c[CTX_SLOT], c[CTX_DOM_ID], nbytes)
+    c = _context(ctx)
+    return take_small(_ft32(c), _nodes(c), _doms(c), _meta(c), c[CTX_SLOT], c[CTX_DOM_ID],
+                      nbytes)
 
 
 @njit(nogil=True, cache=True, **INTERNAL, **INLINE)
 def _release_small(c, meta, addr, nbytes):
     """small.release_small for context record ``c``, building only the arrays it reads."""
-    n = c[CTX_NR_PAGES]
-    return release_small(carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n)),
-                         carray(pointer_to(c[CTX_FT8], types.uint8), (FT8_FIELDS, n)),
-                         carray(pointer_to(c[CTX_NODES], types.int64),
-                                (c[CTX_NR_NODES], NODE_FIELDS)),
-                         carray(pointer_to(c[CTX_DOMS], types.int64),
-                                (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
-                         meta, c[CTX_SLOT], c[CTX_DOM_ID], addr, nbytes)
+    return release_small(_ft32(c), _ft8(c), _nodes(c), _doms(c), meta, c[CTX_SLOT],
+                         c[CTX_DOM_ID], addr, nbytes)
 
 
 @njit(nogil=True, cache=True, **INTERNAL, **INLINE)
@@ -119,16 +130,11 @@ def _take_parked(ctx, nbytes):
     building only the arrays it reads: a block's address (holding old bytes), or 0 for
     the full path (none parked, or the heap closed)."""
     c = _context(ctx)
-    meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
+    meta = _meta(c)
     if atomic_load(meta, M_CLOSED):
         return 0
-    n = c[CTX_NR_PAGES]
-    return take_parked(carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n)),
-                       carray(pointer_to(c[CTX_NODES], types.int64),
-                              (c[CTX_NR_NODES], NODE_FIELDS)),
-                       carray(pointer_to(c[CTX_DOMS], types.int64),
-                              (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
-                       meta, c[CTX_SLOT], c[CTX_DOM_ID], order_for_bytes(meta, nbytes))
+    return take_parked(_ft32(c), _nodes(c), _doms(c), meta, c[CTX_SLOT], c[CTX_DOM_ID],
+                       order_for_bytes(meta, nbytes))
 
 
 @njit(nogil=True, cache=True, **INTERNAL, **INLINE)
@@ -136,15 +142,12 @@ def _free_block(c, meta, addr):
     """arrays.array_free for the page-aligned block at ``addr``: parked with only the arrays
     that takes, else freed with the whole state. As array_free, 1 if a scrubber should
     wake, else 0 or < 0."""
-    n = c[CTX_NR_PAGES]
-    nodes = carray(pointer_to(c[CTX_NODES], types.int64), (c[CTX_NR_NODES], NODE_FIELDS))
+    nodes = _nodes(c)
     page = page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
-    if park_block(carray(pointer_to(c[CTX_FT32], types.uint32), (FT32_FIELDS, n)),
-                  carray(pointer_to(c[CTX_FT8], types.uint8), (FT8_FIELDS, n)), nodes,
-                  carray(pointer_to(c[CTX_DOMS], types.int64), (c[CTX_MAX_DOMAINS], DOM_FIELDS)),
-                  meta, c[CTX_SLOT], c[CTX_DOM_ID], page, NUMPY_PARK_MAX):
+    if park_block(_ft32(c), _ft8(c), nodes, _doms(c), meta, c[CTX_SLOT], c[CTX_DOM_ID], page,
+                  NUMPY_PARK_MAX):
         return 0
     return free_pinned_block(_state(c), c[CTX_SLOT], c[CTX_DOM_ID], page)
 
@@ -195,7 +198,7 @@ def numpy_calloc(ctx, nelem, elsize):
     addr = _array_alloc(ctx, nbytes)
     if addr > 0:
         c = _context(ctx)
-        meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
+        meta = _meta(c)
         # Fresh blocks come zeroed, so clean memory is not zeroed twice; a slab object or a
         # parked block may hold the domain's earlier bytes, and debug mode hands out the
         # scrub pattern.
@@ -221,7 +224,7 @@ def numpy_free(ctx, ptr, size):
     if addr == 0:
         return
     c = _context(ctx)
-    meta = carray(pointer_to(c[CTX_META], types.int64), META_FIELDS)
+    meta = _meta(c)
     if atomic_load(meta, M_FORKED):
         return  # an inherited array in a forked child: its locks may never be released
     if addr & (PAGE_SIZE - 1):  # a slab object: the hot path, then its slab if emptied
