@@ -216,8 +216,8 @@ def alloc_heap_pages(hs, node_pref, order, exact):
 
     Pass 1 takes only clean memory (a clean chunk, or a dirty one's clean bottom), on the
     preferred node and then the others by distance (``exact``: that node only); pass 2
-    accepts dirty memory. The block's dirty pages are
-    zeroed by the caller after the lock is dropped (scrub_taken_block).
+    accepts dirty memory. The block's dirty pages are zeroed by the caller after the lock
+    is dropped (scrub_taken_block).
     """
     ft32, ft8, nodes, lists, meta, zone = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta, hs.zone
     max_order = meta[M_MAX_ORDER]

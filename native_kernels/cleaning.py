@@ -78,9 +78,9 @@ def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming
         elif value == 0 and q - p >= RESIDENCY_MIN_PAGES:
             _zero_resident_runs(nodes, node, run, streaming, residency(run, q - p))
         elif streaming:
-            stream_fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
+            stream_fill_pages(run, q - p, value)
         else:
-            fill_pages(addr + (p << PAGE_SHIFT), q - p, value)
+            fill_pages(run, q - p, value)
         _charge_run(ft32, nodes, node, head_tag, head + p, q - p,
                     monotonic_ns() - started if shared else 0, charges)
         cleared += q - p

@@ -373,10 +373,9 @@ print("done")
 
 # --- issue 12: numpy's hot path; emptied slabs of more than a page parked for reuse -------
 def _parked(heap, dom):
-    from native_kernels.layout import D_PARKED_COUNT, NUMPY_PARK_ORDERS
-
     row = heap.core.state["doms"][dom.slot]
-    return [int(n) for n in row[D_PARKED_COUNT:D_PARKED_COUNT + NUMPY_PARK_ORDERS]]
+    first = layout.D_PARKED_COUNT
+    return [int(n) for n in row[first:first + layout.NUMPY_PARK_ORDERS]]
 
 
 def _field(heap, dom, name):

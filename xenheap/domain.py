@@ -232,7 +232,7 @@ class Domain:
     def order_for(self, nbytes: int) -> int:
         """The smallest order whose block holds ``nbytes`` bytes."""
         if type(nbytes) is int and 0 < nbytes <= self.core.max_block_bytes:  # nothing to check
-            return ((nbytes - 1) >> PAGE_SHIFT).bit_length()  # alloc_bytes has it inline too
+            return ((nbytes - 1) >> PAGE_SHIFT).bit_length()
         size = parse_size(nbytes, what="nbytes")
         if size == 0:
             raise InvalidArgument("nbytes must be positive")
@@ -242,8 +242,6 @@ class Domain:
 
     def alloc_bytes(self, nbytes: int, node: int | None = None, zero: bool = True) -> Block:
         """A block of the smallest order that holds ``nbytes`` bytes (see alloc)."""
-        if type(nbytes) is int and 0 < nbytes <= self.core.max_block_bytes:  # order_for's
-            return self.alloc(((nbytes - 1) >> PAGE_SHIFT).bit_length(), node, zero)
         return self.alloc(self.order_for(nbytes), node, zero)
 
     def populate(self, nbytes: int, order: int = 0, node: int | None = None) -> int:

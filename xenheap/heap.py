@@ -122,7 +122,7 @@ class Heap:
         core = self.core
         for node_ids, cpus in plan_scrubbers(self.topology):
             # The first scrubber also does the heap's periodic chores (_tick).
-            scrubber = Scrubber(core.state, node_ids, cpus, core.arenas, self.scrub_deadline,
+            scrubber = Scrubber(core.hs, node_ids, cpus, core.arenas, self.scrub_deadline,
                                 core.charges, core.cleaned,
                                 None if core.scrubbers else self._tick)
             for node in node_ids:
@@ -241,18 +241,17 @@ class Heap:
         deadline = None if timeout is None else time.monotonic() + timeout
         core = self.core
         core.relinquish()
-        while self._cleaning():
-            if not any(s.is_alive() for s in core.scrubbers):
-                return False
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return False
-            wait_s = WAIT_CLEAN_POLL_S if deadline is None else \
-                min(WAIT_CLEAN_POLL_S, deadline - now)
-            with core.cleaned:  # looked at again under its lock: no notify is missed
-                if self._cleaning():
-                    core.cleaned.wait(wait_s)
-        return True
+        while True:
+            with core.cleaned:  # looked at under its lock: no notify is missed
+                if not self._cleaning():
+                    return True
+                if not any(s.is_alive() for s in core.scrubbers):
+                    return False
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return False
+                core.cleaned.wait(WAIT_CLEAN_POLL_S if deadline is None
+                                  else min(WAIT_CLEAN_POLL_S, deadline - now))
 
     def _cleaning(self) -> bool:
         """Pages dirty, a destroyed domain's memory not yet back, or a scrubber in a slice

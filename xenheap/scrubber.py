@@ -60,7 +60,7 @@ MAX_ERROR_BACKOFF_S = 1.0
 class Scrubber(threading.Thread):
     """Scrubs ``nodes`` (its own first) from a daemon thread pinned to ``cpus``."""
 
-    def __init__(self, state: dict, nodes: Sequence[int], cpus: Sequence[int],
+    def __init__(self, hs: HeapState, nodes: Sequence[int], cpus: Sequence[int],
                  arenas: Sequence[object], deadline_s: float, charges: ChargeBook,
                  cleaned: threading.Condition,
                  on_tick: Callable[[], None] | None = None) -> None:
@@ -85,8 +85,8 @@ class Scrubber(threading.Thread):
         self._stop_requested = threading.Event()
         self._stop_flag = np.zeros(1, dtype=np.int64)  # what the kernel polls
         self._arenas = tuple(arenas)  # the memory it writes stays mapped while it runs
-        self._nodes_rows = state["nodes"]
-        self._hs = HeapState(**state)
+        self._nodes_rows = hs.nodes
+        self._hs = hs
 
     def stop(self) -> None:
         """Ask the thread to stop; it finishes its current bounded step first."""
