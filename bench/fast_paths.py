@@ -3,7 +3,9 @@
 Run it as a script (``python bench/fast_paths.py``): buffers of 4 KiB, 2 MiB and 64 MiB
 obtained, written once and released (zeroed, and ``zero=False`` against ``numpy.empty``),
 numpy arrays under ``dom.numpy_allocator()`` against numpy's own allocator, a 1 TiB virtual
-heap's creation, and populate + destroy from one thread and from two. Prints Markdown.
+heap's creation, and populate + destroy from one thread and from two, against two loops that
+share nothing (one computing, one writing memory) run the same way: what the machine gives
+two threads at that moment. Prints Markdown.
 """
 
 from __future__ import annotations
@@ -15,11 +17,37 @@ from collections.abc import Callable
 
 import numpy as np
 import psutil
+from numba import njit
 
 import xenheap
 
 MiB = 2**20
 SMALL_SIZES = [8 + (i * 997) % 993 for i in range(1000)]  # 8-1000 bytes
+
+
+# The reference loops below take about as long as one populate + destroy, on this machine.
+SPIN_STEPS = 9_000_000
+TOUCH_BYTES = 2 * MiB  # about what a populate of 256 MiB writes in the frame table
+TOUCH_ROUNDS = 700
+
+
+@njit(nogil=True, cache=True)
+def _spin(steps: int) -> int:
+    """A loop that touches no memory: two threads of it show the CPUs' own parallelism."""
+    x = np.uint64(88172645463325252)
+    for _ in range(steps):  # xorshift: each step needs the last, so nothing folds away
+        x ^= x << np.uint64(13)
+        x ^= x >> np.uint64(7)
+        x ^= x << np.uint64(17)
+    return x
+
+
+@njit(nogil=True, cache=True)
+def _touch(buffer: np.ndarray, rounds: int) -> None:
+    """One write per cache line of ``buffer``, ``rounds`` times: memory-bound work."""
+    for _ in range(rounds):
+        for i in range(0, buffer.size, 8):
+            buffer[i] += 1
 
 
 def per_call(fn: Callable[[], None], count: int) -> float:
@@ -99,32 +127,45 @@ def main() -> None:
         d.populate("256MiB", order=0, node=node)
         d.destroy()
 
-    def threads(count: int) -> float:
+    def spin_work(h: xenheap.Heap, node: int) -> None:
+        _spin(SPIN_STEPS)
+
+    buffers = [np.zeros(TOUCH_BYTES // 8, dtype=np.int64) for _ in (0, 1)]
+
+    def touch_work(h: xenheap.Heap, node: int) -> None:
+        _touch(buffers[node], TOUCH_ROUNDS)
+
+    def threads(work: Callable[[xenheap.Heap, int], None], count: int) -> float:
         with xenheap.Heap("1GiB", nodes=2, scrub="alloc") as h:
-            populate_destroy(h, 0)
-            populate_destroy(h, 1)
+            work(h, 0)
+            work(h, 1)
             start = time.perf_counter()
             if count == 1:
-                populate_destroy(h, 0)
-                populate_destroy(h, 1)
+                work(h, 0)
+                work(h, 1)
             else:
-                workers = [threading.Thread(target=populate_destroy, args=(h, n))
-                           for n in (0, 1)]
+                workers = [threading.Thread(target=work, args=(h, n)) for n in (0, 1)]
                 for w in workers:
                     w.start()
                 for w in workers:
                     w.join()
             return time.perf_counter() - start
 
-    one: list[float] = []
-    two: list[float] = []
-    for r in range(5):
-        order = (1, 2) if r % 2 == 0 else (2, 1)
-        for count in order:
-            (one if count == 1 else two).append(threads(count))
+    # The same two-thread runs of loops that share nothing, one computing and one writing
+    # memory: what this machine gives two threads at that moment, the ceilings for the
+    # populate + destroy ratio.
+    times: dict[tuple[str, int], list[float]] = {}
+    for r in range(7):
+        for name, work in (("populate", populate_destroy), ("spin", spin_work),
+                           ("touch", touch_work)):
+            for count in ((1, 2) if r % 2 == 0 else (2, 1)):
+                times.setdefault((name, count), []).append(threads(work, count))
+    med = {key: statistics.median(v) for key, v in times.items()}
     print(f"populate + destroy 256 MiB of 4 KiB blocks on each of 2 nodes: one thread "
-          f"{statistics.median(one) * 1e3:.0f} ms, two threads "
-          f"{statistics.median(two) * 1e3:.0f} ms")
+          f"{med['populate', 1] * 1e3:.0f} ms, two threads {med['populate', 2] * 1e3:.0f} ms "
+          f"({med['populate', 1] / med['populate', 2]:.2f}x); loops sharing nothing, in the "
+          f"same rounds: computing {med['spin', 1] / med['spin', 2]:.2f}x, writing "
+          f"{TOUCH_BYTES // MiB} MiB each {med['touch', 1] / med['touch', 2]:.2f}x")
 
 
 if __name__ == "__main__":
