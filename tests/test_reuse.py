@@ -4,6 +4,7 @@ going through the heap, dirty, and being scrubbed."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -242,4 +243,50 @@ def test_a_parked_block_is_one_allocation_and_one_free_wherever_it_goes_next():
         assert st["num_frees"] == st["num_allocations"]
         hs = heap.stats()
         assert hs["num_frees"] == hs["num_allocations"]
+        heap.check()
+
+
+def test_allocations_and_frees_never_wait_for_a_busy_cache():
+    """While another thread holds the reuse cache's lock (as one that lost the GIL inside
+    it does), an allocation and a free go to the heap at once instead of waiting, and every
+    handle is checked there as well as ever."""
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        parked = dom.alloc(0)
+        parked.free()
+        seen: dict[str, object] = {}
+
+        def use_the_domain() -> None:
+            try:
+                blk = dom.alloc(0)
+                seen["fresh"] = blk.mfn != parked.mfn and not blk.array().any()
+                blk.array()[:] = 7
+                seen["forged"] = xenheap.Block(dom, blk.mfn, blk.order, blk._tag)  # by hand
+                dirty = heap.stats()["dirty_pages"]
+                blk.free()
+                seen["to_heap"] = heap.stats()["dirty_pages"] == dirty + 1  # not parked
+                for handle in (blk, seen["forged"]):  # a double free; the heap refuses
+                    with pytest.raises(xenheap.InvalidFree):
+                        handle.free()
+            except BaseException as exc:  # re-raised below, in the test's thread
+                seen["error"] = exc
+
+        lock = dom._reuse._lock
+        assert lock.acquire(timeout=1)
+        try:
+            worker = threading.Thread(target=use_the_domain, daemon=True)
+            worker.start()
+            worker.join(10)
+            assert not worker.is_alive(), "waited for the cache's lock"
+        finally:
+            lock.release()
+        if "error" in seen:
+            raise seen["error"]
+        assert seen["fresh"] and seen["to_heap"]
+        again = dom.alloc(0)
+        assert again.mfn == parked.mfn  # the cache serves again
+        with pytest.raises(xenheap.InvalidFree):
+            seen["forged"].free()  # its record went with the free: it cannot be parked
+        stats = heap.stats()
+        assert (stats["num_allocations"], stats["num_frees"]) == (3, 2)
         heap.check()

@@ -136,12 +136,15 @@ def churner(heap, seed: int, start: threading.Barrier, deadline_box: list[float]
         out.add(allocs=allocs, ooms=ooms, domains=created)
 
 
-@pytest.mark.parametrize(("mode", "debug", "nodes"), [
-    ("alloc", False, 2),
-    ("idle", False, "three"),
-    ("idle", True, 2),
-], ids=["alloc-2nodes", "idle-3nodes", "idle-debug-2nodes"])
-def test_threads_allocate_free_create_destroy(mode: str, debug: bool, nodes: object) -> None:
+@pytest.mark.parametrize(("mode", "debug", "nodes", "per_domain"), [
+    ("alloc", False, 2, 1),
+    ("alloc", False, 2, 2),
+    ("idle", False, "three", 1),
+    ("idle", True, 2, 1),
+], ids=["alloc-2nodes", "alloc-2nodes-shared-domains", "idle-3nodes", "idle-debug-2nodes"])
+def test_threads_allocate_free_create_destroy(mode: str, debug: bool, nodes: object,
+                                              per_domain: int) -> None:
+    """``per_domain`` workers share each domain, and so its reuse cache."""
     topology = three_nodes_one_cpuless() if nodes == "three" else nodes
     heap = xenheap.Heap(size=8 * MiB, nodes=topology, scrub=mode, debug=debug)
     try:
@@ -149,9 +152,10 @@ def test_threads_allocate_free_create_destroy(mode: str, debug: bool, nodes: obj
         out = Outcome()
         start = threading.Barrier(WORKERS + CHURNERS + 1)
         deadline_box = [0.0]
-        doms = [heap.create_domain(f"worker{i}") for i in range(WORKERS)]
+        doms = [heap.create_domain(f"worker{i}") for i in range(WORKERS // per_domain)]
         threads = [threading.Thread(target=worker,
-                                    args=(heap, doms[i], i + 1, start, deadline_box, out, fill),
+                                    args=(heap, doms[i // per_domain], i + 1, start,
+                                          deadline_box, out, fill),
                                     daemon=True) for i in range(WORKERS)]
         threads += [threading.Thread(target=churner,
                                      args=(heap, 100 + i, start, deadline_box, out, fill),
@@ -172,7 +176,7 @@ def test_threads_allocate_free_create_destroy(mode: str, debug: bool, nodes: obj
         st = heap.stats()
         assert st["free_pages"] + st["allocated_pages"] == st["total_pages"]
         assert st["allocated_pages"] == sum(d.pages for d in doms)
-        assert st["domains"] == WORKERS
+        assert st["domains"] == len(doms)
         for dom in doms:
             dom.destroy()
         quiesce(heap)

@@ -18,6 +18,7 @@ covers memory a domain stopped using.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable
@@ -48,9 +49,9 @@ class ReuseCache:
     ``make_view(mfn, order)`` gives a block's bytes as a uint8 numpy array.
     """
 
-    __slots__ = ("_limit", "_lists", "_lock", "_make_view", "closed", "hit_pages", "hits",
-                 "issued", "memoryviews", "parks", "quiet_since", "returned", "uses_seen",
-                 "views")
+    __slots__ = ("_limit", "_lists", "_lock", "_make_view", "_settling", "closed", "hit_pages",
+                 "hits", "issued", "memoryviews", "parks", "quiet_since", "returned",
+                 "uses_seen", "views")
 
     def __init__(self, bytes_per_order: int,
                  make_view: Callable[[int, int], np.ndarray]) -> None:
@@ -71,8 +72,12 @@ class ReuseCache:
         self._lists: list[list[tuple[int, int]]] = [[] for _ in range(REUSE_MAX_ORDER + 1)]
         # Taken by the owner's alloc and free and by whoever drains the cache (pressure,
         # idleness, destroy), so an entry is never in flight while the block goes back.
-        # acquire()/release() rather than "with": half the cost on this path.
+        # acquire()/release() rather than "with": half the cost on this path. Allocations
+        # and frees never wait for it (see take and give).
         self._lock = threading.Lock()
+        # Records of blocks freed in the heap while the lock was busy, (mfn, (order, tag)),
+        # dropped from ``issued`` by the next holder of the lock (_settle).
+        self._settling: collections.deque[tuple[int, tuple[int, int]]] = collections.deque()
         self.closed = False
         # When the chore last saw hits or parks move (quiet_for): the clock is read once
         # a tick, not on every free.
@@ -95,10 +100,20 @@ class ReuseCache:
 
     def take(self, order: int, zero: bool) -> tuple[int, int] | None:
         """The block of ``order`` parked last, recorded as handed out and zeroed if
-        ``zero`` (ordinary stores: the caller writes it next); None if there is none."""
+        ``zero`` (ordinary stores: the caller writes it next); None if there is none, or
+        if another thread holds the lock: the heap then serves the allocation.
+
+        Waiting would cost far more. The holder is a thread that lost the GIL inside the
+        lock; the waiter gives up the GIL to block, then holds the lock waiting for the
+        GIL, and from then on the two threads hand both back and forth on every call: two
+        threads allocating from one domain ran at half one thread's rate.
+        """
         lock = self._lock
-        lock.acquire()
+        if not lock.acquire(blocking=False):
+            return None
         try:
+            if self._settling:
+                self._settle()
             entries = self._lists[order]
             if not entries or self.closed:
                 return None  # a domain that only takes empties its cache: no clock needed
@@ -125,7 +140,8 @@ class ReuseCache:
 
         PARKED: kept for reuse (and marked freed, under the lock, so that a racing second
         free of the same handle is refused). NOT_PARKED: the caller frees it in the heap
-        (closed cache, order too large, or full). FREED_ALREADY: a double free.
+        (closed cache, order too large, full, or the lock busy). FREED_ALREADY: a double
+        free.
         NOT_ISSUED: not a live block that this domain handed out (a stale or hand-made
         handle); nothing changed. Parking trusts only what the domain recorded, never the
         handle: a forged (mfn, order) parked here would hand out another domain's memory.
@@ -133,8 +149,11 @@ class ReuseCache:
         order = blk.order
         mfn = blk.mfn
         lock = self._lock
-        lock.acquire()
+        if not lock.acquire(blocking=False):
+            return self._give_busy(blk)
         try:
+            if self._settling:
+                self._settle()
             if blk._freed:
                 return FREED_ALREADY
             if self.issued.get(mfn) != (order, blk._tag):
@@ -151,10 +170,33 @@ class ReuseCache:
         finally:
             lock.release()
 
+    def _give_busy(self, blk: Block) -> int:
+        """give() while another thread holds the lock (see take): never parks, so that
+        the caller frees the block in the heap, whose kernel checks the handle again.
+        Its record leaves ``issued`` at the next holder of the lock."""
+        record = (blk.order, blk._tag)
+        if blk._freed:
+            return FREED_ALREADY
+        if self.issued.get(blk.mfn) != record:
+            return NOT_ISSUED
+        self._settling.append((blk.mfn, record))
+        return NOT_PARKED
+
+    def _settle(self) -> None:
+        """Drop the records that _give_busy left (caller holds the lock). Only a record
+        still equal to the one left goes: the heap may have handed the block out again."""
+        settling = self._settling
+        while settling:
+            mfn, record = settling.popleft()
+            if self.issued.get(mfn) == record:
+                del self.issued[mfn]
+                self._forget_views(mfn)
+
     def drain(self, close: bool = False) -> list[tuple[int, tuple[int, int]]]:
         """Take every parked block out: (order, (mfn, tag)) pairs for the caller to free in
         the heap. ``close``: none may be parked afterwards (destroy, or the heap closes)."""
         with self._lock:
+            self._settle()
             self.closed = self.closed or close
             out = [(order, e) for order, entries in enumerate(self._lists) for e in entries]
             for entries in self._lists:
@@ -175,6 +217,7 @@ class ReuseCache:
         later: freeing one record per block the domain ever held would cost the destroy
         more than the rest of it."""
         with self._lock:
+            self._settle()
             self.closed = True
             self.returned += sum(map(len, self._lists))
             self._lists = [[] for _ in range(REUSE_MAX_ORDER + 1)]
