@@ -4,6 +4,8 @@ going through the heap, dirty, and being scrubbed."""
 
 from __future__ import annotations
 
+import inspect
+import sys
 import threading
 import time
 
@@ -11,7 +13,9 @@ import numpy as np
 import pytest
 
 import xenheap
+from native_kernels import api
 from native_kernels.layout import D_PARKED_COUNT, PAGE_SIZE
+from xenheap.reuse import ReuseCache
 
 MiB = 2**20
 
@@ -290,3 +294,83 @@ def test_allocations_and_frees_never_wait_for_a_busy_cache():
         stats = heap.stats()
         assert (stats["num_allocations"], stats["num_frees"]) == (3, 2)
         heap.check()
+
+
+def test_an_old_handle_never_names_the_blocks_next_life_from_the_cache():
+    """The cache hands a block out again with its heap tag; the handle's tag still
+    changes, so a handle of its last life (here one made by hand) frees nothing."""
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        first = dom.alloc(0)
+        old = xenheap.Block(dom, first.mfn, first.order, first._tag)
+        first.free()
+        second = dom.alloc(0)
+        assert second.mfn == first.mfn and second != old
+        with pytest.raises(xenheap.InvalidFree):
+            old.free()
+        second.array()[:] = 3  # still the domain's: nothing was parked or freed
+        assert heap.stats()["cached_bytes"] == 0 and heap.stats()["dirty_pages"] == 0
+        second.free()
+        heap.check()
+
+
+def test_two_frees_of_one_block_never_both_succeed_whichever_path_each_takes():
+    """One free holds the cache's lock, stopped at its first check, while a second free
+    of the same block (a handle made by hand) finds the lock busy and goes to the heap:
+    exactly one of them frees the block, which is not both parked and free in the heap."""
+    source, first_line = inspect.getsourcelines(ReuseCache.give)
+    stop_at = first_line + next(i for i, line in enumerate(source) if "if blk._freed" in line)
+    stopped, go_on = threading.Event(), threading.Event()
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not ReuseCache.give.__code__:
+            return None
+
+        def on_line(frame, event, arg):
+            if event == "line" and frame.f_lineno == stop_at:
+                stopped.set()
+                go_on.wait(10)
+            return on_line
+        return on_line
+
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        blk = dom.alloc(0)
+        copy = xenheap.Block(dom, blk.mfn, blk.order, blk._tag)
+        outcomes: list[str] = []
+
+        def free(handle: xenheap.Block, traced: bool) -> None:
+            if traced:
+                sys.settrace(tracer)
+            try:
+                handle.free()
+                outcomes.append("freed")
+            except xenheap.InvalidFree:
+                outcomes.append("refused")
+            finally:
+                sys.settrace(None)
+
+        holder = threading.Thread(target=free, args=(blk, True), daemon=True)
+        holder.start()
+        assert stopped.wait(10)
+        free(copy, False)  # the lock is busy: the heap's path
+        go_on.set()
+        holder.join(10)
+        assert not holder.is_alive()
+        assert sorted(outcomes) == ["freed", "refused"]
+        stats = heap.stats()
+        assert stats["num_frees"] == 1 and stats["cached_bytes"] == 0
+        assert stats["dirty_pages"] == 1  # the heap's free won; nothing was parked
+        heap.check()
+
+
+def test_check_finds_a_parked_block_that_went_back_to_the_heap_too():
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain()
+        blk = dom.alloc(0)
+        mfn, tag = blk.mfn, blk._tag
+        blk.free()  # parked
+        heap.check()
+        heap.core.call(api.heap_free_short, dom.slot, dom.id, mfn, 0, tag)  # behind its back
+        with pytest.raises(xenheap.HeapCorruption, match="parked for reuse"):
+            heap.check()

@@ -36,7 +36,14 @@ from xenheap.errors import (
     OutOfMemory,
 )
 from xenheap.numpy_api import default_numpy_memory
-from xenheap.reuse import FREED_ALREADY, NOT_ISSUED, PARKED, REUSE_MAX_ORDER, ReuseCache
+from xenheap.reuse import (
+    FREED_ALREADY,
+    HEAP_TAG_MASK,
+    NOT_ISSUED,
+    PARKED,
+    REUSE_MAX_ORDER,
+    ReuseCache,
+)
 from xenheap.sizes import format_size, parse_size
 from xenheap.stats import DomainStats
 
@@ -276,11 +283,10 @@ class Domain:
             raise InvalidFree(f"{blk!r} belongs to domain {blk.domain.id}, not {self.id}")
         heap, core = self.heap, self.core
         reuse = self._reuse
-        # numpy's callbacks cannot give the Python API's parked blocks back when a quota
-        # runs short, so a domain with a quota and a numpy handler parks none.
-        if reuse is not None and not core.closed and not (self._max_pages
-                                                           and self._capsule is not None):
-            parked = reuse.give(blk)
+        if reuse is not None and not core.closed:  # the cache claims the block, parked or not
+            # numpy's callbacks cannot give the Python API's parked blocks back when a quota
+            # runs short, so a domain with a quota and a numpy handler parks none.
+            parked = reuse.give(blk, park=not (self._max_pages and self._capsule is not None))
             if parked == PARKED:
                 return
             if parked == FREED_ALREADY:
@@ -294,7 +300,8 @@ class Domain:
         # Only "sync" and debug mode write the block on free.
         long = blk.order >= LONG_ORDER and (heap.scrub_mode == "sync" or heap.debug)
         kernel = api.heap_free if long else api.heap_free_short
-        code = core.call(kernel, self._slot, self.id, blk.mfn, blk.order, blk._tag)
+        code = core.call(kernel, self._slot, self.id, blk.mfn, blk.order,
+                         blk._tag & HEAP_TAG_MASK)
         if code == E_DEAD:
             raise InvalidFree(f"{blk!r} belongs to destroyed {self!r}")
         if code == E_BAD_FREE:
@@ -332,7 +339,8 @@ class Domain:
                 if self._capsule is not None else 0
             for order, (mfn, tag) in entries:
                 # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
-                if core.call(api.heap_free_short, self._slot, self.id, mfn, order, tag) > 0:
+                if core.call(api.heap_free_short, self._slot, self.id, mfn, order,
+                             tag & HEAP_TAG_MASK) > 0:
                     wake |= 1 << core.node_of(mfn)
         except HeapClosed:  # closed meanwhile (a scrubber's chore): the memory goes with it
             return len(entries)

@@ -227,8 +227,17 @@ class Heap:
         with self._chores:
             self.core.relinquish()  # destroyed domains' memory is on the free lists
             code, mfn = check_kernels.check_heap(self.core.hs)
-        if code != check_kernels.OK:
-            raise HeapCorruption(f"{stats.INVARIANTS[code]} (at mfn {mfn})")
+            if code != check_kernels.OK:
+                raise HeapCorruption(f"{stats.INVARIANTS[code]} (at mfn {mfn})")
+            hs = self.core.hs
+            for dom in self.core.live_domains():
+                reuse = dom._reuse
+                bad = None if reuse is None else reuse.parked_not_owned(dom.slot + 1,
+                                                                        hs.ft32, hs.ft8)
+                if bad is not None:
+                    raise HeapCorruption(f"a block parked for reuse by {dom!r} is not its "
+                                         f"block (at mfn {bad}): freed in the heap as well, "
+                                         "or parked twice")
 
     def wait_clean(self, timeout: float | None = None) -> bool:
         """True once no page is dirty, and every scrubber has counted the CPU time of the

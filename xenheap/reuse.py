@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from native_kernels.layout import PAGE_SIZE
+from native_kernels.layout import PAGE_SIZE, PG_ORDER, PG_OWNER, PG_TAG
 
 if TYPE_CHECKING:
     from xenheap.domain import Block
@@ -36,6 +36,12 @@ DEFAULT_REUSE_BYTES = 4 << 20  # at most this many bytes parked per order (Heap 
 REUSE_IDLE_S = 0.25  # a cache unused this long goes back to the heap
 
 _ZEROS = tuple(bytes(PAGE_SIZE << order) for order in range(4))  # for orders 0-3
+
+# A handle's tag: the heap's tag for the block (PG_TAG) in these bits, and above them the
+# cache's generation, new each time the cache hands the block out again. The heap gives a
+# block a new tag each time it hands it out; the cache keeps it, and without the generation
+# an old handle (a copy, one made by hand) would name the block's next life as well.
+HEAP_TAG_MASK = 0xFFFF_FFFF
 
 PARKED = 0
 NOT_PARKED = 1
@@ -49,15 +55,17 @@ class ReuseCache:
     ``make_view(mfn, order)`` gives a block's bytes as a uint8 numpy array.
     """
 
-    __slots__ = ("_limit", "_lists", "_lock", "_make_view", "_settling", "closed", "hit_pages",
-                 "hits", "issued", "memoryviews", "parks", "quiet_since", "returned",
-                 "uses_seen", "views")
+    __slots__ = ("_generation", "_limit", "_lists", "_lock", "_make_view", "_settling",
+                 "closed", "hit_pages", "hits", "issued", "memoryviews", "parks",
+                 "quiet_since", "returned", "uses_seen", "views")
 
     def __init__(self, bytes_per_order: int,
                  make_view: Callable[[int, int], np.ndarray]) -> None:
         self._limit = bytes_per_order
         self._make_view = make_view
-        self.issued: dict[int, tuple[int, int]] = {}  # live blocks by mfn: (order, tag)
+        # (mfn, order, tag) of the live blocks. A free claims its block by removing it, one
+        # atomic step whichever path the free takes, so two frees never both succeed.
+        self.issued: set[tuple[int, int, int]] = set()
         # uint8 views of blocks by mfn, made once and kept while a block cycles between the
         # user and the cache (a view costs more to make than a 4 KiB block to zero). Kept
         # here, never by a handle, so that closing the heap can drop them all.
@@ -75,9 +83,10 @@ class ReuseCache:
         # acquire()/release() rather than "with": half the cost on this path. Allocations
         # and frees never wait for it (see take and give).
         self._lock = threading.Lock()
-        # Records of blocks freed in the heap while the lock was busy, (mfn, (order, tag)),
-        # dropped from ``issued`` by the next holder of the lock (_settle).
-        self._settling: collections.deque[tuple[int, tuple[int, int]]] = collections.deque()
+        self._generation = 0  # of the last block handed out again (HEAP_TAG_MASK)
+        # Blocks freed in the heap while the lock was busy: the next holder of the lock
+        # drops their views (_settle).
+        self._settling: collections.deque[int] = collections.deque()
         self.closed = False
         # When the chore last saw hits or parks move (quiet_for): the clock is read once
         # a tick, not on every free.
@@ -117,9 +126,10 @@ class ReuseCache:
             entries = self._lists[order]
             if not entries or self.closed:
                 return None  # a domain that only takes empties its cache: no clock needed
-            entry = entries.pop()
-            mfn = entry[0]
-            self.issued[mfn] = (order, entry[1])
+            mfn, tag = entries.pop()
+            self._generation += 1
+            tag = (tag & HEAP_TAG_MASK) | self._generation << 32
+            self.issued.add((mfn, order, tag))
             self.hits += 1
             self.hit_pages += 1 << order
             if zero:  # under the lock: a drain must not give the block back meanwhile
@@ -127,23 +137,23 @@ class ReuseCache:
                     self.zeroer(mfn, order)[:] = _ZEROS[order]
                 else:
                     self.view(mfn, order).fill(0)
-            return entry
+            return mfn, tag
         finally:
             lock.release()
 
     def issue(self, mfn: int, order: int, tag: int) -> None:
         """Record a block the heap just handed out through the Python API."""
-        self.issued[mfn] = (order, tag)
+        self.issued.add((mfn, order, tag))
 
-    def give(self, blk: Block) -> int:
-        """Take back block ``blk`` that the Python API frees.
+    def give(self, blk: Block, park: bool = True) -> int:
+        """Take back block ``blk`` that the Python API frees: claimed in ``issued``, and
+        parked if ``park`` and there is room.
 
-        PARKED: kept for reuse (and marked freed, under the lock, so that a racing second
-        free of the same handle is refused). NOT_PARKED: the caller frees it in the heap
-        (closed cache, order too large, full, or the lock busy). FREED_ALREADY: a double
-        free.
-        NOT_ISSUED: not a live block that this domain handed out (a stale or hand-made
-        handle); nothing changed. Parking trusts only what the domain recorded, never the
+        PARKED: kept for reuse (and marked freed, under the lock). NOT_PARKED: the caller
+        frees it in the heap (not ``park``, closed cache, order too large, full, or the
+        lock busy). FREED_ALREADY: a double free. NOT_ISSUED: not a live block that this
+        domain handed out (a stale or hand-made handle, or one that another free claimed
+        first); nothing changed. Parking trusts only what the domain recorded, never the
         handle: a forged (mfn, order) parked here would hand out another domain's memory.
         """
         order = blk.order
@@ -156,10 +166,11 @@ class ReuseCache:
                 self._settle()
             if blk._freed:
                 return FREED_ALREADY
-            if self.issued.get(mfn) != (order, blk._tag):
+            try:
+                self.issued.remove((mfn, order, blk._tag))
+            except KeyError:
                 return NOT_ISSUED
-            del self.issued[mfn]
-            if (order > REUSE_MAX_ORDER or self.closed
+            if (not park or order > REUSE_MAX_ORDER or self.closed
                     or (len(self._lists[order]) + 1) * (PAGE_SIZE << order) > self._limit):
                 self._forget_views(mfn)
                 return NOT_PARKED
@@ -171,26 +182,24 @@ class ReuseCache:
             lock.release()
 
     def _give_busy(self, blk: Block) -> int:
-        """give() while another thread holds the lock (see take): never parks, so that
-        the caller frees the block in the heap, whose kernel checks the handle again.
-        Its record leaves ``issued`` at the next holder of the lock."""
-        record = (blk.order, blk._tag)
+        """give() while another thread holds the lock (see take): the block is claimed
+        as in give, but never parked; the caller frees it in the heap. Its views go at
+        the next holder of the lock."""
         if blk._freed:
             return FREED_ALREADY
-        if self.issued.get(blk.mfn) != record:
+        try:
+            self.issued.remove((blk.mfn, blk.order, blk._tag))
+        except KeyError:
             return NOT_ISSUED
-        self._settling.append((blk.mfn, record))
+        self._settling.append(blk.mfn)
         return NOT_PARKED
 
     def _settle(self) -> None:
-        """Drop the records that _give_busy left (caller holds the lock). Only a record
-        still equal to the one left goes: the heap may have handed the block out again."""
+        """Drop the views of the blocks that _give_busy let go (caller holds the lock);
+        a block the heap has handed out again only makes its view anew."""
         settling = self._settling
         while settling:
-            mfn, record = settling.popleft()
-            if self.issued.get(mfn) == record:
-                del self.issued[mfn]
-                self._forget_views(mfn)
+            self._forget_views(settling.popleft())
 
     def drain(self, close: bool = False) -> list[tuple[int, tuple[int, int]]]:
         """Take every parked block out: (order, (mfn, tag)) pairs for the caller to free in
@@ -211,7 +220,7 @@ class ReuseCache:
                 self.views.clear()
         return out
 
-    def retire(self) -> tuple[dict, ...]:
+    def retire(self) -> tuple[set | dict, ...]:
         """Close the cache for its domain's destroy: the parked blocks go with the domain.
         Returns the per-block records (issued blocks, views) for the caller to drop
         later: freeing one record per block the domain ever held would cost the destroy
@@ -222,8 +231,23 @@ class ReuseCache:
             self.returned += sum(map(len, self._lists))
             self._lists = [[] for _ in range(REUSE_MAX_ORDER + 1)]
             records = (self.issued, self.views, self.memoryviews)
-            self.issued, self.views, self.memoryviews = {}, {}, {}
+            self.issued, self.views, self.memoryviews = set(), {}, {}
         return records
+
+    def parked_not_owned(self, owner: int, ft32: np.ndarray, ft8: np.ndarray) -> int | None:
+        """For Heap.check: the first parked block (its mfn) that the frame table does not
+        show as a block of ``owner`` (its domain's slot + 1) of the order and heap tag it
+        was parked with, or that is parked twice; None if there is none."""
+        with self._lock:
+            seen: set[int] = set()
+            for order, entries in enumerate(self._lists):
+                for mfn, tag in entries:
+                    if (mfn in seen or ft32[PG_OWNER, mfn] != owner
+                            or ft32[PG_TAG, mfn] != tag & HEAP_TAG_MASK
+                            or ft8[PG_ORDER, mfn] != order):
+                        return mfn
+                    seen.add(mfn)
+        return None
 
     def _forget_views(self, mfn: int) -> None:
         """Drop block ``mfn``'s views: it goes back to the heap (caller holds the lock)."""
