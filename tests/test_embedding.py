@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -199,6 +200,32 @@ def test_fork_child_gets_a_clear_error_and_the_parent_is_unaffected():
         dom.destroy()
         assert heap.wait_clean(WAIT_S)
         heap.check()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads running
+def test_wait_clean_in_a_forked_child_raises_though_a_parent_thread_held_its_condition():
+    with xenheap.Heap("16MiB") as heap:
+        def child():
+            signal.alarm(10)  # a hang ends the child by SIGALRM: a nonzero status
+            with pytest.raises(xenheap.HeapClosed, match="parent process"):
+                heap.wait_clean(timeout=0.5)
+
+        held, release = threading.Event(), threading.Event()
+
+        def parent_thread():  # inside wait_clean at the fork, holding the condition
+            with heap.core.cleaned:
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=parent_thread)
+        holder.start()
+        assert held.wait(30)
+        try:
+            status = _in_child(child)
+        finally:
+            release.set()
+            holder.join(30)
+        assert status == 0
 
 
 # --- injected faults ---------------------------------------------------------------------

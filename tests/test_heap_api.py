@@ -16,6 +16,7 @@ from conftest import MiB, assert_zero, stats_snapshot, three_nodes_one_cpuless
 from numba import njit
 
 import xenheap
+from native_kernels import api
 from native_kernels.atomics import atomic_load
 from native_kernels.layout import BUDDY_SCRUBBING, N_SCRUB_PASSES, PG_NEED_SCRUB, PG_SCRUB_STATE
 from native_kernels.scrub import NOTHING_DIRTY, scrub_free_pages
@@ -29,6 +30,7 @@ from xenheap import (
     XenHeapError,
 )
 from xenheap.faults import inject_fault
+from xenheap.heap import CLOSE_IN_FLIGHT_S
 
 PAGE = 4096
 
@@ -690,6 +692,21 @@ def test_close_then_every_call_raises_heap_closed(mode: str) -> None:
                  heap.check):
         with pytest.raises(HeapClosed):
             call()
+
+
+def test_close_returns_though_a_call_stays_counted_in_flight(caplog) -> None:
+    """A call interrupted between counting itself in and out (a KeyboardInterrupt at the
+    wrong bytecode) leaves the count raised: close() gives up waiting after
+    CLOSE_IN_FLIGHT_S, says so, stops the scrubbers and leaves the arenas mapped."""
+    heap = xenheap.Heap(size="4MiB")
+    assert api.enter_heap(heap.core.state["meta"])  # counted in, never out
+    with caplog.at_level("WARNING", logger="xenheap.heap"):
+        closer = threading.Thread(target=heap.close, daemon=True)
+        closer.start()
+        closer.join(CLOSE_IN_FLIGHT_S + 10)
+    assert not closer.is_alive(), "close() waited for the call for ever"
+    assert heap.closed and not any(s.is_alive() for s in heap.scrubbers)
+    assert "still counted in flight" in caplog.text
 
 
 @pytest.mark.parametrize("call", ["view", "array"])

@@ -197,3 +197,17 @@ def test_threads_destroying_while_others_run_short_lose_no_page() -> None:
         assert stats["bytes_allocated"] == 0 and stats["domains"] == 0
         assert stats["free_pages"] == heap.total_pages
         assert not heap.core.relinquish_pending()
+
+
+def test_a_new_domain_waits_for_the_slot_another_thread_is_still_relinquishing():
+    """With one slot, a domain created right after a destroy gets the slot once the
+    first scrubber's chore has freed the old domain's memory, even when the chore took
+    the domain off the queue before the creation looked at it."""
+    with xenheap.Heap("512MiB", max_domains=1) as heap:
+        for _ in range(20):
+            dom = heap.create_domain()
+            dom.populate("128MiB", order=0)  # milliseconds to relinquish
+            dom.destroy()
+            time.sleep(0.0002)  # the chore has begun
+        assert heap.wait_clean(30)
+        heap.check()

@@ -1,11 +1,14 @@
 """The background scrubbers: cleaning, the abort handshake, stress, life cycle, debug mode."""
 
+import gc
 import logging
+import os
 import random
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 from conftest import read_all_free_memory
@@ -317,3 +320,35 @@ def test_sync_and_alloc_modes_start_no_scrubber():
         with xenheap.Heap("4MiB", scrub=mode) as heap:
             assert heap.scrubbers == []
             assert heap.stats()["nodes"][0]["scrubber"] == "none"
+
+
+def test_scrubbers_judge_idleness_against_the_process_cpus_not_their_own():
+    """Each scrubber pins itself to its node's CPUs, so its own affinity is not what the
+    process may use: asked there, two emulated nodes on two CPUs would count one CPU,
+    never see one idle, and leave every destroy dirty until the deadline."""
+    with xenheap.Heap("64MiB", nodes=2) as heap:
+        usable = len(os.sched_getaffinity(0))
+        deadline = time.monotonic() + WAIT_S
+        while any(s.state == "starting" for s in heap.scrubbers):  # pinned, once past it
+            assert time.monotonic() < deadline, "scrubbers never started"
+            time.sleep(0.001)
+        assert [s.usable_cpus for s in heap.scrubbers] == [usable] * len(heap.scrubbers)
+        if usable > 1:  # the case the bug needed: a scrubber may use fewer CPUs
+            assert any(len(s.cpus) < usable for s in heap.scrubbers)
+
+
+def test_a_heap_dropped_unclosed_is_collected_and_its_scrubbers_stop():
+    def use_and_drop() -> tuple[weakref.ref, list]:
+        heap = xenheap.Heap("16MiB")
+        dom = heap.create_domain()
+        dom.alloc(1).array()[:] = 1
+        dom.destroy()
+        return weakref.ref(heap), list(heap.scrubbers)
+
+    ref, scrubbers = use_and_drop()
+    assert scrubbers
+    gc.collect()
+    assert ref() is None  # the first scrubber's chores hold it weakly
+    for scrubber in scrubbers:
+        scrubber.join(WAIT_S)
+        assert not scrubber.is_alive()

@@ -287,7 +287,9 @@ class HeapCore:
         wake. Returns once every domain queued before the call is done, also one that
         another thread's call was relinquishing meanwhile. Their Python-side records
         (xenheap.reuse) are dropped here too."""
-        if not self.relinquishing or self.closed:
+        # Nothing queued is not enough: another thread may have taken the last domain off
+        # the queue and still be freeing it, under the lock.
+        if self.closed or not (self.relinquishing or self._relinquish_lock.locked()):
             return
         with self._relinquish_lock:
             while self.relinquishing and not self.closed:

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from native_kernels import api
 from native_kernels import check as check_kernels
@@ -22,7 +22,7 @@ from native_kernels.layout import (
     MODE_SYNC,
     PAGE_SIZE,
 )
-from xenheap import collect, stats
+from xenheap import collect, prim, stats
 from xenheap.core import HeapCore
 from xenheap.domain import Domain
 from xenheap.errors import (
@@ -46,6 +46,10 @@ TICK_S = 0.05  # how often the first scrubber does the heap's periodic chores (_
 # wait_clean wakes when a scrubber finds its nodes clean, and looks this often anyway
 # (allocators zeroing what they take clean memory too, and notify nobody).
 WAIT_CLEAN_POLL_S = 0.005
+# How long close() waits for calls still in kernels (or in release_unused's OS calls);
+# then it leaves the arenas mapped. One interrupted between counting itself in and out
+# (a KeyboardInterrupt at the wrong bytecode) would otherwise make it wait for ever.
+CLOSE_IN_FLIGHT_S = 1.0
 FORKED_REASON = ("this heap belongs to the parent process (inherited across fork); create a "
                  "new Heap in the child")
 # Every heap not yet collected, closed ones too: the fork hook marks them all, and exit
@@ -120,15 +124,19 @@ class Heap:
 
     def _start_scrubbers(self) -> None:
         core = self.core
+        usable_cpus = prim.usable_cpus()  # here: a scrubber's own affinity is its node's
         for node_ids, cpus in plan_scrubbers(self.topology):
             # The first scrubber also does the heap's periodic chores (_tick).
-            scrubber = Scrubber(core.hs, node_ids, cpus, core.arenas, self.scrub_deadline,
-                                core.charges, core.cleaned,
-                                None if core.scrubbers else self._tick)
+            scrubber = Scrubber(core.hs, node_ids, cpus, usable_cpus, core.arenas,
+                                self.scrub_deadline, core.charges, core.cleaned,
+                                None if core.scrubbers else _weak_tick(self))
             for node in node_ids:
                 core.scrubber_of[node] = len(core.scrubbers)
             core.scrubbers.append(scrubber)
             scrubber.start()
+        # A heap dropped unclosed: nothing but the threads would keep it alive, and they
+        # stop once it is collected (its arenas go with the last reference).
+        weakref.finalize(self, _stop_scrubbers, core.scrubbers).atexit = False
 
     # --- properties ----------------------------------------------------------------------
     @property
@@ -247,8 +255,9 @@ class Heap:
         Without running scrubbers (scrub="alloc", or all stopped) nothing will clean the
         heap in the background, so it answers at once.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         core = self.core
+        core.refuse_if_forked()  # before the condition's lock: a parent thread may hold it
+        deadline = None if timeout is None else time.monotonic() + timeout
         core.relinquish()
         while True:
             with core.cleaned:  # looked at under its lock: no notify is missed
@@ -296,7 +305,8 @@ class Heap:
         """Stop the scrubbers, wait for calls in flight, unmap the arenas. Idempotent.
 
         The arenas stay mapped (freed with the last reference) while a numpy array made
-        from this heap may live, or if a scrubber did not stop within its second.
+        from this heap may live, if a scrubber did not stop within its second, or if a
+        call was still in flight after CLOSE_IN_FLIGHT_S.
         """
         with self.core.lock:
             if self.core.closed:
@@ -308,14 +318,18 @@ class Heap:
         meta = self.core.state["meta"]
         api.close_heap(meta)  # refuse new calls; scrubbers stop at their next step
         stop_all(self.core.scrubbers)
-        while api.close_heap(meta):  # calls already in kernels finish first
-            time.sleep(0.0005)
+        deadline = time.monotonic() + CLOSE_IN_FLIGHT_S
+        while (in_flight := api.close_heap(meta)) and time.monotonic() < deadline:
+            time.sleep(0.0005)  # calls already in kernels finish first
         self.core.relinquishing.clear()  # destroyed domains' memory goes with the heap
         stuck = [s.name for s in self.core.scrubbers if s.is_alive()]
         arrays = self.core.numpy_handlers and numpy_handlers_live(self.core.state)
-        # The scrubbers and the numpy handlers' records hold the arenas themselves.
+        # The scrubbers, the numpy handlers' records and the callers hold the arenas.
         if stuck:
             log.warning("heap closed, arenas left mapped: scrubbers %s still running", stuck)
+        elif in_flight:
+            log.warning("heap closed, arenas left mapped: %d call(s) still counted in "
+                        "flight after %.1f s", in_flight, CLOSE_IN_FLIGHT_S)
         elif arrays:  # as designed: the memory goes with the last array
             log.info("heap closed, arenas left mapped while numpy arrays made from it live")
         else:
@@ -332,6 +346,25 @@ class Heap:
         return (f"<Heap {self.total_pages} pages on {self.nodes} node(s), "
                 f"scrub={self.scrub_mode!r}{' debug' if self.debug else ''}"
                 f"{' closed' if self.core.closed else ''}>")
+
+
+def _weak_tick(heap: Heap) -> Callable[[], None]:
+    """``heap._tick`` for the first scrubber, without keeping ``heap`` alive."""
+    ref = weakref.ref(heap)
+
+    def tick() -> None:
+        alive = ref()
+        if alive is not None:
+            alive._tick()
+
+    return tick
+
+
+def _stop_scrubbers(scrubbers: list[Scrubber]) -> None:
+    """Ask ``scrubbers`` to stop, without waiting: a collected heap's finalizer, which may
+    run on one of them."""
+    for scrubber in scrubbers:
+        scrubber.stop()
 
 
 def _disown_heaps_after_fork() -> None:
@@ -355,6 +388,7 @@ def _disown_heaps_after_fork() -> None:
     for heap in list(_heaps):
         core = heap.core
         core.lock = threading.Lock()
+        core.cleaned = threading.Condition()
         heap._release_lock = threading.Lock()
         heap._chores = threading.Lock()
         core.closed = True

@@ -254,9 +254,9 @@ def runnable_threads() -> int:
         return int(f.read().split()[3].split(b"/")[0])
 
 
-@functools.cache
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity when first asked)."""
+    """CPUs the calling thread may run on (its affinity): the process's, if asked before
+    the thread pins itself."""
     return len(os.sched_getaffinity(0))
 
 

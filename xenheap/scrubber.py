@@ -61,13 +61,17 @@ class Scrubber(threading.Thread):
     """Scrubs ``nodes`` (its own first) from a daemon thread pinned to ``cpus``."""
 
     def __init__(self, hs: HeapState, nodes: Sequence[int], cpus: Sequence[int],
-                 arenas: Sequence[object], deadline_s: float, charges: ChargeBook,
+                 usable_cpus: int, arenas: Sequence[object], deadline_s: float,
+                 charges: ChargeBook,
                  cleaned: threading.Condition,
                  on_tick: Callable[[], None] | None = None) -> None:
         super().__init__(name=f"xenheap-scrub-node{nodes[0]}", daemon=True)
         self.nodes = tuple(nodes)
         self._node_array = np.array(self.nodes, dtype=np.int64)
         self.cpus = tuple(cpus)
+        # CPUs the process may use, against which idleness is judged: more than this thread,
+        # once pinned to its node's CPUs, may use.
+        self.usable_cpus = usable_cpus
         self.deadline_ns = int(deadline_s * 1e9)
         self._on_tick = on_tick  # called each time round the loop (Heap._tick)
         self._cleaned = cleaned  # notified each time round the loop that finds it all clean
@@ -104,7 +108,7 @@ class Scrubber(threading.Thread):
         overdue_in = (oldest + self.deadline_ns - time.monotonic_ns()) / 1e9
         if overdue_in <= 0:
             return "deadline", 0.0
-        if prim.runnable_threads() - 1 < prim.usable_cpus():  # minus this thread
+        if prim.runnable_threads() - 1 < self.usable_cpus:  # minus this thread
             return "idle", 0.0
         return None, min(BUSY_POLL_S, overdue_in)
 
