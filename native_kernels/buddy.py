@@ -116,13 +116,13 @@ def check_and_stop_scrub(ft8, nodes, node, head):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
+def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty, use_busy):
     """Head of the first usable chunk of ``order`` or above on ``node``, and its order.
 
     Clean chunks sit at a list's head, so one look per order decides whether the list has
     one; without ``use_dirty``, a head that is clean below its first dirty page for the
-    block's size counts too. With ``use_dirty``, the chunk a scrubber is working on is the
-    last resort.
+    block's size counts too. With ``use_dirty``, a chunk no scrubber holds; the one a
+    scrubber is working on only with ``use_busy`` too, as the last resort.
     """
     busy_head = -1
     busy_order = -1
@@ -149,7 +149,7 @@ def _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty):
         nxt = ft32[PG_NEXT, head]
         if nxt != NIL:
             return nxt - 1, j
-        if busy_head < 0:
+        if busy_head < 0 and use_busy:
             busy_head = head
             busy_order = j
     return busy_head, busy_order
@@ -216,19 +216,24 @@ def alloc_heap_pages(hs, node_pref, order, exact):
 
     Pass 1 takes only clean memory (a clean chunk, or a dirty one's clean bottom), on the
     preferred node and then the others by distance (``exact``: that node only); pass 2
-    accepts dirty memory. The block's dirty pages are zeroed by the caller after the lock
-    is dropped (scrub_taken_block).
+    accepts dirty memory that no scrubber holds; pass 3 also a chunk a scrubber holds,
+    waiting for it to let go (check_and_stop_scrub), which may take as long as the OS keeps
+    that thread off its CPU, so any other node's memory comes first. The block's dirty
+    pages are zeroed by the caller after the lock is dropped (scrub_taken_block).
     """
     ft32, ft8, nodes, lists, meta, zone = hs.ft32, hs.ft8, hs.nodes, hs.lists, hs.meta, hs.zone
     max_order = meta[M_MAX_ORDER]
     nr_nodes = 1 if exact else meta[M_NR_NODES]
-    for use_dirty in (False, True):
+    for phase in range(3):
+        use_dirty = phase > 0
+        use_busy = phase == 2
         for k in range(nr_nodes):
             node = node_pref if exact else zone[node_pref, k]
             if atomic_load(nodes, (node, N_FREE)) < (1 << order):
                 continue
             spin_lock(nodes, node, N_LOCK)
-            head, j = _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty)
+            head, j = _get_free_buddy(ft32, ft8, lists, node, order, max_order, use_dirty,
+                                      use_busy)
             if head >= 0:
                 mfn, tag = _take_chunk(hs, node, head, j, order)
                 spin_unlock(nodes, node, N_LOCK)

@@ -13,8 +13,8 @@ import numpy as np
 from numba import njit
 
 from native_kernels.atomics import (
-    atomic_cas,
     atomic_load,
+    atomic_store,
     fetch_add,
     monotonic_ns,
 )
@@ -28,6 +28,7 @@ from native_kernels.layout import (
     N_CHARGE_LOST_NS,
     N_CHARGE_LOST_PAGES,
     N_CHARGES,
+    N_LOCK,
     N_UNMAPPED,
     PAGE_SHIFT,
     PG_NEED_SCRUB,
@@ -35,6 +36,7 @@ from native_kernels.layout import (
     TAG_MASK,
     TAG_MIXED,
 )
+from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.os_calls import MADV_DONTNEED, sys_madvise, sys_mincore
 from native_kernels.pages import fill_pages, stream_fill_pages
 
@@ -130,25 +132,29 @@ def charge_pages(charges, dirtier, pages):
     charges[last, 1] += pages
 
 
-@njit(nogil=True, cache=True, **INTERNAL)
+@njit(nogil=True, cache=True)  # not INTERNAL: a test's kernels race it against drains
 def record_alloc_charge(nodes, node, dirtier, pages, ns):
     """Add an allocator's scrub work for domain ``dirtier`` to the node's charge slots
-    (layout.N_CHARGES), claiming a slot by CAS; without a slot (or a domain), to
-    N_CHARGE_LOST_*."""
+    (layout.N_CHARGES), claiming a free one; without a slot (or a domain), to
+    N_CHARGE_LOST_*. Under the node's lock, which the caller does not hold: drain_charges
+    frees a slot it finds empty, and between an allocator's look at the owner and its add
+    the slot could go to another domain, and the work with it."""
+    spin_lock(nodes, node, N_LOCK)
     if dirtier > 0:
         for k in range(CHARGE_SLOTS):
             slot = N_CHARGES + ((dirtier + k) % CHARGE_SLOTS) * CHARGE_WORDS
-            owner = atomic_load(nodes, (node, slot + CH_ID))
-            if owner == 0 and atomic_cas(nodes, (node, slot + CH_ID), 0, dirtier):
+            owner = nodes[node, slot + CH_ID]
+            if owner == 0:
+                atomic_store(nodes, (node, slot + CH_ID), dirtier)
                 owner = dirtier
-            elif owner == 0:
-                owner = atomic_load(nodes, (node, slot + CH_ID))  # lost the race: whose?
             if owner == dirtier:
                 fetch_add(nodes, (node, slot + CH_PAGES), pages)
                 fetch_add(nodes, (node, slot + CH_NS), ns)
+                spin_unlock(nodes, node, N_LOCK)
                 return
     fetch_add(nodes, (node, N_CHARGE_LOST_PAGES), pages)
     fetch_add(nodes, (node, N_CHARGE_LOST_NS), ns)
+    spin_unlock(nodes, node, N_LOCK)
 
 
 @njit(nogil=True, cache=True)
@@ -156,9 +162,10 @@ def drain_charges(nodes, node, out):
     """Move the node's allocator charges into ``out`` rows (id, pages, ns), CHARGE_SLOTS + 1
     of them (the last for work no slot took, id -1); returns the rows.
 
-    Atomic subtractions, so work recorded meanwhile is kept for the next drain; a slot that
-    had nothing since the last drain is freed for another domain.
+    Under the node's lock (see record_alloc_charge); a slot that had nothing since the last
+    drain is freed for another domain.
     """
+    spin_lock(nodes, node, N_LOCK)
     rows = 0
     for k in range(CHARGE_SLOTS):
         slot = N_CHARGES + k * CHARGE_WORDS
@@ -168,7 +175,7 @@ def drain_charges(nodes, node, out):
         pages = atomic_load(nodes, (node, slot + CH_PAGES))
         ns = atomic_load(nodes, (node, slot + CH_NS))
         if pages == 0 and ns == 0:
-            atomic_cas(nodes, (node, slot + CH_ID), owner, 0)
+            atomic_store(nodes, (node, slot + CH_ID), 0)
             continue
         fetch_add(nodes, (node, slot + CH_PAGES), -pages)
         fetch_add(nodes, (node, slot + CH_NS), -ns)
@@ -185,6 +192,7 @@ def drain_charges(nodes, node, out):
         out[rows, 1] = pages
         out[rows, 2] = ns
         rows += 1
+    spin_unlock(nodes, node, N_LOCK)
     return rows
 
 

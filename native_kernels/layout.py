@@ -130,8 +130,9 @@ N_BASE = 0  # first mfn of the node (N_BASE..N_ADDR: set before any thread runs,
 N_PAGES = 1  # pages in the node
 N_ADDR = 2  # arena start address
 N_LOCK = 3  # heap lock, LOCK_WORDS: ticket "next" at N_LOCK, "owner" at N_LOCK + 1. Guards
-#             the node's free lists (``lists``), N_TAG, and the frame table of its free
-#             chunks; the first field after the read-only ones. Atomic.
+#             the node's free lists (``lists``), N_TAG, the frame table of its free chunks
+#             and the charge slots (N_CHARGES); the first field after the read-only ones.
+#             Atomic.
 N_FREE = 5  # free pages (on the free lists). Atomic.
 N_NEED_SCRUB = 6  # Xen's node_need_scrub: pages with need_scrub inside free chunks. Atomic.
 N_TAG = 7  # allocation tag counter (under the lock)
@@ -156,9 +157,9 @@ N_CHARGE_LOST_NS = 23  # (pages, ns). Atomic.
 N_ABORT_HIST = 24  # 32 buckets: abort waits by floor(log2(ns)). Atomic.
 ABORT_HIST_BUCKETS = 32
 # Scrub-on-allocate work charged to the domains that dirtied the pages: CHARGE_SLOTS slots
-# of CHARGE_WORDS words, (domain id, pages zeroed, ns spent), claimed by CAS on the id, a
-# slot per domain found by probing from id % CHARGE_SLOTS. Drained into the Python-side
-# totals (and freed) by xenheap.charges. Atomic.
+# of CHARGE_WORDS words, (domain id, pages zeroed, ns spent), a slot per domain found by
+# probing from id % CHARGE_SLOTS. Claimed, added to, drained into the Python-side totals
+# and freed (xenheap.charges) under the node's lock; read atomically.
 N_CHARGES = 56
 CHARGE_SLOTS = 32
 CHARGE_WORDS = 3

@@ -10,17 +10,23 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import psutil
 import pytest
+from numba import njit
 
 import xenheap
+from native_kernels.atomics import atomic_load
+from native_kernels.cleaning import drain_charges, record_alloc_charge
 from native_kernels.layout import (
     BUDDY_SCRUBBING,
+    CHARGE_SLOTS,
     L_HEAD,
     NIL,
+    NODE_FIELDS,
     PG_NEXT,
     PG_SCRUB_STATE,
     PG_TAG,
@@ -141,6 +147,39 @@ def test_a_frozen_scrubber_holding_a_chunk_does_not_make_allocators_wait():
         heap.check()
 
 
+def test_an_allocation_takes_another_nodes_memory_before_a_frozen_scrubbers_chunk():
+    """Node 0's only chunk is held by a frozen scrubber and node 1 (no CPUs: node 0's
+    scrubber serves it) holds dirty memory nobody holds: an allocation preferring node 0
+    takes node 1's rather than wait in the abort handshake."""
+    cpus = sorted(os.sched_getaffinity(0))
+    with xenheap.Heap("1MiB", scrub="alloc") as warm:  # the small allocation's kernel compiled
+        warm.create_domain().alloc(0)
+    with xenheap.Heap("16MiB", nodes=[cpus, []], reuse_bytes=0) as heap:
+        inject_fault(heap, "scrub_stall", 5_000_000)  # parks it 5 s mid-chunk, deaf to aborts
+        dirt = heap.create_domain()
+        for node in (0, 1):  # every page of both nodes dirty, node 0's in one chunk
+            blk = dirt.alloc(heap.max_order, node=node)
+            blk.array()[:] = 0xEE
+            blk.free()
+        ft8 = heap.core.state["ft8"]
+        deadline = time.monotonic() + 30
+        while not (ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING).any():  # wait until it holds one
+            assert time.monotonic() < deadline, "the scrubber never took a chunk"
+            time.sleep(0.001)
+        held = int(np.flatnonzero(ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING)[0])
+        if heap.core.node_of(held) != 0:
+            pytest.skip("the scrubber took node 1's chunk first")
+        tenant = heap.create_domain()
+        blk = tenant.alloc(0)
+        assert (ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING).any(), "the stall ended early"
+        assert blk.node == 1 and not blk.array().any()
+        assert heap.stats()["nodes"][0]["aborts"] == 0  # nobody waited for the frozen one
+        inject_fault(heap, None)
+        tenant.destroy()
+        assert heap.wait_clean(60)
+        heap.check()
+
+
 def test_close_stops_a_scrubber_doing_deadline_work_under_hogs():
     code = """
 import threading, xenheap
@@ -253,3 +292,42 @@ def _free_chunk_tags(heap: xenheap.Heap) -> list[int]:
             tags.append(int(ft32[PG_TAG, link - 1]))
             link = int(ft32[PG_NEXT, link - 1])
     return tags
+
+
+@njit(nogil=True, cache=True)
+def _charge_many(nodes, dirtier, count):
+    for _ in range(count):
+        record_alloc_charge(nodes, 0, dirtier, 1, 1)
+
+
+@njit(nogil=True, cache=True)
+def _drain_until(nodes, stop, totals, out):
+    while atomic_load(stop, 0) == 0:
+        for r in range(drain_charges(nodes, 0, out)):
+            totals[out[r, 0] + 1] += out[r, 1]
+
+
+def test_allocator_charges_stay_with_their_domain_while_slots_are_drained_and_freed():
+    """Two domains sharing a home slot charge scrub-on-allocate work while a drain keeps
+    emptying and freeing slots: not a page goes to the wrong domain (a slot freed between
+    an allocator's look at its owner and its add once took the work to the next owner)."""
+    nodes = np.zeros((1, NODE_FIELDS), np.int64)
+    stop = np.zeros(1, np.int64)
+    first, second = 1, 1 + CHARGE_SLOTS  # the same home slot
+    totals = np.zeros(second + 2, np.int64)  # by domain id + 1 (-1: no slot)
+    out = np.zeros((CHARGE_SLOTS + 1, 3), np.int64)
+    count = 200_000
+    drainer = threading.Thread(target=_drain_until, args=(nodes, stop, totals, out))
+    chargers = [threading.Thread(target=_charge_many, args=(nodes, d, count))
+                for d in (first, second)]
+    drainer.start()
+    for t in chargers:
+        t.start()
+    for t in chargers:
+        t.join(60)
+    stop[0] = 1
+    drainer.join(60)
+    assert not any(t.is_alive() for t in (*chargers, drainer))
+    for r in range(drain_charges(nodes, 0, out)):
+        totals[out[r, 0] + 1] += out[r, 1]
+    assert (totals[first + 1], totals[second + 1], totals[0]) == (count, count, 0)
