@@ -113,7 +113,9 @@ def array_capacity(hs, slot, dom_id, addr):
 @njit(nogil=True, cache=True, **INTERNAL)
 def array_realloc(hs, slot, dom_id, addr, nbytes, node_pref):
     """Resize array data keeping its bytes: in place while the new size fits and uses more
-    than half the room; else allocate, copy, free. An address, or an error < 0."""
+    than half the room; else allocate, copy, free, except that a shrink with no memory to
+    move to (the quota or the heap short, the domain destroyed) stays in place. An
+    address, or an error < 0."""
     if addr == 0:
         new = array_alloc(hs, slot, dom_id, nbytes, node_pref)
         return new & ~OLD_BYTES if new > 0 else new
@@ -124,7 +126,7 @@ def array_realloc(hs, slot, dom_id, addr, nbytes, node_pref):
         return addr
     new = array_alloc(hs, slot, dom_id, nbytes, node_pref)
     if new < 0:
-        return new
+        return addr if nbytes <= room else new
     new &= ~OLD_BYTES
     memcpy_bytes(new, addr, min(room, nbytes))
     array_free(hs, slot, dom_id, addr)

@@ -122,6 +122,16 @@ def test_scrubbing_never_faults_untouched_memory_in():
         heap.check()
 
 
+def chunk_being_scrubbed(heap: xenheap.Heap) -> int:
+    """The head of the chunk a scrubber holds, once one does (within 30 s)."""
+    ft8 = heap.core.state["ft8"]
+    deadline = time.monotonic() + 30
+    while not (ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING).any():
+        assert time.monotonic() < deadline, "the scrubber never took a chunk"
+        time.sleep(0.001)
+    return int(np.flatnonzero(ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING)[0])
+
+
 def test_a_frozen_scrubber_holding_a_chunk_does_not_make_allocators_wait():
     with xenheap.Heap("64MiB") as heap:
         inject_fault(heap, "scrub_stall", 5_000_000)  # parks it 5 s mid-chunk, deaf to aborts
@@ -132,10 +142,7 @@ def test_a_frozen_scrubber_holding_a_chunk_does_not_make_allocators_wait():
             blk.array()[:] = 0xEE
             blk.free()
         ft8 = heap.core.state["ft8"]
-        deadline = time.monotonic() + 30
-        while not (ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING).any():  # wait until it holds one
-            assert time.monotonic() < deadline, "the scrubber never took a chunk"
-            time.sleep(0.001)
+        chunk_being_scrubbed(heap)  # it holds one now
         tenant = heap.create_domain()
         taken = [tenant.alloc(order) for _ in range(3)]  # the three chunks it does not hold
         assert (ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING).any(), "the stall ended early"
@@ -162,11 +169,7 @@ def test_an_allocation_takes_another_nodes_memory_before_a_frozen_scrubbers_chun
             blk.array()[:] = 0xEE
             blk.free()
         ft8 = heap.core.state["ft8"]
-        deadline = time.monotonic() + 30
-        while not (ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING).any():  # wait until it holds one
-            assert time.monotonic() < deadline, "the scrubber never took a chunk"
-            time.sleep(0.001)
-        held = int(np.flatnonzero(ft8[PG_SCRUB_STATE] == BUDDY_SCRUBBING)[0])
+        held = chunk_being_scrubbed(heap)
         if heap.core.node_of(held) != 0:
             pytest.skip("the scrubber took node 1's chunk first")
         tenant = heap.create_domain()

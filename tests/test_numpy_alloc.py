@@ -1,6 +1,7 @@
 """numpy arrays allocated from a domain through numpy's NEP 49 handler."""
 
 import asyncio
+import gc
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ from numpy._core.multiarray import get_handler_name
 import native_kernels.layout as layout
 import xenheap
 from native_kernels.layout import NUMPY_PARK_MAX, PAGE_SIZE
+from xenheap import numpy_alloc
 from xenheap.numpy_api import handler_var
 
 WAIT_S = 30
@@ -530,3 +532,77 @@ def test_small_arrays_freed_by_other_threads_under_the_hot_path(heap):
     assert dom.stats()["numpy_pages"] == 0
     assert heap.stats()["bad_array_frees"] == 0
     heap.check()
+
+
+def test_the_librarys_own_arrays_never_come_from_the_callers_handler():
+    """Statistics, dump and release_unused called inside numpy_allocator() make their
+    working arrays with numpy's own allocator: they neither fail at the domain's quota nor
+    count as its allocations."""
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain(max_bytes="64KiB")
+        with dom.numpy_allocator():
+            held = np.empty(64 * 1024 // 8)  # the whole quota
+            before = dom.stats()["num_allocations"]
+            for _ in range(3):
+                heap.stats()
+                dom.stats()
+                heap.dump()
+                heap.release_unused()
+            assert dom.stats()["num_allocations"] == before
+            with pytest.raises(MemoryError):
+                np.empty(8)  # the quota is really full
+        held.fill(1.0)
+        assert held.sum() == held.size
+        heap.check()
+
+
+def test_a_shrinking_realloc_at_the_quota_stays_in_place():
+    """numpy shrinks an array's data with realloc; with no room to move to (the quota is
+    full) the data stays where it is, bytes kept, instead of a MemoryError."""
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain(max_bytes="64KiB")
+        with dom.numpy_allocator():
+            data = np.empty(64 * 1024, dtype=np.uint8)  # the whole quota
+            data.fill(5)
+            data.resize(20_000, refcheck=False)
+            data.resize(1_000, refcheck=False)
+        assert data.size == 1_000 and (data == 5).all()
+        assert dom.stats()["bytes_allocated"] == 64 * 1024
+        del data
+        heap.check()
+
+
+class _CollectOnInsert(dict):
+    """numpy_alloc's table of live handlers, with a garbage collection at each insert: what
+    an automatic collection landing on that allocation does."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        gc.collect()
+        super().__setitem__(key, value)
+
+
+def test_a_handler_freed_by_the_garbage_collector_while_another_is_made_does_not_hang():
+    """The last array of a destroyed domain's handler sits in a garbage cycle; making
+    another handler triggers a collection, which runs the first one's capsule destructor in
+    the middle of the insert."""
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        first, second = heap.create_domain(), heap.create_domain()
+        with first.numpy_allocator():
+            cycle: list = [np.ones(10)]
+        cycle.append(cycle)
+        first.destroy()
+        del cycle
+        table = numpy_alloc._live
+        numpy_alloc._live = _CollectOnInsert(table)
+        try:
+            maker = threading.Thread(target=second._numpy_handler, daemon=True)
+            maker.start()
+            maker.join(30)
+            assert not maker.is_alive(), "making a handler hung in the garbage collector"
+        finally:
+            patched, numpy_alloc._live = numpy_alloc._live, table
+            table.clear()
+            table.update(patched)
+        with second.numpy_allocator():
+            assert np.zeros(100).sum() == 0
+        heap.check()

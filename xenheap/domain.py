@@ -133,7 +133,8 @@ class Domain:
             self._free_dropped()
         if self._destroyed:
             self.core.relinquish()
-        return domain_stats(self)
+        with default_numpy_memory():  # its working arrays never come from this domain
+            return domain_stats(self)
 
     def _free_dropped(self) -> int:
         """Free the blocks whose handles were dropped unfreed (any thread may call it);

@@ -213,14 +213,16 @@ class Heap:
         self.core.refuse_if_forked()
         self.core.relinquish()
         self.core.free_dropped()
-        return collect.heap_stats(self)
+        with default_numpy_memory():  # its working arrays never come from a caller's domain
+            return collect.heap_stats(self)
 
     def dump(self) -> str:
         """Free pages per node and order, then unscrubbed pages per node (after Xen's 'H'
         debug key), under the heading ``xenheap: heap info (<Heap ...>)``."""
         self.core.refuse_if_forked()
         self.core.relinquish()
-        return collect.dump(self)
+        with default_numpy_memory():
+            return collect.dump(self)
 
     def check(self) -> None:
         """Raise HeapCorruption naming the first broken invariant.
@@ -298,7 +300,7 @@ class Heap:
             min(self.total_pages, -(-parse_size(nbytes, what="nbytes") // PAGE_SIZE))
         self.core.refuse_if_forked()
         self.core.relinquish()
-        with self._release_lock:
+        with self._release_lock, default_numpy_memory():
             return release_unused(self.core, limit)
 
     def close(self) -> None:

@@ -12,8 +12,6 @@ arenas stay mapped while any such array lives).
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 from typing import TYPE_CHECKING
 
 from native_kernels import numpy_handler as cb
@@ -43,34 +41,27 @@ class _Handler(ctypes.Structure):
 
 
 # Keeps each handler's ctypes structures, context record and heap memory alive while numpy
-# holds its capsule (the context variable, and every array made with it).
+# holds its capsule (the context variable, and every array made with it). No lock: the
+# capsule's destructor may run inside any allocation of this thread (the garbage collector
+# freeing an array's last reference), so it must never wait for one this thread holds.
+# Every use is one step under the GIL instead: an insert, a pop, a copy of the values.
 _live: dict[int, tuple] = {}
-_live_lock = threading.Lock()
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 def _capsule_destructor(capsule: int) -> None:
-    with _live_lock:
-        entry = _live.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
-    # Dropped outside the lock: the last reference to a heap's state or arenas may run
-    # other destructors, and none of them may wait for this lock.
-    del entry
+    _live.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
 
 
-def _reset_lock_after_fork() -> None:
-    """A parent thread may have held the lock at the fork; the child has only this thread."""
-    global _live_lock
-    _live_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_lock_after_fork)
+def _live_entries() -> list[tuple]:
+    """A copy of _live's entries: copied in one step, so no pop lands mid-iteration."""
+    return list(_live.values())
 
 
 def inherited_states() -> list[dict]:
     """After a fork, in the child: the states of every heap whose numpy handler may still be
-    referenced by an inherited array (closed heaps included). Takes no lock: the child has
-    one thread, and the dict is only changed with the GIL held."""
-    return [entry[2] for entry in list(_live.values())]
+    referenced by an inherited array (closed heaps included)."""
+    return [entry[2] for entry in _live_entries()]
 
 
 def make_handler(dom: Domain) -> object:
@@ -95,11 +86,9 @@ def make_handler(dom: Domain) -> object:
                        _Allocator(ctypes.addressof(ctx), cb.numpy_malloc.address,
                                   cb.numpy_calloc.address, cb.numpy_realloc.address,
                                   cb.numpy_free.address))
-    address = ctypes.addressof(handler)
-    with _live_lock:
-        _live[address] = (handler, ctx, s, core.arenas)
+    _live[ctypes.addressof(handler)] = (handler, ctx, s, core.arenas)
     core.numpy_handlers += 1
-    return capsule_new(address, CAPSULE_NAME,
+    return capsule_new(ctypes.addressof(handler), CAPSULE_NAME,
                         ctypes.cast(_capsule_destructor, ctypes.c_void_p))
 
 
@@ -147,5 +136,4 @@ class numpy_allocator:
 def handlers_for(state: dict) -> int:
     """Handlers of the heap with ``state`` that numpy may still hold (installed, cached by a
     live domain, or referenced by a live array)."""
-    with _live_lock:
-        return sum(1 for entry in _live.values() if entry[2] is state)
+    return sum(1 for entry in _live_entries() if entry[2] is state)

@@ -25,7 +25,6 @@ from native_kernels.release import (
 from xenheap import prim
 from xenheap.core import HeapCore
 from xenheap.errors import HeapClosed, ReleaseFailed
-from xenheap.numpy_api import default_numpy_memory
 
 __all__ = ["release_unused"]
 
@@ -36,7 +35,8 @@ RELEASE_BATCH = 4096  # chunks claimed per step
 
 def release_unused(core: HeapCore, limit: int) -> int:
     """Give up to ``limit`` pages of clean free memory back to the OS; the bytes given back
-    (Heap.release_unused documents the rest). The caller allows one call at a time."""
+    (Heap.release_unused documents the rest). The caller allows one call at a time, and
+    numpy's default allocator for its arrays (default_numpy_memory)."""
     released = [0]
     meta = core.state["meta"]
     if not api.enter_heap(meta):  # held across the OS calls: close() waits for them
@@ -69,9 +69,7 @@ def _release_node(core: HeapCore, node: int, limit: int, released: list[int]) ->
         # interrupt anywhere still finds every claimed chunk in the finally below.
         claimed = 0
         while claimed < limit:
-            with default_numpy_memory():
-                chunks = np.full((RELEASE_BATCH, CLAIM_FIELDS), CHUNK_UNUSED,
-                                 dtype=np.int64)
+            chunks = np.full((RELEASE_BATCH, CLAIM_FIELDS), CHUNK_UNUSED, dtype=np.int64)
             batches.append(chunks)
             count = claim_clean_chunks(core.hs, node, limit - claimed, chunks)
             claimed += int((1 << chunks[:count, C_ORDER]).sum())
