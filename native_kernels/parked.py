@@ -28,6 +28,7 @@ from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import free_block, is_alive
 from native_kernels.jit import INLINE, INTERNAL
 from native_kernels.layout import (
+    D_ID,
     D_LOCK,
     D_NUMPY_PAGES,
     D_PARKED,
@@ -36,7 +37,9 @@ from native_kernels.layout import (
     D_PARKS,
     D_REUSED,
     D_REUSED_PAGES,
+    D_STATE,
     D_UNPARKED,
+    DOM_ALIVE,
     M_PARKS,
     M_REUSE,
     M_REUSED,
@@ -167,4 +170,21 @@ def flush_parked(hs, slot, dom_id):
                 freed += 1
     fetch_add(doms, (slot, D_UNPARKED), freed)
     fetch_add(meta, M_UNPARKED, freed)
+    return freed
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
+def flush_every_parked(hs):
+    """flush_parked for every live domain that has blocks parked (a numpy allocation found
+    the heap short; the Python API gives every domain's back then too). The blocks freed."""
+    doms = hs.doms
+    freed = 0
+    for slot in range(doms.shape[0]):
+        if atomic_load(doms, (slot, D_STATE)) != DOM_ALIVE:
+            continue
+        parked = 0
+        for order in range(NUMPY_PARK_ORDERS):
+            parked += atomic_load(doms, (slot, D_PARKED_COUNT + order))
+        if parked:
+            freed += flush_parked(hs, slot, atomic_load(doms, (slot, D_ID)))
     return freed

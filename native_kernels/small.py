@@ -47,7 +47,7 @@ from native_kernels.layout import (
     SLAB_PARK_MAX,
 )
 from native_kernels.locks import spin_lock, spin_unlock
-from native_kernels.parked import flush_parked, park_locked, pop_parked
+from native_kernels.parked import flush_every_parked, flush_parked, park_locked, pop_parked
 from native_kernels.raw import pointer_to, trailing_zeros
 
 MAX_SLAB_ORDER = SLAB_CLASSES - 5
@@ -209,12 +209,19 @@ def take_small(ft32, nodes, doms, meta, slot, dom_id, nbytes):
 @njit(nogil=True, cache=True, **INTERNAL)
 def alloc_pinned(hs, slot, dom_id, order, node_pref):
     """A block pinned for numpy (alloc_block); if the quota or the heap is short, the
-    domain's parked blocks go back to the heap first (or, the heap short, destroyed
-    domains' memory is relinquished) and it tries once more."""
+    domain's parked blocks go back to the heap first (and, the heap short, destroyed
+    domains' memory and every domain's parked blocks) and it tries once more."""
     packed = alloc_block(hs, slot, dom_id, order, node_pref, types.boolean(False),
                          types.boolean(True))
-    if (packed in (E_QUOTA, E_NOMEM) and flush_parked(hs, slot, dom_id)) or (
-            packed == E_NOMEM and relinquish_dying(hs)):
+    if packed not in (E_QUOTA, E_NOMEM):
+        return packed
+    room = flush_parked(hs, slot, dom_id) > 0
+    if packed == E_NOMEM:
+        if relinquish_dying(hs):
+            room = True
+        if flush_every_parked(hs) > 0:
+            room = True
+    if room:
         packed = alloc_block(hs, slot, dom_id, order, node_pref, types.boolean(False),
                              types.boolean(True))
     return packed

@@ -606,3 +606,33 @@ def test_a_handler_freed_by_the_garbage_collector_while_another_is_made_does_not
         with second.numpy_allocator():
             assert np.zeros(100).sum() == 0
         heap.check()
+
+
+def test_numpy_takes_back_other_domains_parked_blocks_when_the_heap_is_short():
+    """As the Python API does: with the heap full, a numpy allocation gives every domain's
+    parked blocks back to the heap (dirty) before it gives up."""
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        parker, taker = heap.create_domain("parker"), heap.create_domain("taker")
+        with parker.numpy_allocator():
+            arrays = [np.empty(32 * 1024, np.uint8) for _ in range(16)]
+        del arrays
+        parked = parker.stats()["cached_bytes"]
+        assert parked >= 32 * 1024
+        taker.populate(heap.stats()["free_pages"] * PAGE_SIZE)  # all the rest
+        with taker.numpy_allocator():
+            got = np.zeros(32 * 1024, np.uint8)
+        assert parker.stats()["cached_bytes"] < parked and not got.any()
+        del got
+        heap.check()
+
+
+def test_a_closed_heaps_arenas_go_with_the_last_array_made_from_it():
+    heap = xenheap.Heap("16MiB", scrub="alloc")
+    dom = heap.create_domain()
+    with dom.numpy_allocator():
+        kept = np.arange(1000)
+    heap.close()
+    assert not any(arena.closed for arena in heap.core.arenas)  # the array still reads it
+    assert kept.sum() == 999 * 1000 // 2
+    del kept
+    assert all(arena.closed for arena in heap.core.arenas)

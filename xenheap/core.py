@@ -23,7 +23,8 @@ The surface:
 - Domains: ``live_domains``, ``flush_reuse``, ``free_dropped``, slots (``take_slot``,
   ``retire_slot``), destroyed domains' memory (``relinquishing``, ``relinquish``,
   ``relinquish_pending``),
-  ``reuse_retired`` (destroyed domains' reuse counters), ``numpy_handlers``.
+  ``reuse_retired`` (destroyed domains' reuse counters), ``numpy_handlers``,
+  ``arenas_await_arrays``.
 - Scrubbers: ``scrubbers`` and ``scrubber_of`` (node -> index), set by the Heap;
   ``cleaned``, the condition a scrubber notifies when it finds its nodes clean.
 """
@@ -112,6 +113,9 @@ class HeapCore:
         self.forked = False  # an inherited copy in a forked child (set by the fork hook)
         self.closed_reason = "the heap is closed"
         self.numpy_handlers = 0  # numpy handlers made; their arrays may outlive close()
+        # Set by close() when only numpy arrays kept the arenas mapped: the capsule
+        # destructor of the last handler then unmaps them (xenheap.numpy_alloc).
+        self.arenas_await_arrays = False
         self._free_slots = list(range(max_domains - 1, -1, -1))
         # Destroyed domains' slots until they are DOM_DEAD, each with its Domain, which
         # gets its final statistics row before the slot goes to another domain.

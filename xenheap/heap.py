@@ -334,6 +334,10 @@ class Heap:
                         "flight after %.1f s", in_flight, CLOSE_IN_FLIGHT_S)
         elif arrays:  # as designed: the memory goes with the last array
             log.info("heap closed, arenas left mapped while numpy arrays made from it live")
+            self.core.arenas_await_arrays = True
+            if not numpy_handlers_live(self.core.state):  # the last one went meanwhile
+                for arena in self.core.arenas:
+                    arena.close()
         else:
             for arena in self.core.arenas:
                 arena.close()

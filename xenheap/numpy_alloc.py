@@ -50,7 +50,15 @@ _live: dict[int, tuple] = {}
 
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 def _capsule_destructor(capsule: int) -> None:
-    _live.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
+    entry = _live.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
+    if entry is None:
+        return
+    core = entry[3]
+    # The last handler of a heap that close() left mapped for its arrays: unmap it now (a
+    # block's view still alive keeps the mapping until it goes; Arena.close says so).
+    if core.arenas_await_arrays and not any(e[3] is core for e in _live_entries()):
+        for arena in core.arenas:
+            arena.close()
 
 
 def _live_entries() -> list[tuple]:
@@ -86,7 +94,7 @@ def make_handler(dom: Domain) -> object:
                        _Allocator(ctypes.addressof(ctx), cb.numpy_malloc.address,
                                   cb.numpy_calloc.address, cb.numpy_realloc.address,
                                   cb.numpy_free.address))
-    _live[ctypes.addressof(handler)] = (handler, ctx, s, core.arenas)
+    _live[ctypes.addressof(handler)] = (handler, ctx, s, core)
     core.numpy_handlers += 1
     return capsule_new(ctypes.addressof(handler), CAPSULE_NAME,
                         ctypes.cast(_capsule_destructor, ctypes.c_void_p))
