@@ -23,8 +23,10 @@ from native_kernels.layout import (
     PAGE_SIZE,
     PG_ORDER,
     PG_OWNER,
+    PG_TAG,
     SLAB_MAX_OBJECT,
     SLAB_MIN_OBJECT,
+    TAG_SLAB,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.parked import park_block, take_parked
@@ -97,7 +99,8 @@ def array_capacity(hs, slot, dom_id, addr):
     if page < 0:
         return E_BAD_FREE
     if addr & (PAGE_SIZE - 1) == 0:
-        if atomic_load(ft32, (PG_OWNER, page)) != ((slot + 1) | OWNER_PINNED):
+        if (atomic_load(ft32, (PG_OWNER, page)) != ((slot + 1) | OWNER_PINNED)
+                or atomic_load(ft32, (PG_TAG, page)) & TAG_SLAB):
             return E_BAD_FREE
         return PAGE_SIZE << ft8[PG_ORDER, page]
     spin_lock(doms, slot, D_LOCK)

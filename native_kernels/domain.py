@@ -74,6 +74,7 @@ from native_kernels.layout import (
     PG_TAG,
     POISON_PATTERN,
     SCRUB_PATTERN,
+    TAG_SLAB,
 )
 from native_kernels.links import link_head, unlink
 from native_kernels.locks import spin_lock, spin_unlock
@@ -342,7 +343,8 @@ def free_pinned_block(hs, slot, dom_id, mfn):
     ft32, ft8, doms, meta = hs.ft32, hs.ft8, hs.doms, hs.meta
     spin_lock(doms, slot, D_LOCK)
     if (not holds_blocks(doms, slot, dom_id)
-            or atomic_load(ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)):
+            or atomic_load(ft32, (PG_OWNER, mfn)) != ((slot + 1) | OWNER_PINNED)
+            or atomic_load(ft32, (PG_TAG, mfn)) & TAG_SLAB):  # a slab goes once emptied
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
     order = types.int64(ft8[PG_ORDER, mfn])

@@ -93,13 +93,16 @@ PG_FIRST_DIRTY = 2  # free chunk head: first possibly-dirty page; a lower bound.
 #                     the chunk is BUDDY_SCRUBBING (the scrubber records its progress here).
 PG_OWNER = 3  # allocated block head: owning domain slot + 1, with OWNER_PINNED set while
 #               numpy arrays use the block (it then outlives a destroy); 0 elsewhere. Atomic.
-PG_TAG = 4  # allocated block head: allocation tag, so a stale handle is told from a new block.
-#             Free chunk head: whose dirt the chunk holds, charged for scrubbing it
-#             (xenheap.charges): one domain id (0: none) for all its dirty pages, or, with
-#             TAG_MIXED set, "each dirty page names its own dirtier here" (the head's own in
-#             the low bits). A free writes the head only; merging two chunks dirtied by
-#             different domains writes the pages of each (once: then the chunk is mixed).
+PG_TAG = 4  # allocated block head: allocation tag, so a stale handle is told from a new block,
+#             with TAG_SLAB set while numpy uses the block as a slab. Free chunk head: whose
+#             dirt the chunk holds, charged for scrubbing it (xenheap.charges): one domain id
+#             (0: none) for all its dirty pages, or, with TAG_MIXED set, "each dirty page
+#             names its own dirtier here" (the head's own in the low bits). A free writes the
+#             head only; merging two chunks dirtied by different domains writes the pages of
+#             each (once: then the chunk is mixed).
 TAG_MIXED = 0x8000_0000  # PG_TAG of a free chunk head: per-page dirtiers; ids fit 31 bits
+TAG_SLAB = 0x8000_0000  # PG_TAG of a block head in use: numpy's slab (small.py), whose page
+#                         address no free of a whole block may name
 TAG_MASK = 0x7FFF_FFFF  # allocation tags and dirtier ids
 FT32_FIELDS = PG_TAG + 1  # 5
 FT32_ROWS = ("PG_NEXT", "PG_PREV", "PG_FIRST_DIRTY", "PG_OWNER", "PG_TAG")

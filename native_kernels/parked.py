@@ -51,6 +51,7 @@ from native_kernels.layout import (
     PG_ORDER,
     PG_OWNER,
     PG_TAG,
+    TAG_SLAB,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.raw import pointer_to
@@ -83,6 +84,7 @@ def park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, mfn, limit):
     spin_lock(doms, slot, D_LOCK)
     parked = (is_alive(doms, slot, dom_id)
               and atomic_load(ft32, (PG_OWNER, mfn)) == ((slot + 1) | OWNER_PINNED)
+              and atomic_load(ft32, (PG_TAG, mfn)) & TAG_SLAB == 0
               and park_locked(ft32, ft8, nodes, doms, meta, slot, mfn, limit))
     spin_unlock(doms, slot, D_LOCK)
     return parked

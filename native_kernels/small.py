@@ -8,7 +8,7 @@ of its order, within a bound (park_limit), or goes back to the heap (dirty).
 
 from numba import njit, types
 
-from native_kernels.atomics import atomic_load
+from native_kernels.atomics import atomic_load, atomic_store
 from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import MFN_MASK, alloc_block, free_pinned_block, holds_blocks, is_alive
 from native_kernels.domain_life import relinquish_dying
@@ -33,6 +33,7 @@ from native_kernels.layout import (
     PAGE_SIZE,
     PG_ORDER,
     PG_OWNER,
+    PG_TAG,
     SH_BITMAP,
     SH_CLASS,
     SH_NEXT,
@@ -45,6 +46,7 @@ from native_kernels.layout import (
     SLAB_MAX_OBJECT,
     SLAB_MIN_OBJECT,
     SLAB_PARK_MAX,
+    TAG_SLAB,
 )
 from native_kernels.locks import spin_lock, spin_unlock
 from native_kernels.parked import flush_every_parked, flush_parked, park_locked, pop_parked
@@ -156,13 +158,15 @@ def _take_object(nodes, meta, doms, slot, cls):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
-def _init_slab(nodes, meta, mfn, cls):
-    """Write the header of a new, empty slab of class ``cls`` at block ``mfn``: the block
-    may hold the debug pattern, or a parked block's link and its domain's old bytes."""
+def _init_slab(ft32, nodes, meta, mfn, cls):
+    """Write the header of a new, empty slab of class ``cls`` at block ``mfn``, and mark the
+    block a slab (TAG_SLAB): the block may hold the debug pattern, or a parked block's link
+    and its domain's old bytes."""
     hdr = pointer_to(block_address(nodes, meta, mfn), types.uint64)
     for word in range(SLAB_HEADER_BYTES // 8):
         hdr[word] = 0
     hdr[SH_CLASS] = (types.uint64(SLAB_MAGIC) << types.uint64(8)) | types.uint64(cls + 1)
+    atomic_store(ft32, (PG_TAG, mfn), atomic_load(ft32, (PG_TAG, mfn)) | TAG_SLAB)
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
@@ -199,7 +203,7 @@ def take_small(ft32, nodes, doms, meta, slot, dom_id, nbytes):
         # Its header is written before the lock goes, so no free finds it pinned without.
         mfn = pop_parked(ft32, nodes, doms, meta, slot, slab_order(cls), types.boolean(True))
         if mfn >= 0:
-            _init_slab(nodes, meta, mfn, cls)
+            _init_slab(ft32, nodes, meta, mfn, cls)
             _slab_push(nodes, meta, doms, slot, cls, mfn)
             addr = _take_object(nodes, meta, doms, slot, cls)
     spin_unlock(doms, slot, D_LOCK)
@@ -238,7 +242,7 @@ def small_alloc(hs, slot, dom_id, nbytes, node_pref):
     if packed < 0:
         return packed
     mfn = packed & MFN_MASK
-    _init_slab(nodes, meta, mfn, cls)
+    _init_slab(hs.ft32, nodes, meta, mfn, cls)
     spin_lock(doms, slot, D_LOCK)
     if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
@@ -275,7 +279,8 @@ def find_slab(ft32, ft8, nodes, meta, slot, page, nbytes):
         order = (first + k) % (MAX_SLAB_ORDER + 1)
         head = base + ((page - base) & ~((1 << order) - 1))
         if (atomic_load(ft32, (PG_OWNER, head)) == ((slot + 1) | OWNER_PINNED)
-                and ft8[PG_ORDER, head] == order):
+                and ft8[PG_ORDER, head] == order
+                and atomic_load(ft32, (PG_TAG, head)) & TAG_SLAB):
             cls = slab_class(pointer_to(block_address(nodes, meta, head), types.uint64))
             if cls >= 0 and slab_order(cls) == order:
                 return head
@@ -315,6 +320,8 @@ def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr, nbytes):
     empty = hdr[SH_USED] == 0
     if empty:
         _slab_remove(nodes, meta, doms, slot, cls, head)
+        # A block again, parked or freed: its header's magic alone no longer names it.
+        atomic_store(ft32, (PG_TAG, head), atomic_load(ft32, (PG_TAG, head)) & ~TAG_SLAB)
         # Parked under the same lock: a burst of arrays empties its slabs by the dozen.
         empty = not (is_alive(doms, slot, dom_id)
                      and park_locked(ft32, ft8, nodes, doms, meta, slot, head,

@@ -283,7 +283,11 @@ def test_a_free_of_memory_the_heap_did_not_give_out_is_counted_not_done(heap):
     heap.check()
 
 
-def test_a_stale_free_into_a_slab_page_now_an_array_is_refused(heap):
+@pytest.mark.parametrize("class_word", [1, (layout.SLAB_MAGIC << 8) | 1],
+                         ids=["no-magic", "a-whole-slab-header"])
+def test_a_stale_free_into_a_slab_page_now_an_array_is_refused(heap, class_word: int):
+    """Whatever the array's bytes say (even a slab header, magic and all), the frame table
+    says the page is a block, not a slab."""
     from native_kernels import numpy_handler
     from xenheap import numpy_alloc, numpy_api
 
@@ -301,12 +305,38 @@ def test_a_stale_free_into_a_slab_page_now_an_array_is_refused(heap):
         assert len(reused) == 1  # that slab's page is a 4 KiB array now
         data = reused[0]
         data[:] = np.iinfo(np.uint64).max  # every "bitmap" bit set...
-        data[0] = 1  # ...and the class word an old-style header would hold for class 0
+        data[0] = class_word  # ...and the class word a header would hold for class 0
         before = heap.stats()["bad_array_frees"]
         numpy_handler.numpy_free.ctypes(handler.allocator.ctx, stale, 16)
         assert heap.stats()["bad_array_frees"] == before + 1
-        assert data[0] == 1 and (data[1:] == np.iinfo(np.uint64).max).all()  # untouched
+        assert data[0] == class_word and (data[1:] == np.iinfo(np.uint64).max).all()
         del arrays, reused, data
+    heap.check()
+
+
+def test_a_stale_free_of_a_block_whose_page_is_now_a_slab_is_refused(heap):
+    """A 4 KiB array's block, freed (and parked), becomes a slab for small arrays; a second
+    free of the old array's address must not take the live slab away from them."""
+    from native_kernels import numpy_handler
+    from xenheap import numpy_alloc, numpy_api
+
+    dom = heap.create_domain()
+    capsule = dom._numpy_handler()
+    handler = numpy_alloc._Handler.from_address(
+        numpy_api.capsule_pointer(capsule, numpy_api.CAPSULE_NAME))
+    with dom.numpy_allocator():
+        block = np.empty(512, dtype=np.uint64)  # 4 KiB: a block of its own
+        stale = block.ctypes.data
+        del block  # parked
+        smalls = [np.full(2, i, dtype=np.int64) for i in range(10)]  # a slab on that page
+        assert {a.ctypes.data & -PAGE_SIZE for a in smalls} == {stale}
+        before = heap.stats()["bad_array_frees"]
+        numpy_handler.numpy_free.ctypes(handler.allocator.ctx, stale, 4096)
+        assert heap.stats()["bad_array_frees"] == before + 1
+        other = np.full(512, 0xAB, dtype=np.uint64)  # would take a parked slab page
+        assert other.ctypes.data != stale
+        assert all((a == i).all() for i, a in enumerate(smalls))
+        del smalls, other
     heap.check()
 
 
