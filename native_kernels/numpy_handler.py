@@ -214,8 +214,11 @@ def numpy_realloc(ctx, ptr, size):
     hs = _state(c)
     if atomic_load(hs.meta, M_FORKED):
         return _null_or(0)  # as numpy_free: the old data's locks may never be released
-    return _null_or(array_realloc(hs, c[CTX_SLOT], c[CTX_DOM_ID], voidptr_to_address(ptr),
-                                  types.int64(size), c[CTX_NODE]))
+    addr = array_realloc(hs, c[CTX_SLOT], c[CTX_DOM_ID], voidptr_to_address(ptr),
+                         types.int64(size), c[CTX_NODE])
+    if addr == E_BAD_FREE:  # not a live array of the domain: as numpy_free, counted
+        fetch_add(hs.meta, M_BAD_ARRAY_FREES, 1)
+    return _null_or(addr)
 
 
 @cfunc(_FREE_SIG, nopython=True, cache=True)

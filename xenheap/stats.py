@@ -36,7 +36,8 @@ domains                      live domains
 released_bytes               bytes given back to the OS by release_unused (cumulative)
 process_resident_bytes       the whole process's resident set size (RSS), all memory
                              included; :func:`heap_resident_bytes` is the heap's own part
-bad_array_frees              numpy frees of memory the heap did not give out (ignored)
+bad_array_frees              numpy frees and reallocs of memory that is no live array
+                             of the domain (ignored)
 frame_table_bytes            bytes of per-page metadata (the frame table)
 scrub_cpu_seconds            CPU time of the scrubber threads as the OS counts it
                              (time.thread_time), polling included
