@@ -170,6 +170,13 @@ def _init_slab(ft32, nodes, meta, mfn, cls):
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
+def _unmark_slab(ft32, mfn):
+    """Clear block ``mfn``'s TAG_SLAB: it stops being a slab (emptied, or never listed), so
+    a free of the whole block may name it, and an object's free no longer may."""
+    atomic_store(ft32, (PG_TAG, mfn), atomic_load(ft32, (PG_TAG, mfn)) & ~TAG_SLAB)
+
+
+@njit(nogil=True, cache=True, _nrt=False, **INTERNAL)
 def slab_class(hdr):
     """The size class a slab header names, or -1 if the block holds no slab header."""
     word = hdr[SH_CLASS]
@@ -246,6 +253,7 @@ def small_alloc(hs, slot, dom_id, nbytes, node_pref):
     spin_lock(doms, slot, D_LOCK)
     if not is_alive(doms, slot, dom_id):
         spin_unlock(doms, slot, D_LOCK)
+        _unmark_slab(hs.ft32, mfn)  # never listed: a block again, freed
         free_pinned_block(hs, slot, dom_id, mfn)
         return E_DEAD
     _slab_push(nodes, meta, doms, slot, cls, mfn)  # another thread's may be listed too
@@ -320,8 +328,7 @@ def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr, nbytes):
     empty = hdr[SH_USED] == 0
     if empty:
         _slab_remove(nodes, meta, doms, slot, cls, head)
-        # A block again, parked or freed: its header's magic alone no longer names it.
-        atomic_store(ft32, (PG_TAG, head), atomic_load(ft32, (PG_TAG, head)) & ~TAG_SLAB)
+        _unmark_slab(ft32, head)  # a block again, parked or freed
         # Parked under the same lock: a burst of arrays empties its slabs by the dozen.
         empty = not (is_alive(doms, slot, dom_id)
                      and park_locked(ft32, ft8, nodes, doms, meta, slot, head,
