@@ -19,7 +19,8 @@ The surface:
 - Calls: ``call`` (a guarded kernel call), ``wake`` (scrubbers of some nodes),
   ``placement`` (the node to allocate from), ``check_order``, ``dirty_pages`` (over
   ``all_nodes`` or some).
-- Memory: ``node_of``, ``locate``, ``bytes_at`` (a uint8 view of some pages).
+- Memory: ``node_of``, ``locate``, ``bytes_at`` (a uint8 view of some pages),
+  ``close_arenas``.
 - Domains: ``live_domains``, ``flush_reuse``, ``free_dropped``, slots (``take_slot``,
   ``retire_slot``), destroyed domains' memory (``relinquishing``, ``relinquish``,
   ``relinquish_pending``),
@@ -168,6 +169,11 @@ class HeapCore:
         cheaper to make than a view through a memoryview."""
         arena, offset = self.locate(mfn)
         return arena.array[offset:offset + nbytes]
+
+    def close_arenas(self) -> None:
+        """Unmap the arenas (one that a view still uses goes with that view: Arena.close)."""
+        for arena in self.arenas:
+            arena.close()
 
     # --- calls -----------------------------------------------------------------------------
     def check_order(self, order: object, what: str = "order") -> int:

@@ -33,7 +33,7 @@ from xenheap.errors import (
 from xenheap.numpy_api import default_numpy_memory
 from xenheap.release import release_unused
 from xenheap.reuse import DEFAULT_REUSE_BYTES, REUSE_IDLE_S
-from xenheap.scrubber import Scrubber, plan_scrubbers, stop_all
+from xenheap.scrubber import Scrubber, ask_to_stop, plan_scrubbers, stop_all
 from xenheap.sizes import parse_size
 from xenheap.topology import resolve_topology
 
@@ -136,7 +136,7 @@ class Heap:
             scrubber.start()
         # A heap dropped unclosed: nothing but the threads would keep it alive, and they
         # stop once it is collected (its arenas go with the last reference).
-        weakref.finalize(self, _stop_scrubbers, core.scrubbers).atexit = False
+        weakref.finalize(self, ask_to_stop, core.scrubbers).atexit = False
 
     # --- properties ----------------------------------------------------------------------
     @property
@@ -336,11 +336,9 @@ class Heap:
             log.info("heap closed, arenas left mapped while numpy arrays made from it live")
             self.core.arenas_await_arrays = True
             if not numpy_handlers_live(self.core.state):  # the last one went meanwhile
-                for arena in self.core.arenas:
-                    arena.close()
+                self.core.close_arenas()
         else:
-            for arena in self.core.arenas:
-                arena.close()
+            self.core.close_arenas()
 
     def __enter__(self) -> Heap:
         return self
@@ -364,13 +362,6 @@ def _weak_tick(heap: Heap) -> Callable[[], None]:
             alive._tick()
 
     return tick
-
-
-def _stop_scrubbers(scrubbers: list[Scrubber]) -> None:
-    """Ask ``scrubbers`` to stop, without waiting: a collected heap's finalizer, which may
-    run on one of them."""
-    for scrubber in scrubbers:
-        scrubber.stop()
 
 
 def _disown_heaps_after_fork() -> None:

@@ -56,9 +56,8 @@ def _capsule_destructor(capsule: int) -> None:
     core = entry[3]
     # The last handler of a heap that close() left mapped for its arrays: unmap it now (a
     # block's view still alive keeps the mapping until it goes; Arena.close says so).
-    if core.arenas_await_arrays and not any(e[3] is core for e in _live_entries()):
-        for arena in core.arenas:
-            arena.close()
+    if core.arenas_await_arrays and not handlers_for(core.state):
+        core.close_arenas()
 
 
 def _live_entries() -> list[tuple]:

@@ -184,10 +184,16 @@ def plan_scrubbers(topology) -> list[tuple[list[int], tuple[int, ...]]]:
     return [(nodes, topology.nodes[owner].cpus) for owner, nodes in sorted(served.items())]
 
 
-def stop_all(scrubbers: Sequence[Scrubber], timeout: float = 1.0) -> None:
-    """Stop and join every scrubber, within ``timeout`` seconds in all."""
+def ask_to_stop(scrubbers: Sequence[Scrubber]) -> None:
+    """Ask every scrubber to stop, without waiting (a collected heap's finalizer does, and
+    may run on one of them)."""
     for scrubber in scrubbers:
         scrubber.stop()
+
+
+def stop_all(scrubbers: Sequence[Scrubber], timeout: float = 1.0) -> None:
+    """Stop and join every scrubber, within ``timeout`` seconds in all."""
+    ask_to_stop(scrubbers)
     deadline = time.monotonic() + timeout
     for scrubber in scrubbers:
         scrubber.join(max(0.0, deadline - time.monotonic()))
