@@ -90,7 +90,7 @@ def test_copies_are_the_same_handle(dom) -> None:
 
 def test_a_hand_made_handle_never_frees_on_drop(dom) -> None:
     blk = dom.alloc(0)
-    xenheap.Block(dom, blk.mfn, blk.order, blk._tag)  # dropped at once
+    xenheap.Block(dom, blk.mfn, blk.order, blk.tag)  # dropped at once
     assert held(dom) == PAGE
     blk.free()
     assert held(dom) == 0
@@ -113,13 +113,13 @@ def test_dropped_after_destroy_or_close_does_nothing(heap_factory) -> None:
     dom.destroy()
     del blocks
     gc.collect()
-    assert not dom._dropped
+    assert not dom.record.dropped
     other = heap.create_domain()
     kept = other.alloc(0)
     heap.close()
     del kept
     gc.collect()
-    assert not other._dropped
+    assert not other.record.dropped
 
 
 def test_a_cycle_collected_by_the_gc_frees_its_block(dom) -> None:
@@ -152,10 +152,10 @@ def test_the_scrubbers_chore_frees_dropped_blocks(heap_factory) -> None:
     gc.collect()
     # No call on the domain: the heap's periodic chore frees them.
     for _ in range(600):  # up to 30 s on a loaded machine; the chore runs every 50 ms
-        if not dom._dropped:
+        if not dom.record.dropped:
             break
         time.sleep(0.05)
-    assert not dom._dropped
+    assert not dom.record.dropped
     assert dom.stats()["bytes_allocated"] == 0
 
 

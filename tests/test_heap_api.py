@@ -559,7 +559,7 @@ MISUSES += [
     ("free a destroyed domain's block via it", lambda w: w.dead.free(w.dead_blk), InvalidFree),
     ("free a stale handle (same mfn reallocated)", lambda w: w.stale_copy.free(), InvalidFree),
     ("free a hand-made handle with a wrong order",
-     lambda w: w.dom.free(xenheap.Block(w.dom, w.blk.mfn, 1, w.blk._tag)), InvalidFree),
+     lambda w: w.dom.free(xenheap.Block(w.dom, w.blk.mfn, 1, w.blk.tag)), InvalidFree),
     ("free a hand-made handle past the heap",
      lambda w: w.dom.free(xenheap.Block(w.dom, w.heap.total_pages + 8, 0, 1)), InvalidFree),
     ("free a non-block", lambda w: w.dom.free("not a block"), InvalidFree),

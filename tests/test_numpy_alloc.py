@@ -14,6 +14,7 @@ import native_kernels.layout as layout
 import xenheap
 from native_kernels.layout import NUMPY_PARK_MAX, PAGE_SIZE
 from xenheap import numpy_alloc
+from xenheap.domain import numpy_handler
 from xenheap.numpy_api import handler_var
 
 WAIT_S = 30
@@ -265,19 +266,19 @@ def test_debug_mode_calloc_still_gives_zeros():
 
 
 def test_a_free_of_memory_the_heap_did_not_give_out_is_counted_not_done(heap):
-    from native_kernels import numpy_handler
+    from native_kernels import numpy_handler as callbacks
     from xenheap import numpy_alloc, numpy_api
 
     dom = heap.create_domain()
-    capsule = dom._numpy_handler()
+    capsule = numpy_handler(dom)
     handler = numpy_alloc._Handler.from_address(
         numpy_api.capsule_pointer(capsule, numpy_api.CAPSULE_NAME))
     before = heap.stats()
     stranger = np.zeros(64)  # numpy's own memory
     inside = heap.core.arenas[0].address + 5 * PAGE_SIZE + 64  # free heap memory, no slab
     for addr in (stranger.ctypes.data, inside, heap.core.arenas[0].address):
-        numpy_handler.numpy_free.ctypes(handler.allocator.ctx, addr, 64)
-    assert numpy_handler.numpy_realloc.ctypes(handler.allocator.ctx, inside, 128) is None
+        callbacks.numpy_free.ctypes(handler.allocator.ctx, addr, 64)
+    assert callbacks.numpy_realloc.ctypes(handler.allocator.ctx, inside, 128) is None
     after = heap.stats()
     assert after["bad_array_frees"] == 4  # the realloc of a non-array counts too
     assert after["free_pages"] == before["free_pages"]
@@ -289,11 +290,11 @@ def test_a_free_of_memory_the_heap_did_not_give_out_is_counted_not_done(heap):
 def test_a_stale_free_into_a_slab_page_now_an_array_is_refused(heap, class_word: int):
     """Whatever the array's bytes say (even a slab header, magic and all), the frame table
     says the page is a block, not a slab."""
-    from native_kernels import numpy_handler
+    from native_kernels import numpy_handler as callbacks
     from xenheap import numpy_alloc, numpy_api
 
     dom = heap.create_domain()
-    capsule = dom._numpy_handler()
+    capsule = numpy_handler(dom)
     handler = numpy_alloc._Handler.from_address(
         numpy_api.capsule_pointer(capsule, numpy_api.CAPSULE_NAME))
     with dom.numpy_allocator():
@@ -308,7 +309,7 @@ def test_a_stale_free_into_a_slab_page_now_an_array_is_refused(heap, class_word:
         data[:] = np.iinfo(np.uint64).max  # every "bitmap" bit set...
         data[0] = class_word  # ...and the class word a header would hold for class 0
         before = heap.stats()["bad_array_frees"]
-        numpy_handler.numpy_free.ctypes(handler.allocator.ctx, stale, 16)
+        callbacks.numpy_free.ctypes(handler.allocator.ctx, stale, 16)
         assert heap.stats()["bad_array_frees"] == before + 1
         assert data[0] == class_word and (data[1:] == np.iinfo(np.uint64).max).all()
         del arrays, reused, data
@@ -318,11 +319,11 @@ def test_a_stale_free_into_a_slab_page_now_an_array_is_refused(heap, class_word:
 def test_a_stale_free_of_a_block_whose_page_is_now_a_slab_is_refused(heap):
     """A 4 KiB array's block, freed (and parked), becomes a slab for small arrays; a second
     free of the old array's address must not take the live slab away from them."""
-    from native_kernels import numpy_handler
+    from native_kernels import numpy_handler as callbacks
     from xenheap import numpy_alloc, numpy_api
 
     dom = heap.create_domain()
-    capsule = dom._numpy_handler()
+    capsule = numpy_handler(dom)
     handler = numpy_alloc._Handler.from_address(
         numpy_api.capsule_pointer(capsule, numpy_api.CAPSULE_NAME))
     with dom.numpy_allocator():
@@ -332,7 +333,7 @@ def test_a_stale_free_of_a_block_whose_page_is_now_a_slab_is_refused(heap):
         smalls = [np.full(2, i, dtype=np.int64) for i in range(10)]  # a slab on that page
         assert {a.ctypes.data & -PAGE_SIZE for a in smalls} == {stale}
         before = heap.stats()["bad_array_frees"]
-        numpy_handler.numpy_free.ctypes(handler.allocator.ctx, stale, 4096)
+        callbacks.numpy_free.ctypes(handler.allocator.ctx, stale, 4096)
         assert heap.stats()["bad_array_frees"] == before + 1
         other = np.full(512, 0xAB, dtype=np.uint64)  # would take a parked slab page
         assert other.ctypes.data != stale
@@ -626,7 +627,7 @@ def test_a_handler_freed_by_the_garbage_collector_while_another_is_made_does_not
         table = numpy_alloc._live
         numpy_alloc._live = _CollectOnInsert(table)
         try:
-            maker = threading.Thread(target=second._numpy_handler, daemon=True)
+            maker = threading.Thread(target=numpy_handler, args=(second,), daemon=True)
             maker.start()
             maker.join(30)
             assert not maker.is_alive(), "making a handler hung in the garbage collector"

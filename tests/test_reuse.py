@@ -15,6 +15,7 @@ import pytest
 import xenheap
 from native_kernels import api
 from native_kernels.layout import D_PARKED_COUNT, PAGE_SIZE
+from xenheap.domain import flush_reuse
 from xenheap.reuse import ReuseCache
 
 MiB = 2**20
@@ -236,7 +237,7 @@ def test_a_parked_block_is_one_allocation_and_one_free_wherever_it_goes_next():
         dom.alloc(0).free()  # parked
         assert (dom.stats()["num_allocations"], dom.stats()["num_frees"]) == (1, 1)
         dom.alloc(0).free()  # taken back, parked again
-        heap.core.flush_reuse(dom)  # on to the heap: not a second free
+        flush_reuse(heap.core, dom)  # on to the heap: not a second free
         st = dom.stats()
         assert (st["num_allocations"], st["num_frees"]) == (2, 2)
         with dom.numpy_allocator():
@@ -265,7 +266,7 @@ def test_allocations_and_frees_never_wait_for_a_busy_cache():
                 blk = dom.alloc(0)
                 seen["fresh"] = blk.mfn != parked.mfn and not blk.array().any()
                 blk.array()[:] = 7
-                seen["forged"] = xenheap.Block(dom, blk.mfn, blk.order, blk._tag)  # by hand
+                seen["forged"] = xenheap.Block(dom, blk.mfn, blk.order, blk.tag)  # by hand
                 dirty = heap.stats()["dirty_pages"]
                 blk.free()
                 seen["to_heap"] = heap.stats()["dirty_pages"] == dirty + 1  # not parked
@@ -275,7 +276,7 @@ def test_allocations_and_frees_never_wait_for_a_busy_cache():
             except BaseException as exc:  # re-raised below, in the test's thread
                 seen["error"] = exc
 
-        lock = dom._reuse._lock
+        lock = dom.record.reuse.lock
         assert lock.acquire(timeout=1)
         try:
             worker = threading.Thread(target=use_the_domain, daemon=True)
@@ -302,7 +303,7 @@ def test_an_old_handle_never_names_the_blocks_next_life_from_the_cache():
     with xenheap.Heap("16MiB", scrub="alloc") as heap:
         dom = heap.create_domain()
         first = dom.alloc(0)
-        old = xenheap.Block(dom, first.mfn, first.order, first._tag)
+        old = xenheap.Block(dom, first.mfn, first.order, first.tag)
         first.free()
         second = dom.alloc(0)
         assert second.mfn == first.mfn and second != old
@@ -319,7 +320,7 @@ def test_two_frees_of_one_block_never_both_succeed_whichever_path_each_takes():
     of the same block (a handle made by hand) finds the lock busy and goes to the heap:
     exactly one of them frees the block, which is not both parked and free in the heap."""
     source, first_line = inspect.getsourcelines(ReuseCache.give)
-    stop_at = first_line + next(i for i, line in enumerate(source) if "if blk._freed" in line)
+    stop_at = first_line + next(i for i, line in enumerate(source) if "if blk.freed" in line)
     stopped, go_on = threading.Event(), threading.Event()
 
     def tracer(frame, event, arg):
@@ -336,7 +337,7 @@ def test_two_frees_of_one_block_never_both_succeed_whichever_path_each_takes():
     with xenheap.Heap("16MiB", scrub="alloc") as heap:
         dom = heap.create_domain()
         blk = dom.alloc(0)
-        copy = xenheap.Block(dom, blk.mfn, blk.order, blk._tag)
+        copy = xenheap.Block(dom, blk.mfn, blk.order, blk.tag)
         outcomes: list[str] = []
 
         def free(handle: xenheap.Block, traced: bool) -> None:
@@ -368,7 +369,7 @@ def test_check_finds_a_parked_block_that_went_back_to_the_heap_too():
     with xenheap.Heap("16MiB", scrub="alloc") as heap:
         dom = heap.create_domain()
         blk = dom.alloc(0)
-        mfn, tag = blk.mfn, blk._tag
+        mfn, tag = blk.mfn, blk.tag
         blk.free()  # parked
         heap.check()
         heap.core.call(api.heap_free_short, dom.slot, dom.id, mfn, 0, tag)  # behind its back

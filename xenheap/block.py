@@ -15,7 +15,7 @@ arena.
 The handle never holds its views (a closing heap must be able to drop its memory), and a
 dropped handle is not freed in ``__del__`` itself: that may run inside the garbage
 collector while this thread holds one of the domain's locks. It queues the block on its
-domain (``Domain._dropped``), which frees it at the next allocation or statistics call (or
+domain (``DomainRecord.dropped``), which frees it at the next allocation or statistics call (or
 ``numpy_allocator()`` entry), or at the heap's periodic chore (every 0.05 to 0.1 s while a
 scrubber runs).
 """
@@ -47,10 +47,13 @@ class Block:
     """2**order contiguous pages owned by a domain, zeroed when handed out.
 
     Freed by ``free()``, on leaving a ``with`` block, or once nothing refers to it or to a
-    view of it. Copies (``copy.copy``) are the same handle.
+    view of it. Copies (``copy.copy``) are the same handle. ``freed`` is True once it was
+    freed through this handle; ``tag`` names this life of the block (the heap gives a block
+    a new one each time it hands it out, the domain's reuse cache a new generation above
+    it), so that a handle kept from an earlier life is refused as stale.
     """
 
-    __slots__ = ("_freed", "_issued", "_tag", "domain", "mfn", "order")
+    __slots__ = ("_issued", "domain", "freed", "mfn", "order", "tag")
 
     def __init__(self, domain: Domain, mfn: int, order: int, tag: int,
                  issued: bool = False) -> None:
@@ -59,8 +62,8 @@ class Block:
         self.domain = domain
         self.mfn = mfn
         self.order = order
-        self._tag = tag
-        self._freed = False
+        self.tag = tag
+        self.freed = False
         self._issued = issued
 
     @property
@@ -76,12 +79,12 @@ class Block:
     def _in_use(self) -> bool:
         """Not freed, and its domain and heap still there."""
         dom = self.domain
-        return not self._freed and not dom._destroyed and not dom.core.closed
+        return not self.freed and not dom.record.destroyed and not dom.core.closed
 
     def _check_usable(self) -> None:
         if self.domain.heap.closed:
             raise HeapClosed(self.domain.core.closed_reason)
-        if self._freed:
+        if self.freed:
             raise InvalidFree(f"{self!r} was freed")
         if not self.domain.alive:
             raise InvalidFree(f"{self!r} belongs to destroyed {self.domain!r}")
@@ -90,12 +93,13 @@ class Block:
         """A writable numpy view of the block (zero-copy) with the given dtype; it and the
         views made from it keep the block alive."""
         dom = self.domain
-        if self._freed or dom._destroyed or dom.core.closed:  # _in_use(), inlined: hot path
+        rec = dom.record
+        if self.freed or rec.destroyed or dom.core.closed:  # _in_use(), inlined: hot path
             self._check_usable()
         # The reuse cache's view while the block cycles through it, else a new one: kept by
         # the cache, never by the handle, so that a live handle does not keep a closed
         # heap's memory mapped.
-        reuse = dom._reuse
+        reuse = rec.reuse
         nbytes = PAGE_SIZE << self.order
         u8 = reuse.views.get(self.mfn) if reuse is not None else None
         if u8 is None or u8.size != nbytes:
@@ -130,10 +134,11 @@ class Block:
             self.domain.free(self)
 
     def __del__(self) -> None:
-        if self._issued and not self._freed:
+        if self._issued and not self.freed:
             dom = self.domain
-            if not dom._destroyed and not dom.core.closed:
-                dom._dropped.append((self.mfn, self.order, self._tag))
+            rec = dom.record
+            if not rec.destroyed and not dom.core.closed:
+                rec.dropped.append((self.mfn, self.order, self.tag))
 
     def __copy__(self) -> Block:
         return self
@@ -148,7 +153,7 @@ class Block:
         return f"<Block mfn={self.mfn} order={self.order} of domain {self.domain.id}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Block) and (other.mfn, other._tag) == (self.mfn, self._tag)
+        return isinstance(other, Block) and (other.mfn, other.tag) == (self.mfn, self.tag)
 
     def __hash__(self) -> int:
-        return hash((self.mfn, self._tag))
+        return hash((self.mfn, self.tag))

@@ -76,7 +76,7 @@ _PARK_ORDERS = np.arange(NUMPY_PARK_ORDERS, dtype=np.int64)
 def _cached_bytes(dom: Domain) -> int:
     """Bytes of the blocks ``dom`` freed with free() and parked for its own reuse
     (xenheap.reuse)."""
-    reuse = dom._reuse
+    reuse = dom.record.reuse
     return reuse.cached_bytes() if reuse is not None else 0
 
 
@@ -90,12 +90,13 @@ def _python_reuse(heap: Heap) -> tuple[int, int, int, int, int]:
         doms = list(core.domains)
     cached = 0
     for dom in doms:
-        if dom._reuse is not None:
-            hits += dom._reuse.hits
-            pages += dom._reuse.hit_pages
-            parks += dom._reuse.parks
-            returned += dom._reuse.returned
-            cached += dom._reuse.cached_bytes()
+        reuse = dom.record.reuse
+        if reuse is not None:
+            hits += reuse.hits
+            pages += reuse.hit_pages
+            parks += reuse.parks
+            returned += reuse.returned
+            cached += reuse.cached_bytes()
     return hits, pages, parks, returned, cached
 
 
@@ -223,11 +224,11 @@ def domain_stats(dom: Domain) -> DomainStats:
     core.charges.drain_allocators(core.state["nodes"], heap.nodes)
     charges = core.charges.of(dom.id)  # scrubbing goes on after a destroy: always fresh
     row = domain_row(core.state["doms"], dom.slot)
-    if row[D_ID] != dom.id and dom._final_row is not None:
-        row = dom._final_row  # the slot went to another domain after this one died
+    if row[D_ID] != dom.id and dom.record.final_row is not None:
+        row = dom.record.final_row  # the slot went to another domain after this one died
     page_size = heap.page_size
     cached = _cached_bytes(dom) + _numpy_parked_pages(row) * page_size
-    reuse = dom._reuse
+    reuse = dom.record.reuse
     hits, hit_pages, parks, returned = ((reuse.hits, reuse.hit_pages, reuse.parks,
                                          reuse.returned) if reuse else (0, 0, 0, 0))
     out = DomainStats(

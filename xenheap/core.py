@@ -21,7 +21,7 @@ The surface:
   ``all_nodes`` or some).
 - Memory: ``node_of``, ``locate``, ``bytes_at`` (a uint8 view of some pages),
   ``close_arenas``.
-- Domains: ``live_domains``, ``flush_reuse``, ``free_dropped``, slots (``take_slot``,
+- Domains: ``live_domains``, slots (``take_slot``,
   ``retire_slot``), destroyed domains' memory (``relinquishing``, ``relinquish``,
   ``relinquish_pending``),
   ``reuse_retired`` (destroyed domains' reuse counters), ``numpy_handlers``,
@@ -236,19 +236,6 @@ class HeapCore:
         with self.lock:
             return list(self.domains)
 
-    def flush_reuse(self, dom: Domain | None = None) -> bool:
-        """Give the blocks parked for reuse by ``dom`` (every domain, if None) back to the
-        heap, and its dropped blocks: an allocation found its quota or the heap short.
-        True if any went back."""
-        doms = [dom] if dom is not None else self.live_domains()
-        return sum(d._free_dropped() + d._return_parked() for d in doms) > 0
-
-    def free_dropped(self) -> None:
-        """Free the blocks whose handles the live domains' users dropped (xenheap.block)."""
-        for dom in self.live_domains():
-            if dom._dropped:
-                dom._free_dropped()
-
     def take_slot(self, max_pages: int) -> tuple[int, int]:
         """A free domain slot, opened for a new domain: (slot, domain id)."""
         if not self._free_slots:  # destroyed domains' slots come free once relinquished
@@ -284,7 +271,7 @@ class HeapCore:
             if row[D_STATE] == DOM_DEAD:
                 dom = dom_ref()
                 if dom is not None:
-                    dom._final_row = row
+                    dom.record.final_row = row
                 self._free_slots.append(slot)
             else:
                 still_dying.append((slot, dom_ref))

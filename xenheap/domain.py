@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-from collections import deque
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +25,7 @@ from native_kernels.layout import (
 )
 from xenheap.block import Block
 from xenheap.collect import domain_stats
+from xenheap.domain_record import DomainRecord
 from xenheap.errors import (
     DomainDead,
     HeapClosed,
@@ -50,6 +49,7 @@ from xenheap.stats import DomainStats
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from xenheap.core import HeapCore
     from xenheap.heap import Heap
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,10 @@ _numpy_allocator: Callable[[Domain], contextlib.AbstractContextManager[Domain]] 
 class Domain:
     """An owner of memory; destroying it gives all its memory back at once.
 
-    Also a context manager: destroyed on exit.
-
-    What the package's other modules use, and users should not (underscored for them):
-    ``_reuse`` (its xenheap.reuse cache, or None), ``_destroyed``, ``_dropped`` and
-    ``_free_dropped()`` (handles dropped unfreed, xenheap.block), ``_return_parked()``,
-    ``_parked_numpy_since()``, ``_numpy_handler()`` and ``_capsule`` (numpy's handler),
-    and ``_final_row`` (its statistics once its slot has a new tenant).
+    Also a context manager: destroyed on exit. Its state beyond the public attributes is in
+    ``record`` (xenheap.domain_record), which the package's other modules share; the
+    operations they call on a domain are this module's functions ``free_dropped``,
+    ``return_parked``, ``parked_numpy_since`` and ``numpy_handler``.
     """
 
     def __init__(self, heap: Heap, slot: int, dom_id: int, name: str | None,
@@ -81,38 +78,22 @@ class Domain:
         self.core = heap.core  # the heap's internal surface (xenheap.core), not for users
         self.id = dom_id
         self.name = name if name is not None else f"d{dom_id}"
-        self._slot = slot
-        self._max_pages = max_pages
-        self._destroyed = False
-        self._capsule: object | None = None
-        # Its row once laid to rest (HeapCore._reap_slots): its statistics once the slot
-        # has a new domain.
-        self._final_row: np.ndarray | None = None
-        # Freed blocks parked for reuse (xenheap.reuse); none where frees must write the
-        # memory ("sync" zeroes, debug poisons).
-        self._reuse = ReuseCache(heap.reuse_bytes, self._view_of) if self.core.reuse_blocks \
-            else None
-        # Held while parked blocks go back to the heap: an allocation short of room that
-        # finds it held waits, then retries, rather than fail while they are in flight.
-        self._returning = threading.Lock()
-        # (mfn, order, tag) of handles dropped unfreed (xenheap.block says why they wait),
-        # and the lock of whoever frees them: a second caller waits, so that its stats()
-        # does not count blocks another thread took off the queue but has not freed yet.
-        self._dropped: deque[tuple[int, int, int]] = deque()
-        self._dropping = threading.Lock()
+        self.record = DomainRecord(
+            slot, dom_id, max_pages,
+            ReuseCache(heap.reuse_bytes, self._view_of) if self.core.reuse_blocks else None)
 
     # --- state -------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
         """True until the domain is destroyed (or its heap closed)."""
-        return not self._destroyed and not self.heap.closed
+        return not self.record.destroyed and not self.heap.closed
 
     @property
     def slot(self) -> int:
         """The domain's row in the heap's domain table (``heap.core.state["doms"]``), which
         a later domain may reuse once this one is laid to rest: with ``id``, what the
         kernels know it by."""
-        return self._slot
+        return self.record.slot
 
     @property
     def pages(self) -> int:
@@ -122,41 +103,20 @@ class Domain:
     @property
     def max_bytes(self) -> int | None:
         """The domain's quota in bytes, or None."""
-        return self._max_pages * self.heap.page_size if self._max_pages else None
+        max_pages = self.record.max_pages
+        return max_pages * self.heap.page_size if max_pages else None
 
     def stats(self) -> DomainStats:
         """Bytes held now, at the peak and ever (pyarrow's names), allocations, frees, pages
         and blocks held, the quota in pages, and pages held by live numpy arrays (which
         outlive a destroy until numpy frees them). A destroyed domain keeps its figures.
         Every field is in xenheap.stats."""
-        if self._dropped:
-            self._free_dropped()
-        if self._destroyed:
+        if self.record.dropped:
+            free_dropped(self)
+        if self.record.destroyed:
             self.core.relinquish()
         with default_numpy_memory():  # its working arrays never come from this domain
             return domain_stats(self)
-
-    def _free_dropped(self) -> int:
-        """Free the blocks whose handles were dropped unfreed (any thread may call it);
-        returns how many went back."""
-        if self.core.forked:
-            return 0  # the lock below may be held by a parent thread; the child frees none
-        dropped = self._dropped
-        freed = 0
-        with self._dropping:
-            while dropped:
-                try:
-                    mfn, order, tag = dropped.popleft()
-                except IndexError:  # a destroy cleared the queue meanwhile
-                    break
-                blk = Block(self, mfn, order, tag)
-                try:
-                    self.free(blk)
-                    freed += 1
-                except (InvalidFree, HeapClosed) as exc:  # destroyed or closed meanwhile
-                    log.debug("dropped %r not freed: its domain or heap went first (%s)",
-                              blk, exc)
-        return freed
 
     # --- allocation ----------------------------------------------------------------------
     def _raise_for(self, code: int, what: str) -> None:
@@ -165,7 +125,7 @@ class Domain:
         if code == E_QUOTA:
             raise OutOfMemory(
                 f"{what} would exceed the quota of domain {self.name!r} "
-                f"({format_size(self._max_pages * self.heap.page_size)}, "
+                f"({format_size(self.record.max_pages * self.heap.page_size)}, "
                 f"holding {format_size(self.pages * self.heap.page_size)})"
             )
         if code == E_FAULT:
@@ -183,10 +143,11 @@ class Domain:
         Zeroed, unless ``zero=False`` (Xen's MEMF_no_scrub): then a block this domain freed
         may come back holding its old bytes. It never holds another domain's.
         """
-        if self._dropped:
-            self._free_dropped()
+        rec = self.record
+        if rec.dropped:
+            free_dropped(self)
         core = self.core
-        reuse = self._reuse
+        reuse = rec.reuse
         if (reuse is not None and node is None and type(order) is int
                 and 0 <= order <= REUSE_MAX_ORDER):
             if core.closed:  # before the lock: a forked child's copy may be held
@@ -197,7 +158,7 @@ class Domain:
         order = core.check_order(order)
         pref, exact = core.placement(node)
         kernel = api.heap_alloc if order >= LONG_ORDER else api.heap_alloc_short
-        packed = self._call_making_room(kernel, self._slot, self.id, order, pref, exact)
+        packed = self._call_making_room(kernel, rec.slot, rec.id, order, pref, exact)
         if packed < 0:
             self._raise_for(packed, f"alloc(order={order})")
         mfn = packed & _MFN_MASK
@@ -210,14 +171,14 @@ class Domain:
         back (this domain's, or every domain's) and try once more."""
         core = self.core
         got = core.call(kernel, *args)
-        if got in (E_QUOTA, E_NOMEM) and core.flush_reuse(self if got == E_QUOTA else None):
+        if got in (E_QUOTA, E_NOMEM) and flush_reuse(core, self if got == E_QUOTA else None):
             got = core.call(kernel, *args)
         return got
 
     def alloc_many(self, count: int, order: int = 0, node: int | None = None) -> list[Block]:
         """``count`` zeroed blocks of 2**order pages in one call, all or nothing."""
-        if self._dropped:
-            self._free_dropped()
+        if self.record.dropped:
+            free_dropped(self)
         heap, core = self.heap, self.core
         order = core.check_order(order)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -227,14 +188,15 @@ class Domain:
         pref, exact = core.placement(node)
         with default_numpy_memory():
             out = np.empty((count, 2), dtype=np.int64)
-        got = self._call_making_room(api.heap_alloc_many, self._slot, self.id,
+        got = self._call_making_room(api.heap_alloc_many, self.record.slot, self.id,
                                      count, order, pref, exact, out)
         if got < 0:
             self._raise_for(got, f"alloc_many({count}, order={order})")
         rows = out.tolist()
-        if self._reuse is not None:
+        reuse = self.record.reuse
+        if reuse is not None:
             for mfn, tag in rows:
-                self._reuse.issue(mfn, order, tag)
+                reuse.issue(mfn, order, tag)
         return [Block(self, mfn, order, tag, True) for mfn, tag in rows]
 
     def order_for(self, nbytes: int) -> int:
@@ -257,8 +219,8 @@ class Domain:
 
         Returns the number of blocks; they stay with the domain until it is destroyed.
         """
-        if self._dropped:
-            self._free_dropped()
+        if self.record.dropped:
+            free_dropped(self)
         heap, core = self.heap, self.core
         order = core.check_order(order)
         size = parse_size(nbytes, what="nbytes")
@@ -270,7 +232,7 @@ class Domain:
             raise OutOfMemory(f"populate({format_size(size)}) exceeds the whole heap "
                               f"({format_size(heap.total_pages * heap.page_size)})")
         pref, exact = core.placement(node)
-        got = self._call_making_room(api.heap_alloc_many, self._slot, self.id,
+        got = self._call_making_room(api.heap_alloc_many, self.record.slot, self.id,
                                      count, order, pref, exact, _NO_ROWS)
         if got < 0:
             self._raise_for(got, f"populate({format_size(size)}, order={order})")
@@ -282,91 +244,46 @@ class Domain:
             raise InvalidFree(f"not a Block: {blk!r}")
         if blk.domain is not self:
             raise InvalidFree(f"{blk!r} belongs to domain {blk.domain.id}, not {self.id}")
-        heap, core = self.heap, self.core
-        reuse = self._reuse
+        heap, core, rec = self.heap, self.core, self.record
+        reuse = rec.reuse
         if reuse is not None and not core.closed:  # the cache claims the block, parked or not
             # numpy's callbacks cannot give the Python API's parked blocks back when a quota
             # runs short, so a domain with a quota and a numpy handler parks none.
-            parked = reuse.give(blk, park=not (self._max_pages and self._capsule is not None))
+            parked = reuse.give(blk, park=not (rec.max_pages and rec.capsule is not None))
             if parked == PARKED:
                 return
             if parked == FREED_ALREADY:
                 raise InvalidFree(f"double free of {blk!r}")
             if parked == NOT_ISSUED:
-                if self._destroyed:
+                if rec.destroyed:
                     raise InvalidFree(f"{blk!r} belongs to destroyed {self!r}")
                 raise InvalidFree(f"{blk!r} is stale: it is no longer a block of {self!r}")
-        if blk._freed:
+        if blk.freed:
             raise InvalidFree(f"double free of {blk!r}")
         # Only "sync" and debug mode write the block on free.
         long = blk.order >= LONG_ORDER and (heap.scrub_mode == "sync" or heap.debug)
         kernel = api.heap_free if long else api.heap_free_short
-        code = core.call(kernel, self._slot, self.id, blk.mfn, blk.order,
-                         blk._tag & HEAP_TAG_MASK)
+        code = core.call(kernel, rec.slot, rec.id, blk.mfn, blk.order,
+                         blk.tag & HEAP_TAG_MASK)
         if code == E_DEAD:
             raise InvalidFree(f"{blk!r} belongs to destroyed {self!r}")
         if code == E_BAD_FREE:
             raise InvalidFree(f"{blk!r} is stale: it is no longer a block of {self!r}")
-        blk._freed = True
+        blk.freed = True
         if code:
             core.wake(1 << core.node_of(blk.mfn))
 
     def _view_of(self, mfn: int, order: int) -> np.ndarray:
         return self.core.bytes_at(mfn, self.heap.page_size << order)
 
-    def _return_parked(self, close: bool = False) -> int:
-        """Give the blocks parked for reuse (by the Python API and by numpy) back to the
-        heap, dirty; returns how many (at least 1 if another thread was doing it: its
-        blocks are back by the time this returns, so an allocation short of room may
-        retry). ``close``: park none afterwards (the heap closes)."""
-        if self.core.forked:
-            return 0  # the lock below may be held by a parent thread
-        waited = not self._returning.acquire(blocking=False)
-        if waited:
-            self._returning.acquire()
-        try:
-            return self._return_parked_locked(close) + int(waited)
-        finally:
-            self._returning.release()
-
-    def _return_parked_locked(self, close: bool) -> int:
-        core = self.core
-        entries = self._reuse.drain(close) if self._reuse is not None else []
-        if close or core.closed or self._destroyed:
-            return len(entries)  # a closing heap's memory is gone with it; so is a dead domain's
-        wake = 0
-        try:
-            numpy_blocks = core.call(api.heap_flush_parked, self._slot, self.id) \
-                if self._capsule is not None else 0
-            for order, (mfn, tag) in entries:
-                # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
-                if core.call(api.heap_free_short, self._slot, self.id, mfn, order,
-                             tag & HEAP_TAG_MASK) > 0:
-                    wake |= 1 << core.node_of(mfn)
-        except HeapClosed:  # closed meanwhile (a scrubber's chore): the memory goes with it
-            return len(entries)
-        if self._reuse is not None:
-            self._reuse.count_returned(len(entries))
-        if wake:
-            core.wake(wake)
-        return len(entries) + max(numpy_blocks, 0)
-
-    def _parked_numpy_since(self, stale: float) -> bool:
-        """numpy blocks are parked and none was parked after ``stale`` (time.monotonic)."""
-        if self._capsule is None:
-            return False
-        row = domain_row(self.core.state["doms"], self._slot)
-        return bool(row[D_ID] == self.id and row[D_PARKED_NS] < stale * 1e9
-                    and row[D_PARKED_COUNT:D_PARKED_COUNT + NUMPY_PARK_ORDERS].any())
-
     def destroy(self) -> None:
         """Free all the domain's memory. Returns at once: the first scrubber's thread frees
         the blocks right after (Xen's relinquish_memory), dirty, for the scrubbers. In
         "sync" mode every page is zeroed before this returns; in "alloc" and debug mode
         the blocks are freed (and poisoned) before it returns."""
-        core = self.core
+        core, rec = self.core, self.record
         core.refuse_if_forked()  # before the cache's lock: a parent thread may hold it
-        reuse = self._reuse
+        reuse = rec.reuse
         # Parked blocks are on the domain's list: they go with it.
         records = reuse.retire() if reuse is not None else None
         with core.lock:  # off the heap's live list, once; its reuse counters move there
@@ -377,16 +294,16 @@ class Domain:
                     core.reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
                                            parks + reuse.parks, returned + reuse.returned)
         defer = core.defers_relinquish()
-        status, wake = core.call(api.heap_destroy, self._slot, self.id, defer)
+        status, wake = core.call(api.heap_destroy, rec.slot, rec.id, defer)
         if status < 0:
             raise DomainDead(f"{self!r} was already destroyed")
-        self._destroyed = True
-        self._dropped.clear()  # their blocks go with the domain
-        self._capsule = None  # arrays made with it hold their own reference
+        rec.destroyed = True
+        rec.dropped.clear()  # their blocks go with the domain
+        rec.capsule = None  # arrays made with it hold their own reference
         core.charges.destroyed(self.id)
         core.retire_slot(self)
         if defer:  # the first scrubber's chore frees the blocks (HeapCore.relinquish)
-            core.relinquishing.append((self._slot, self.id, records))
+            core.relinquishing.append((rec.slot, rec.id, records))
             core.scrubbers[0].wakeup.set()
         elif wake:
             core.wake(wake)
@@ -406,16 +323,6 @@ class Domain:
             _numpy_allocator = numpy_allocator
         return _numpy_allocator(self)
 
-    def _numpy_handler(self) -> object:
-        """This domain's "mem_handler" capsule, made once."""
-        if self._capsule is None:
-            from xenheap.numpy_alloc import make_handler
-
-            self._capsule = make_handler(self)
-            if self._max_pages:  # from now on it parks none (free() says why): nor keeps any
-                self._return_parked()
-        return self._capsule
-
     def __enter__(self) -> Domain:
         return self
 
@@ -426,3 +333,103 @@ class Domain:
     def __repr__(self) -> str:
         state = "alive" if self.alive else "destroyed"
         return f"<Domain {self.id} {self.name!r} {state}>"
+
+
+def free_dropped(dom: Domain) -> int:
+    """Free the blocks whose handles were dropped unfreed (any thread may call it);
+    returns how many went back."""
+    if dom.core.forked:
+        return 0  # the lock below may be held by a parent thread; the child frees none
+    dropped = dom.record.dropped
+    freed = 0
+    with dom.record.dropping:
+        while dropped:
+            try:
+                mfn, order, tag = dropped.popleft()
+            except IndexError:  # a destroy cleared the queue meanwhile
+                break
+            blk = Block(dom, mfn, order, tag)
+            try:
+                dom.free(blk)
+                freed += 1
+            except (InvalidFree, HeapClosed) as exc:  # destroyed or closed meanwhile
+                log.debug("dropped %r not freed: its domain or heap went first (%s)",
+                          blk, exc)
+    return freed
+
+
+def return_parked(dom: Domain, close: bool = False) -> int:
+    """Give the blocks parked for reuse (by the Python API and by numpy) back to the
+    heap, dirty; returns how many (at least 1 if another thread was doing it: its
+    blocks are back by the time this returns, so an allocation short of room may
+    retry). ``close``: park none afterwards (the heap closes)."""
+    if dom.core.forked:
+        return 0  # the lock below may be held by a parent thread
+    returning = dom.record.returning
+    waited = not returning.acquire(blocking=False)
+    if waited:
+        returning.acquire()
+    try:
+        return _return_parked_locked(dom, close) + int(waited)
+    finally:
+        returning.release()
+
+
+def _return_parked_locked(dom: Domain, close: bool) -> int:
+    core, rec = dom.core, dom.record
+    entries = rec.reuse.drain(close) if rec.reuse is not None else []
+    if close or core.closed or rec.destroyed:
+        return len(entries)  # a closing heap's memory is gone with it; so is a dead domain's
+    wake = 0
+    try:
+        numpy_blocks = core.call(api.heap_flush_parked, rec.slot, rec.id) \
+            if rec.capsule is not None else 0
+        for order, (mfn, tag) in entries:
+            # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
+            if core.call(api.heap_free_short, rec.slot, rec.id, mfn, order,
+                         tag & HEAP_TAG_MASK) > 0:
+                wake |= 1 << core.node_of(mfn)
+    except HeapClosed:  # closed meanwhile (a scrubber's chore): the memory goes with it
+        return len(entries)
+    if rec.reuse is not None:
+        rec.reuse.count_returned(len(entries))
+    if wake:
+        core.wake(wake)
+    return len(entries) + max(numpy_blocks, 0)
+
+
+def parked_numpy_since(dom: Domain, stale: float) -> bool:
+    """numpy blocks are parked and none was parked after ``stale`` (time.monotonic)."""
+    rec = dom.record
+    if rec.capsule is None:
+        return False
+    row = domain_row(dom.core.state["doms"], rec.slot)
+    return bool(row[D_ID] == rec.id and row[D_PARKED_NS] < stale * 1e9
+                and row[D_PARKED_COUNT:D_PARKED_COUNT + NUMPY_PARK_ORDERS].any())
+
+
+def numpy_handler(dom: Domain) -> object:
+    """The domain's "mem_handler" capsule, made once."""
+    rec = dom.record
+    if rec.capsule is None:
+        from xenheap.numpy_alloc import make_handler
+
+        rec.capsule = make_handler(dom)
+        if rec.max_pages:  # from now on it parks none (Domain.free says why): nor keeps any
+            return_parked(dom)
+    return rec.capsule
+
+
+def flush_reuse(core: HeapCore, dom: Domain | None = None) -> bool:
+    """Give the blocks parked for reuse by ``dom`` (every live domain, if None) back to the
+    heap, and its dropped blocks: an allocation found its quota or the heap short.
+    True if any went back."""
+    doms = [dom] if dom is not None else core.live_domains()
+    return sum(free_dropped(d) + return_parked(d) for d in doms) > 0
+
+
+def free_all_dropped(core: HeapCore) -> None:
+    """Free the blocks whose handles the live domains' users dropped (xenheap.block)."""
+    for dom in core.live_domains():
+        if dom.record.dropped:
+            free_dropped(dom)

@@ -24,7 +24,12 @@ from native_kernels.layout import (
 )
 from xenheap import collect, prim, stats
 from xenheap.core import HeapCore
-from xenheap.domain import Domain
+from xenheap.domain import (
+    Domain,
+    free_all_dropped,
+    parked_numpy_since,
+    return_parked,
+)
 from xenheap.errors import (
     HeapClosed,
     HeapCorruption,
@@ -176,15 +181,15 @@ class Heap:
         """Free the blocks whose handles were dropped, and give back the parked blocks of
         domains that have not used them for a while, so that they reach the scrubbers (and
         the dirty-lifetime bound) too."""
-        self.core.free_dropped()
+        free_all_dropped(self.core)
         now = time.monotonic()
         stale = now - REUSE_IDLE_S
         for dom in self.core.live_domains():
-            reuse = dom._reuse
+            reuse = dom.record.reuse
             # Each kind by its own clock; both go back together (a busy one just refills).
             if (reuse is not None and reuse.quiet_for(now) >= REUSE_IDLE_S
-                    and reuse.cached_bytes()) or dom._parked_numpy_since(stale):
-                dom._return_parked()
+                    and reuse.cached_bytes()) or parked_numpy_since(dom, stale):
+                return_parked(dom)
 
     # --- public API ----------------------------------------------------------------------
     def create_domain(self, name: str | None = None, max_bytes: int | str | None = None
@@ -212,7 +217,7 @@ class Heap:
         in pages where pages are the point; xenheap.stats documents every field."""
         self.core.refuse_if_forked()
         self.core.relinquish()
-        self.core.free_dropped()
+        free_all_dropped(self.core)
         with default_numpy_memory():  # its working arrays never come from a caller's domain
             return collect.heap_stats(self)
 
@@ -241,7 +246,7 @@ class Heap:
                 raise HeapCorruption(f"{stats.INVARIANTS[code]} (at mfn {mfn})")
             hs = self.core.hs
             for dom in self.core.live_domains():
-                reuse = dom._reuse
+                reuse = dom.record.reuse
                 bad = None if reuse is None else reuse.parked_not_owned(dom.slot + 1,
                                                                         hs.ft32, hs.ft8)
                 if bad is not None:
@@ -315,8 +320,8 @@ class Heap:
                 return
             self.core.closed = True
         for dom in self.core.live_domains():  # waits for reuse in progress, then allows none
-            dom._return_parked(close=True)
-            dom._capsule = None  # only arrays still alive may hold a handler now
+            return_parked(dom, close=True)
+            dom.record.capsule = None  # only arrays still alive may hold a handler now
         meta = self.core.state["meta"]
         api.close_heap(meta)  # refuse new calls; scrubbers stop at their next step
         stop_all(self.core.scrubbers)

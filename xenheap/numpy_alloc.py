@@ -15,6 +15,7 @@ import ctypes
 from typing import TYPE_CHECKING
 
 from native_kernels import numpy_handler as cb
+from xenheap.domain import free_dropped, numpy_handler
 from xenheap.errors import DomainDead, HeapClosed
 from xenheap.numpy_api import CAPSULE_NAME, capsule_new, handler_var, set_handler
 
@@ -122,9 +123,9 @@ class numpy_allocator:
             raise HeapClosed("the heap is closed")
         if not dom.alive:
             raise DomainDead(f"{dom!r} was destroyed")
-        handler = dom._numpy_handler()
-        if dom._dropped:  # numpy's callbacks cannot free them, should the quota run short
-            dom._free_dropped()
+        handler = numpy_handler(dom)
+        if dom.record.dropped:  # numpy's callbacks cannot free them, should the quota run short
+            free_dropped(dom)
         if handler_var is not None:
             self._previous = handler_var.get()
             handler_var.set(handler)

@@ -55,8 +55,8 @@ class ReuseCache:
     ``make_view(mfn, order)`` gives a block's bytes as a uint8 numpy array.
     """
 
-    __slots__ = ("_generation", "_limit", "_lists", "_lock", "_make_view", "_settling",
-                 "closed", "hit_pages", "hits", "issued", "memoryviews", "parks",
+    __slots__ = ("_generation", "_limit", "_lists", "_make_view", "_settling",
+                 "closed", "hit_pages", "hits", "issued", "lock", "memoryviews", "parks",
                  "quiet_since", "returned", "uses_seen", "views")
 
     def __init__(self, bytes_per_order: int,
@@ -82,7 +82,7 @@ class ReuseCache:
         # idleness, destroy), so an entry is never in flight while the block goes back.
         # acquire()/release() rather than "with": half the cost on this path. Allocations
         # and frees never wait for it (see take and give).
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._generation = 0  # of the last block handed out again (HEAP_TAG_MASK)
         # Blocks freed in the heap while the lock was busy: the next holder of the lock
         # drops their views (_settle).
@@ -117,7 +117,7 @@ class ReuseCache:
         GIL, and from then on the two threads hand both back and forth on every call: two
         threads allocating from one domain ran at half one thread's rate.
         """
-        lock = self._lock
+        lock = self.lock
         if not lock.acquire(blocking=False):
             return None
         try:
@@ -158,25 +158,25 @@ class ReuseCache:
         """
         order = blk.order
         mfn = blk.mfn
-        lock = self._lock
+        lock = self.lock
         if not lock.acquire(blocking=False):
             return self._give_busy(blk)
         try:
             if self._settling:
                 self._settle()
-            if blk._freed:
+            if blk.freed:
                 return FREED_ALREADY
             try:
-                self.issued.remove((mfn, order, blk._tag))
+                self.issued.remove((mfn, order, blk.tag))
             except KeyError:
                 return NOT_ISSUED
             if (not park or order > REUSE_MAX_ORDER or self.closed
                     or (len(self._lists[order]) + 1) * (PAGE_SIZE << order) > self._limit):
                 self._forget_views(mfn)
                 return NOT_PARKED
-            blk._freed = True
+            blk.freed = True
             self.parks += 1
-            self._lists[order].append((mfn, blk._tag))
+            self._lists[order].append((mfn, blk.tag))
             return PARKED
         finally:
             lock.release()
@@ -185,10 +185,10 @@ class ReuseCache:
         """give() while another thread holds the lock (see take): the block is claimed
         as in give, but never parked; the caller frees it in the heap. Its views go at
         the next holder of the lock."""
-        if blk._freed:
+        if blk.freed:
             return FREED_ALREADY
         try:
-            self.issued.remove((blk.mfn, blk.order, blk._tag))
+            self.issued.remove((blk.mfn, blk.order, blk.tag))
         except KeyError:
             return NOT_ISSUED
         self._settling.append(blk.mfn)
@@ -204,7 +204,7 @@ class ReuseCache:
     def drain(self, close: bool = False) -> list[tuple[int, tuple[int, int]]]:
         """Take every parked block out: (order, (mfn, tag)) pairs for the caller to free in
         the heap. ``close``: none may be parked afterwards (destroy, or the heap closes)."""
-        with self._lock:
+        with self.lock:
             self._settle()
             self.closed = self.closed or close
             out = [(order, e) for order, entries in enumerate(self._lists) for e in entries]
@@ -225,7 +225,7 @@ class ReuseCache:
         Returns the per-block records (issued blocks, views) for the caller to drop
         later: freeing one record per block the domain ever held would cost the destroy
         more than the rest of it."""
-        with self._lock:
+        with self.lock:
             self._settle()
             self.closed = True
             self.returned += sum(map(len, self._lists))
@@ -238,7 +238,7 @@ class ReuseCache:
         """For Heap.check: the first parked block (its mfn) that the frame table does not
         show as a block of ``owner`` (its domain's slot + 1) of the order and heap tag it
         was parked with, or that is parked twice; None if there is none."""
-        with self._lock:
+        with self.lock:
             seen: set[int] = set()
             for order, entries in enumerate(self._lists):
                 for mfn, tag in entries:
@@ -267,7 +267,7 @@ class ReuseCache:
 
     def count_returned(self, blocks: int) -> None:
         """``blocks`` drained blocks went on to the heap (freed there, or with a destroy)."""
-        with self._lock:
+        with self.lock:
             self.returned += blocks
 
     def cached_bytes(self) -> int:
