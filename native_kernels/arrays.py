@@ -29,15 +29,15 @@ from native_kernels.layout import (
     TAG_SLAB,
 )
 from native_kernels.locks import spin_lock, spin_unlock
-from native_kernels.parked import park_block, take_parked
+from native_kernels.parked import park_block_outlined, take_parked_outlined
 from native_kernels.raw import memcpy_bytes, pointer_to
 from native_kernels.small import (
     alloc_pinned,
     block_address,
-    find_slab,
+    find_slab_outlined,
     order_for_bytes,
     page_of,
-    release_small,
+    release_small_outlined,
     slab_class,
     small_alloc,
 )
@@ -64,7 +64,7 @@ def array_alloc(hs, slot, dom_id, nbytes, node_pref):
     order = order_for_bytes(meta, nbytes)
     if order < 0:
         return E_NOMEM
-    addr = take_parked(hs.ft32, nodes, hs.doms, meta, slot, dom_id, order)
+    addr = take_parked_outlined(hs.ft32, nodes, hs.doms, meta, slot, dom_id, order)
     if addr:
         return addr | OLD_BYTES
     packed = alloc_pinned(hs, slot, dom_id, order, node_pref)
@@ -79,14 +79,14 @@ def array_free(hs, slot, dom_id, addr):
     """Give back what array_alloc returned; 1 if a scrubber should wake, else 0 or < 0."""
     ft32, ft8, nodes, doms, meta = hs.ft32, hs.ft8, hs.nodes, hs.doms, hs.meta
     if addr & (PAGE_SIZE - 1):
-        head = release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr, 0)
+        head = release_small_outlined(ft32, ft8, nodes, doms, meta, slot, dom_id, addr, 0)
         if head <= 0:
             return head
         return free_pinned_block(hs, slot, dom_id, head - 1)
     page = page_of(nodes, meta, addr)
     if page < 0:
         return E_BAD_FREE
-    if park_block(ft32, ft8, nodes, doms, meta, slot, dom_id, page, NUMPY_PARK_MAX):
+    if park_block_outlined(ft32, ft8, nodes, doms, meta, slot, dom_id, page, NUMPY_PARK_MAX):
         return 0
     return free_pinned_block(hs, slot, dom_id, page)
 
@@ -104,7 +104,7 @@ def array_capacity(hs, slot, dom_id, addr):
             return E_BAD_FREE
         return PAGE_SIZE << ft8[PG_ORDER, page]
     spin_lock(doms, slot, D_LOCK)
-    head = find_slab(ft32, ft8, nodes, meta, slot, page, 0)
+    head = find_slab_outlined(ft32, ft8, nodes, meta, slot, page, 0)
     size = E_BAD_FREE
     if head >= 0:
         hdr = pointer_to(block_address(nodes, meta, head), types.uint64)

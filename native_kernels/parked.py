@@ -26,7 +26,7 @@ from native_kernels.atomics import (
 )
 from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import free_block, is_alive
-from native_kernels.jit import INLINE, INTERNAL
+from native_kernels.jit import INLINE, INTERNAL, outlined
 from native_kernels.layout import (
     D_ID,
     D_LOCK,
@@ -141,6 +141,11 @@ def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
     if mfn < 0:
         return 0
     return page_address(nodes, node_of(meta, mfn), mfn)
+
+
+# The slow paths' copies (jit.outlined).
+park_block_outlined = outlined(park_block)
+take_parked_outlined = outlined(take_parked)
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)

@@ -12,7 +12,7 @@ from native_kernels.atomics import atomic_load, atomic_store
 from native_kernels.buddy import node_of, page_address
 from native_kernels.domain import MFN_MASK, alloc_block, free_pinned_block, holds_blocks, is_alive
 from native_kernels.domain_life import relinquish_dying
-from native_kernels.jit import INLINE, INTERNAL
+from native_kernels.jit import INLINE, INTERNAL, outlined
 from native_kernels.layout import (
     D_LOCK,
     D_SLABS,
@@ -217,6 +217,12 @@ def take_small(ft32, nodes, doms, meta, slot, dom_id, nbytes):
     return addr
 
 
+# The slow paths' copies of the hot path's inlined kernels (jit.outlined).
+take_small_outlined = outlined(take_small)
+_slab_push_outlined = outlined(_slab_push)
+_take_object_outlined = outlined(_take_object)
+
+
 @njit(nogil=True, cache=True, **INTERNAL)
 def alloc_pinned(hs, slot, dom_id, order, node_pref):
     """A block pinned for numpy (alloc_block); if the quota or the heap is short, the
@@ -241,7 +247,7 @@ def alloc_pinned(hs, slot, dom_id, order, node_pref):
 @njit(nogil=True, cache=True, **INTERNAL)
 def small_alloc(hs, slot, dom_id, nbytes, node_pref):
     nodes, doms, meta = hs.nodes, hs.doms, hs.meta
-    addr = take_small(hs.ft32, nodes, doms, meta, slot, dom_id, nbytes)
+    addr = take_small_outlined(hs.ft32, nodes, doms, meta, slot, dom_id, nbytes)
     if addr != 0:
         return addr
     cls = size_class(nbytes)
@@ -256,8 +262,8 @@ def small_alloc(hs, slot, dom_id, nbytes, node_pref):
         _unmark_slab(hs.ft32, mfn)  # never listed: a block again, freed
         free_pinned_block(hs, slot, dom_id, mfn)
         return E_DEAD
-    _slab_push(nodes, meta, doms, slot, cls, mfn)  # another thread's may be listed too
-    addr = _take_object(nodes, meta, doms, slot, cls)
+    _slab_push_outlined(nodes, meta, doms, slot, cls, mfn)  # another thread's may be listed too
+    addr = _take_object_outlined(nodes, meta, doms, slot, cls)
     spin_unlock(doms, slot, D_LOCK)
     return addr
 
@@ -335,6 +341,10 @@ def release_small(ft32, ft8, nodes, doms, meta, slot, dom_id, addr, nbytes):
                                      park_limit(ft8, head)))
     spin_unlock(doms, slot, D_LOCK)
     return head + 1 if empty else 0
+
+
+release_small_outlined = outlined(release_small)
+find_slab_outlined = outlined(find_slab)
 
 
 @njit(nogil=True, cache=True, _nrt=False, **INTERNAL)

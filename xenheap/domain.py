@@ -249,7 +249,7 @@ class Domain:
         if reuse is not None and not core.closed:  # the cache claims the block, parked or not
             # numpy's callbacks cannot give the Python API's parked blocks back when a quota
             # runs short, so a domain with a quota and a numpy handler parks none.
-            parked = reuse.give(blk, park=not (rec.max_pages and rec.capsule is not None))
+            parked = reuse.give(blk, not (rec.max_pages and rec.capsule is not None))
             if parked == PARKED:
                 return
             if parked == FREED_ALREADY:
