@@ -158,8 +158,8 @@ def test_child_runs_without_cap_sys_nice_as_root() -> None:
 
 
 def test_median_counts_a_timeout_as_longest() -> None:
-    assert busy._median([3.0, 1.0, 2.0]) == 2.0
-    assert busy._median([1.0, None, 2.0]) == 2.0
-    assert busy._median([1.0, None, None]) is None
-    assert busy._median([1.0, 3.0]) == 2.0
-    assert busy._median([1.0, None]) is None
+    assert busy.median_or_none([3.0, 1.0, 2.0]) == 2.0
+    assert busy.median_or_none([1.0, None, 2.0]) == 2.0
+    assert busy.median_or_none([1.0, None, None]) is None
+    assert busy.median_or_none([1.0, 3.0]) == 2.0
+    assert busy.median_or_none([1.0, None]) is None

@@ -624,15 +624,15 @@ def test_a_handler_freed_by_the_garbage_collector_while_another_is_made_does_not
         cycle.append(cycle)
         first.destroy()
         del cycle
-        table = numpy_alloc._live
-        numpy_alloc._live = _CollectOnInsert(table)
+        table = numpy_alloc.live_handlers
+        numpy_alloc.live_handlers = _CollectOnInsert(table)
         try:
             maker = threading.Thread(target=numpy_handler, args=(second,), daemon=True)
             maker.start()
             maker.join(30)
             assert not maker.is_alive(), "making a handler hung in the garbage collector"
         finally:
-            patched, numpy_alloc._live = numpy_alloc._live, table
+            patched, numpy_alloc.live_handlers = numpy_alloc.live_handlers, table
             table.clear()
             table.update(patched)
         with second.numpy_allocator():

@@ -493,7 +493,7 @@ def test_no_request_runs_while_a_read_reply_is_queued(server: ServerThread,
     real_free = xenheap.Block.free
 
     def recording_free(blk: xenheap.Block) -> None:
-        for writer in service._live.values():
+        for writer in service.writers():
             queued_at_free.append(writer.transport.get_write_buffer_size())
             # A looser limit would let the transport keep up to its low-water mark of a reply
             # queued; whether it does depends on timing, so check the limit itself too.

@@ -46,12 +46,12 @@ class _Handler(ctypes.Structure):
 # capsule's destructor may run inside any allocation of this thread (the garbage collector
 # freeing an array's last reference), so it must never wait for one this thread holds.
 # Every use is one step under the GIL instead: an insert, a pop, a copy of the values.
-_live: dict[int, tuple] = {}
+live_handlers: dict[int, tuple] = {}
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 def _capsule_destructor(capsule: int) -> None:
-    entry = _live.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
+    entry = live_handlers.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
     if entry is None:
         return
     core = entry[3]
@@ -62,8 +62,8 @@ def _capsule_destructor(capsule: int) -> None:
 
 
 def _live_entries() -> list[tuple]:
-    """A copy of _live's entries: copied in one step, so no pop lands mid-iteration."""
-    return list(_live.values())
+    """A copy of live_handlers's entries: copied in one step, so no pop lands mid-iteration."""
+    return list(live_handlers.values())
 
 
 def inherited_states() -> list[dict]:
@@ -94,7 +94,7 @@ def make_handler(dom: Domain) -> object:
                        _Allocator(ctypes.addressof(ctx), cb.numpy_malloc.address,
                                   cb.numpy_calloc.address, cb.numpy_realloc.address,
                                   cb.numpy_free.address))
-    _live[ctypes.addressof(handler)] = (handler, ctx, s, core)
+    live_handlers[ctypes.addressof(handler)] = (handler, ctx, s, core)
     core.numpy_handlers += 1
     return capsule_new(ctypes.addressof(handler), CAPSULE_NAME,
                         ctypes.cast(_capsule_destructor, ctypes.c_void_p))

@@ -297,7 +297,7 @@ def run_child(cmd: Sequence[str], label: str, timeout: float = CHILD_TIMEOUT_S) 
         raise BusyExperimentError(f"the {label} side printed no result") from None
 
 
-def _median(values: Sequence[float | None]) -> float | None:
+def median_or_none(values: Sequence[float | None]) -> float | None:
     """Median of the figures, where None (a timeout) counts as longer than any figure."""
     if not values:
         return None
@@ -312,11 +312,11 @@ def summarize(runs: Sequence[SideResult]) -> SideSummary:
     """One side's rounds: medians of the times, the worst of the checks."""
     cpu = [r.scrub_cpu_s for r in runs if r.scrub_cpu_s is not None]
     return SideSummary(
-        destroy_ms=_median([r.destroy_ms for r in runs]),
-        clean_after_ms=_median([r.clean_after_ms for r in runs]),
-        abort_wait_max_ms=_median([r.abort_wait_max_ms for r in runs]),
-        alloc_2mib_max_ms=_median([r.alloc_2mib_max_ms for r in runs]),
-        close_ms=_median([r.close_ms for r in runs]),
+        destroy_ms=median_or_none([r.destroy_ms for r in runs]),
+        clean_after_ms=median_or_none([r.clean_after_ms for r in runs]),
+        abort_wait_max_ms=median_or_none([r.abort_wait_max_ms for r in runs]),
+        alloc_2mib_max_ms=median_or_none([r.alloc_2mib_max_ms for r in runs]),
+        close_ms=median_or_none([r.close_ms for r in runs]),
         scrub_cpu_s=statistics.median(cpu) if len(cpu) == len(runs) else None,
         clean_timed_out=any(r.clean_timed_out for r in runs),
         threads_left=max(r.threads_left for r in runs),

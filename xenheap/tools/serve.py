@@ -142,10 +142,14 @@ class Service:
         """Connections open now."""
         return len(self._live)
 
+    def writers(self) -> list[asyncio.StreamWriter]:
+        """The live connections' stream writers (a copy)."""
+        return list(self._live.values())
+
     def close(self) -> None:
         """Stop listening and end every live connection (their handlers destroy the domains)."""
         self.server.close()
-        for writer in list(self._live.values()):
+        for writer in self.writers():
             # abort, not close: drops queued reply bytes, which may point into a block.
             writer.transport.abort()
 
