@@ -34,7 +34,7 @@ class DomainRecord:
       room that finds it held waits, then retries, rather than fail while they are in flight.
     - ``capsule``: numpy's "mem_handler" capsule for the domain, made on first use (None
       before, and after a destroy or close: live arrays hold their own reference).
-    - ``final_row``: its row of the domain table once laid to rest (HeapCore._reap_slots),
+    - ``final_row``: its row of the domain table once laid to rest (written by HeapCore),
       for its statistics once the slot has a new domain.
     """
 
