@@ -5,7 +5,9 @@ size)`` and ``free(ctx, ptr, size)`` with the ``ctx`` of the handler that was cu
 the array was made. Here ``ctx`` points to an int64 record (CTX_* below) naming the state
 arrays by address and the domain; the callbacks rebuild the arrays with ``carray`` and call
 the nogil kernels of native_kernels.small. A failure returns NULL, which numpy turns into
-its usual MemoryError. No Python object is touched, so numpy may call them without the GIL.
+its usual MemoryError. No Python object is touched, so numpy may call them without the GIL,
+but for one call back into Python when the heap is short (CTX_RECLAIM), which takes the GIL
+itself.
 """
 
 from numba import carray, cfunc, njit, types
@@ -17,6 +19,7 @@ from native_kernels.jit import INLINE, INTERNAL
 from native_kernels.layout import (
     DOM_FIELDS,
     E_BAD_FREE,
+    E_NOMEM,
     FT8_FIELDS,
     FT32_FIELDS,
     LIST_FIELDS,
@@ -36,6 +39,7 @@ from native_kernels.layout import (
 from native_kernels.parked import park_block, take_parked
 from native_kernels.raw import (
     address_to_voidptr,
+    call_function,
     memset_bytes,
     pointer_to,
     voidptr_to_address,
@@ -55,7 +59,11 @@ CTX_MAX_DOMAINS = 9
 CTX_SLOT = 10  # the domain
 CTX_DOM_ID = 11
 CTX_NODE = 12  # preferred node: that of the thread that installed the handler
-CTX_FIELDS = 13
+# Address of a C function () -> int64 (a ctypes callback into Python): it gives back the
+# blocks that domains' Python API parked in their reuse caches (xenheap.reuse), which no
+# kernel can reach, and returns nonzero if any went back. Called when the heap is short.
+CTX_RECLAIM = 13
+CTX_FIELDS = 14
 
 # Arrays of more than a slab object up to this many bytes may find a block the domain
 # parked (native_kernels.parked): a short path like the slabs' takes it, and parks it again.
@@ -160,6 +168,16 @@ def _array_alloc(ctx, nbytes):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
+def _reclaimed(ctx, result):
+    """``result`` of an allocation says the heap is short: ask the Python side to give
+    back the blocks parked in reuse caches (CTX_RECLAIM); True if any went back."""
+    if result != E_NOMEM:
+        return False
+    address = _context(ctx)[CTX_RECLAIM]
+    return address != 0 and call_function(address) != 0
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
 def _null_or(addr):
     return address_to_voidptr(addr if addr > 0 else 0)
 
@@ -176,6 +194,8 @@ def numpy_malloc(ctx, size):
         if addr != 0:
             return _null_or(addr)
     addr = _array_alloc(ctx, nbytes)
+    if _reclaimed(ctx, addr):
+        addr = _array_alloc(ctx, nbytes)
     return _null_or(addr & ~OLD_BYTES if addr > 0 else addr)
 
 
@@ -196,6 +216,8 @@ def numpy_calloc(ctx, nelem, elsize):
             memset_bytes(addr, 0, nbytes)
             return _null_or(addr)
     addr = _array_alloc(ctx, nbytes)
+    if _reclaimed(ctx, addr):
+        addr = _array_alloc(ctx, nbytes)
     if addr > 0:
         c = _context(ctx)
         meta = _meta(c)
@@ -216,6 +238,9 @@ def numpy_realloc(ctx, ptr, size):
         return _null_or(0)  # as numpy_free: the old data's locks may never be released
     addr = array_realloc(hs, c[CTX_SLOT], c[CTX_DOM_ID], voidptr_to_address(ptr),
                          types.int64(size), c[CTX_NODE])
+    if _reclaimed(ctx, addr):
+        addr = array_realloc(hs, c[CTX_SLOT], c[CTX_DOM_ID], voidptr_to_address(ptr),
+                             types.int64(size), c[CTX_NODE])
     if addr == E_BAD_FREE:  # not a live array of the domain: as numpy_free, counted
         fetch_add(hs.meta, M_BAD_ARRAY_FREES, 1)
     return _null_or(addr)

@@ -161,9 +161,15 @@ def count_reuse(doms, meta, slot, order):
 @njit(nogil=True, cache=True, **INTERNAL)
 def flush_parked(hs, slot, dom_id):
     """Give every parked block of the domain back to the heap, dirty (an allocation found
-    the quota or the heap short, or the stacks sat idle). Returns the blocks freed."""
+    the quota or the heap short, or the stacks sat idle). Returns the blocks freed.
+
+    Every block taken off a stack counts as unparked, also one whose free finds the domain
+    destroyed meanwhile: it stays on the dying domain's list, whose relinquish frees it and
+    counts that free, as free_block would have.
+    """
     ft32, doms, meta = hs.ft32, hs.doms, hs.meta
     freed = 0
+    unparked = 0
     for order in range(NUMPY_PARK_ORDERS):
         while True:
             spin_lock(doms, slot, D_LOCK)
@@ -172,11 +178,12 @@ def flush_parked(hs, slot, dom_id):
             spin_unlock(doms, slot, D_LOCK)
             if mfn < 0:
                 break
+            unparked += 1
             if free_block(hs, slot, dom_id, mfn, order,
                           types.int64(atomic_load(ft32, (PG_TAG, mfn)))) >= 0:
                 freed += 1
-    fetch_add(doms, (slot, D_UNPARKED), freed)
-    fetch_add(meta, M_UNPARKED, freed)
+    fetch_add(doms, (slot, D_UNPARKED), unparked)
+    fetch_add(meta, M_UNPARKED, unparked)
     return freed
 
 

@@ -26,6 +26,18 @@ def trailing_zeros(typingctx, word):
 
 
 @intrinsic
+def call_function(typingctx, address):
+    """Call the C function at ``address``, which takes nothing and returns an int64: how a
+    kernel calls back into Python (a ctypes callback, which takes the GIL itself)."""
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(64), [])
+        return builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
+
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
 def pointer_to(typingctx, addr, dtype):
     """``addr`` (int64) as a typed pointer, for ``numba.carray(pointer_to(a, t), n)``."""
     target = dtype.dtype if isinstance(dtype, types.NumberClass) else dtype.instance_type

@@ -172,3 +172,47 @@ def test_check_is_exact_while_the_chore_frees_dropped_blocks(heap_factory) -> No
         rounds += 1
     assert rounds > 0
     assert dom.stats()["bytes_allocated"] == 0
+
+
+def test_a_caller_waits_for_another_threads_free_of_dropped_blocks(heap_factory,
+                                                                   monkeypatch) -> None:
+    """While another thread frees the last dropped handle, an allocation at the quota and
+    stats() wait for it, rather than find the queue empty and count the block as held."""
+    import threading
+
+    import xenheap.domain as domain_module
+
+    paused, resume = threading.Event(), threading.Event()
+
+    class PausingBlock(xenheap.Block):
+        __slots__ = ()
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            if threading.current_thread().name == "freer" and not paused.is_set():
+                paused.set()
+                resume.wait(10)
+
+    heap = heap_factory("16MiB", scrub="alloc", nodes=1, reuse_bytes=0)
+    dom = heap.create_domain(max_bytes=4096)  # one page
+    blk = dom.alloc(0)
+    del blk
+    gc.collect()  # dropped: queued for the next call
+    freer = threading.Thread(target=domain_module.free_dropped, args=(dom,), name="freer")
+    monkeypatch.setattr(domain_module, "Block", PausingBlock)
+    freer.start()
+    assert paused.wait(10)  # it took the entry off the queue, and has not freed it yet
+    threading.Timer(0.2, resume.set).start()
+    again = dom.alloc(0)  # at the quota until the freer is done
+    freer.join(10)
+    assert again.order == 0 and dom.stats()["pages"] == 1
+    paused.clear()
+    resume.clear()
+    del again
+    gc.collect()  # dropped unfreed in turn
+    freer = threading.Thread(target=domain_module.free_dropped, args=(dom,), name="freer")
+    freer.start()
+    assert paused.wait(10)
+    threading.Timer(0.2, resume.set).start()
+    assert dom.stats()["bytes_allocated"] == 0  # waited for the freer
+    freer.join(10)

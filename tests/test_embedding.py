@@ -394,12 +394,13 @@ def test_a_forked_child_freeing_inherited_arrays_does_not_touch_the_heap():
 # --- issue 9: release_unused never loses or double-counts memory; fork right after Heap() ---
 def _fragmented_clean_heap(heap):
     """Every other page free and clean (zeroed on free: "sync"), resident: 8,192 order-0
-    chunks on a 64 MiB heap, more than one claim batch."""
+    chunks on a 64 MiB heap, more than one claim batch. Returns the blocks held, which the
+    caller keeps (with them, their domain): dropped, they would be freed."""
     dom = heap.create_domain()
     blocks = [dom.alloc(0) for _ in range(heap.total_pages)]
     for blk in blocks[::2]:
         blk.free()
-    return dom
+    return blocks[1::2]
 
 
 def test_release_unused_counts_only_memory_that_was_resident():
@@ -443,7 +444,7 @@ def test_a_refused_release_gives_every_chunk_back_and_raises():
 
 def test_an_interrupted_release_gives_every_claimed_chunk_back(monkeypatch):
     with xenheap.Heap("64MiB", scrub="sync") as heap:
-        _fragmented_clean_heap(heap)
+        held = _fragmented_clean_heap(heap)
         free = heap.stats()["free_pages"]
         calls = []
         real = prim.release_pages
@@ -461,6 +462,7 @@ def test_an_interrupted_release_gives_every_claimed_chunk_back(monkeypatch):
         assert st["free_pages"] == free
         assert st["released_bytes"] == 99 * PAGE_SIZE
         heap.check()
+        del held
 
 
 _FORK_RIGHT_AFTER_HEAP = """

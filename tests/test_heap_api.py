@@ -425,13 +425,15 @@ def test_wait_clean(heap_factory) -> None:
 def test_max_domains_slots(heap_factory) -> None:
     heap = heap_factory(4 * MiB, nodes=1, max_domains=2)
     a = heap.create_domain()
-    heap.create_domain()
+    b = heap.create_domain()
     with pytest.raises(OutOfMemory):
         heap.create_domain()
     a.destroy()
     c = heap.create_domain()  # the slot is reused
-    assert c.alive
+    assert c.alive and b.alive
     assert c.pages == 0
+    del b  # collected: destroyed, its slot free again
+    assert heap.create_domain().alive
     heap.check()
 
 

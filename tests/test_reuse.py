@@ -15,7 +15,7 @@ import pytest
 import xenheap
 from native_kernels import api
 from native_kernels.layout import D_PARKED_COUNT, PAGE_SIZE
-from xenheap.domain import flush_reuse
+from xenheap.domain import flush_reuse, return_parked
 from xenheap.reuse import ReuseCache
 
 MiB = 2**20
@@ -375,3 +375,74 @@ def test_check_finds_a_parked_block_that_went_back_to_the_heap_too():
         heap.core.call(api.heap_free_short, dom.slot, dom.id, mfn, 0, tag)  # behind its back
         with pytest.raises(xenheap.HeapCorruption, match="parked for reuse"):
             heap.check()
+
+
+def test_numpy_takes_back_the_blocks_other_domains_parked_through_the_python_api():
+    """No kernel can reach the Python API's reuse caches: a numpy allocation that finds the
+    heap short asks the Python side to give them back (the handler's reclaim callback)."""
+    with xenheap.Heap("8MiB", scrub="alloc", nodes=1) as heap:
+        parker, user = heap.create_domain("parker"), heap.create_domain("user")
+        for blk in [parker.alloc(0) for _ in range(heap.total_pages)]:  # the whole heap
+            blk.free()
+        assert parker.stats()["cached_bytes"] == 4 * MiB  # reuse_bytes: the rest went back
+        with user.numpy_allocator():
+            big = np.ones(4 * MiB // 8)  # the free half
+            more = np.ones(2 * MiB // 8)  # only there once the cache is back
+        assert parker.stats()["cached_bytes"] == 0
+        assert big.sum() == 4 * MiB // 8 and more.sum() == 2 * MiB // 8
+        del big, more
+        heap.check()
+
+
+def test_a_destroy_waits_for_parked_blocks_on_their_way_back(monkeypatch):
+    """A return of parked blocks in flight (the idle chore, an allocation short of room)
+    finishes before a destroy retires the cache: else the destroy freed them again, and
+    the statistics counted them freed twice."""
+    paused, resume = threading.Event(), threading.Event()
+    drain = ReuseCache.drain
+
+    def pausing_drain(self, close=False):
+        out = drain(self, close)
+        if threading.current_thread().name == "returner":
+            paused.set()
+            resume.wait(10)
+        return out
+
+    monkeypatch.setattr(ReuseCache, "drain", pausing_drain)
+    with xenheap.Heap("16MiB", scrub="alloc", nodes=1) as heap:
+        dom = heap.create_domain()
+        for blk in [dom.alloc(0) for _ in range(8)]:
+            blk.free()
+        del blk
+        returner = threading.Thread(target=return_parked, args=(dom,), name="returner")
+        returner.start()
+        assert paused.wait(10)
+        threading.Timer(0.2, resume.set).start()
+        dom.destroy()  # waits for the returner
+        returner.join(10)
+        assert not returner.is_alive()
+        for st in (dom.stats(), heap.stats()):
+            assert (st["num_allocations"], st["num_frees"]) == (8, 8)
+        heap.check()
+
+
+def test_a_collected_domain_is_destroyed_and_its_parked_memory_comes_back():
+    """A domain nothing refers to any more (nor to its blocks) goes as a dropped block does:
+    destroyed at the heap's next statistics call or chore, its parked blocks with it, and
+    its reuse counters stay in the heap's."""
+    with xenheap.Heap("8MiB", scrub="alloc", nodes=1) as heap:
+        dom = heap.create_domain()
+        for blk in [dom.alloc(0) for _ in range(64)]:
+            blk.free()
+        del blk
+        kept = dom.alloc(2)
+        kept.array()[:] = 1
+        before = heap.stats()
+        assert before["cached_bytes"] > 0 and before["domains"] == 1
+        del dom, kept
+        after = heap.stats()
+        assert after["domains"] == 0 and after["cached_bytes"] == 0
+        assert after["bytes_allocated"] == 0 and after["free_pages"] == heap.total_pages
+        assert after["num_allocations"] == before["num_allocations"]
+        assert after["num_frees"] == before["num_frees"] + 1
+        heap.check()

@@ -23,7 +23,7 @@ The surface:
   ``close_arenas``.
 - Domains: ``live_domains``, slots (``take_slot``,
   ``retire_slot``), destroyed domains' memory (``relinquishing``, ``relinquish``,
-  ``relinquish_pending``),
+  ``relinquish_pending``), domains collected without a destroy (``orphans``),
   ``reuse_retired`` (destroyed domains' reuse counters), ``numpy_handlers``,
   ``arenas_await_arrays``.
 - Scrubbers: ``scrubbers`` and ``scrubber_of`` (node -> index), set by the Heap;
@@ -76,6 +76,7 @@ from xenheap.topology import Topology
 
 if TYPE_CHECKING:
     from xenheap.domain import Domain
+    from xenheap.domain_record import DomainRecord
     from xenheap.scrubber import Scrubber
 
 __all__ = ["HeapCore"]
@@ -118,9 +119,12 @@ class HeapCore:
         # destructor of the last handler then unmaps them (xenheap.numpy_alloc).
         self.arenas_await_arrays = False
         self._free_slots = list(range(max_domains - 1, -1, -1))
-        # Destroyed domains' slots until they are DOM_DEAD, each with its Domain, which
+        # Destroyed domains' slots until they are DOM_DEAD, each with its record, which
         # gets its final statistics row before the slot goes to another domain.
-        self._dying_slots: list[tuple[int, weakref.ref[Domain]]] = []
+        self._dying_slots: list[DomainRecord] = []
+        # Records of domains collected without a destroy (Domain's finalizer appends, from
+        # inside the garbage collector: no lock), destroyed by xenheap.domain.free_all_dropped.
+        self.orphans: collections.deque[DomainRecord] = collections.deque()
         # (slot, id, Python-side records to drop) of domains destroyed with their
         # relinquish_memory left to relinquish()
         self.relinquishing: collections.deque[tuple[int, int, object]] = collections.deque()
@@ -163,6 +167,10 @@ class HeapCore:
         """The arena holding page ``mfn`` and the page's byte offset in it."""
         node = mfn // self.pages_per_node
         return self.arenas[node], (mfn - node * self.pages_per_node) * PAGE_SIZE
+
+    def page_views(self, mfn: int, order: int) -> np.ndarray:
+        """Block (mfn, order)'s bytes as a uint8 view (bytes_at, by order)."""
+        return self.bytes_at(mfn, PAGE_SIZE << order)
 
     def bytes_at(self, mfn: int, nbytes: int) -> np.ndarray:
         """A uint8 numpy view of ``nbytes`` from page ``mfn``: a slice of the arena's array,
@@ -255,26 +263,24 @@ class HeapCore:
         domain_life.open_domain(self.state["doms"], slot, dom_id, max_pages)
         return slot, dom_id
 
-    def retire_slot(self, dom: Domain) -> None:
+    def retire_slot(self, rec: DomainRecord) -> None:
         """A destroyed domain's slot: free once the domain is laid to rest (its memory
         relinquished and numpy's last pinned block freed)."""
         with self.lock:
-            self._dying_slots.append((dom.slot, weakref.ref(dom)))
+            self._dying_slots.append(rec)
 
     def _reap_slots(self) -> None:
         """Move slots of domains laid to rest to the free list, keeping each one's last
-        statistics row on its Domain; caller holds self.lock."""
+        statistics row on its record; caller holds self.lock."""
         doms = self.state["doms"]
         still_dying = []
-        for slot, dom_ref in self._dying_slots:
-            row = domain_life.domain_row(doms, slot)
+        for rec in self._dying_slots:
+            row = domain_life.domain_row(doms, rec.slot)
             if row[D_STATE] == DOM_DEAD:
-                dom = dom_ref()
-                if dom is not None:
-                    dom.record.final_row = row
-                self._free_slots.append(slot)
+                rec.final_row = row
+                self._free_slots.append(rec.slot)
             else:
-                still_dying.append((slot, dom_ref))
+                still_dying.append(rec)
         self._dying_slots = still_dying
 
     def relinquish(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,9 +79,14 @@ class Domain:
         self.core = heap.core  # the heap's internal surface (xenheap.core), not for users
         self.id = dom_id
         self.name = name if name is not None else f"d{dom_id}"
+        core = self.core
         self.record = DomainRecord(
             slot, dom_id, max_pages,
-            ReuseCache(heap.reuse_bytes, self._view_of) if self.core.reuse_blocks else None)
+            ReuseCache(heap.reuse_bytes, core.page_views) if core.reuse_blocks else None)
+        # Collected without a destroy: queued for one (nothing may wait for a lock in the
+        # garbage collector). The record must not refer back to this object.
+        self._collected = weakref.finalize(self, core.orphans.append, self.record)
+        self._collected.atexit = False
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -111,9 +117,11 @@ class Domain:
         and blocks held, the quota in pages, and pages held by live numpy arrays (which
         outlive a destroy until numpy frees them). A destroyed domain keeps its figures.
         Every field is in xenheap.stats."""
-        if self.record.dropped:
+        rec = self.record
+        # Also while another thread frees the last of them: wait for it (free_dropped).
+        if rec.dropped or rec.dropping.locked():
             free_dropped(self)
-        if self.record.destroyed:
+        if rec.destroyed:
             self.core.relinquish()
         with default_numpy_memory():  # its working arrays never come from this domain
             return domain_stats(self)
@@ -273,40 +281,20 @@ class Domain:
         if code:
             core.wake(1 << core.node_of(blk.mfn))
 
-    def _view_of(self, mfn: int, order: int) -> np.ndarray:
-        return self.core.bytes_at(mfn, self.heap.page_size << order)
-
     def destroy(self) -> None:
         """Free all the domain's memory. Returns at once: the first scrubber's thread frees
         the blocks right after (Xen's relinquish_memory), dirty, for the scrubbers. In
         "sync" mode every page is zeroed before this returns; in "alloc" and debug mode
-        the blocks are freed (and poisoned) before it returns."""
-        core, rec = self.core, self.record
+        the blocks are freed (and poisoned) before it returns. A domain collected without
+        a destroy (nothing refers to it, nor to its blocks) is destroyed at the heap's next
+        chore or statistics call."""
+        core = self.core
         core.refuse_if_forked()  # before the cache's lock: a parent thread may hold it
-        reuse = rec.reuse
-        # Parked blocks are on the domain's list: they go with it.
-        records = reuse.retire() if reuse is not None else None
-        with core.lock:  # off the heap's live list, once; its reuse counters move there
-            if self in core.domains:
-                core.domains.discard(self)
-                if reuse is not None:
-                    hits, pages, parks, returned = core.reuse_retired
-                    core.reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
-                                           parks + reuse.parks, returned + reuse.returned)
-        defer = core.defers_relinquish()
-        status, wake = core.call(api.heap_destroy, rec.slot, rec.id, defer)
-        if status < 0:
-            raise DomainDead(f"{self!r} was already destroyed")
-        rec.destroyed = True
-        rec.dropped.clear()  # their blocks go with the domain
-        rec.capsule = None  # arrays made with it hold their own reference
-        core.charges.destroyed(self.id)
-        core.retire_slot(self)
-        if defer:  # the first scrubber's chore frees the blocks (HeapCore.relinquish)
-            core.relinquishing.append((rec.slot, rec.id, records))
-            core.scrubbers[0].wakeup.set()
-        elif wake:
-            core.wake(wake)
+        with core.lock:  # off the heap's live list, once
+            live = self in core.domains
+            core.domains.discard(self)
+        self._collected.detach()
+        destroy_record(core, self.record, fold=live, who=self)
 
     def numpy_allocator(self) -> contextlib.AbstractContextManager[Domain]:
         """``with dom.numpy_allocator():`` numpy arrays created in this thread or asyncio
@@ -337,12 +325,17 @@ class Domain:
 
 def free_dropped(dom: Domain) -> int:
     """Free the blocks whose handles were dropped unfreed (any thread may call it);
-    returns how many went back."""
+    returns how many went back (at least 1 if another thread was freeing them: they are
+    back by the time this returns, so an allocation short of room may retry)."""
     if dom.core.forked:
         return 0  # the lock below may be held by a parent thread; the child frees none
     dropped = dom.record.dropped
-    freed = 0
-    with dom.record.dropping:
+    dropping = dom.record.dropping
+    waited = not dropping.acquire(False)
+    if waited:
+        dropping.acquire()
+    freed = int(waited)
+    try:
         while dropped:
             try:
                 mfn, order, tag = dropped.popleft()
@@ -355,6 +348,8 @@ def free_dropped(dom: Domain) -> int:
             except (InvalidFree, HeapClosed) as exc:  # destroyed or closed meanwhile
                 log.debug("dropped %r not freed: its domain or heap went first (%s)",
                           blk, exc)
+    finally:
+        dropping.release()
     return freed
 
 
@@ -424,12 +419,66 @@ def flush_reuse(core: HeapCore, dom: Domain | None = None) -> bool:
     """Give the blocks parked for reuse by ``dom`` (every live domain, if None) back to the
     heap, and its dropped blocks: an allocation found its quota or the heap short.
     True if any went back."""
+    # The heap short: collected domains' memory too (the allocation's kernel relinquishes it).
+    destroyed = destroy_orphans(core) if dom is None and core.orphans else 0
     doms = [dom] if dom is not None else core.live_domains()
-    return sum(free_dropped(d) + return_parked(d) for d in doms) > 0
+    return destroyed + sum(free_dropped(d) + return_parked(d) for d in doms) > 0
 
 
 def free_all_dropped(core: HeapCore) -> None:
-    """Free the blocks whose handles the live domains' users dropped (xenheap.block)."""
+    """Free what users dropped: blocks whose handles went unfreed (xenheap.block), and
+    domains collected without a destroy."""
+    if core.orphans:
+        destroy_orphans(core)
     for dom in core.live_domains():
         if dom.record.dropped:
             free_dropped(dom)
+
+
+def destroy_record(core: HeapCore, rec: DomainRecord, fold: bool, who: object) -> None:
+    """Destroy the domain of ``rec`` (Domain.destroy, and a domain collected without one);
+    ``fold``: move its reuse counters into the heap's (once: the first destroy); ``who``
+    (its str) names the domain in errors."""
+    reuse = rec.reuse
+    # Parked blocks are on the domain's list: they go with it. Under ``returning``, so
+    # that a return of parked blocks in flight first frees them and counts them
+    # returned: else the destroy would free them again, and count them freed twice.
+    with rec.returning:
+        records = reuse.retire() if reuse is not None else None
+        if fold and reuse is not None:
+            with core.lock:
+                hits, pages, parks, returned = core.reuse_retired
+                core.reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
+                                      parks + reuse.parks, returned + reuse.returned)
+    defer = core.defers_relinquish()
+    status, wake = core.call(api.heap_destroy, rec.slot, rec.id, defer)
+    if status < 0:
+        raise DomainDead(f"{who!s} was already destroyed")
+    rec.destroyed = True
+    rec.dropped.clear()  # their blocks go with the domain
+    rec.capsule = None  # arrays made with it hold their own reference
+    core.charges.destroyed(rec.id)
+    core.retire_slot(rec)
+    if defer:  # the first scrubber's chore frees the blocks (HeapCore.relinquish)
+        core.relinquishing.append((rec.slot, rec.id, records))
+        core.scrubbers[0].wakeup.set()
+    elif wake:
+        core.wake(wake)
+
+
+def destroy_orphans(core: HeapCore) -> int:
+    """Destroy the domains collected without a destroy (Domain's finalizer queued them);
+    returns how many."""
+    orphans = core.orphans
+    destroyed = 0
+    while orphans and not core.closed and not core.forked:
+        try:
+            rec = orphans.popleft()
+        except IndexError:  # another thread took the last one
+            break
+        try:
+            destroy_record(core, rec, fold=True, who=f"collected domain {rec.id}")
+            destroyed += 1
+        except (DomainDead, HeapClosed) as exc:  # closed meanwhile: its memory goes with it
+            log.debug("collected domain %d not destroyed: %s", rec.id, exc)
+    return destroyed

@@ -22,7 +22,7 @@ class DomainRecord:
 
     - ``slot``, ``id``: the domain's row of the domain table and its id there (fixed).
     - ``max_pages``: its quota in pages, 0 for none (fixed).
-    - ``destroyed``: set once, by ``Domain.destroy`` (alive -> dying -> dead is the kernels'
+    - ``destroyed``: set once, by its destroy (alive -> dying -> dead is the kernels'
       D_STATE; this only says the destroy was asked for).
     - ``reuse``: its cache of freed blocks (xenheap.reuse), or None where frees must write the
       memory ("sync" zeroes, debug poisons).

@@ -26,6 +26,7 @@ from xenheap import collect, prim, stats
 from xenheap.core import HeapCore
 from xenheap.domain import (
     Domain,
+    destroy_orphans,
     free_all_dropped,
     parked_numpy_since,
     return_parked,
@@ -204,6 +205,8 @@ class Heap:
             max_pages = min(-(-quota // PAGE_SIZE), self.total_pages + 1)
         if name is not None and not isinstance(name, str):
             raise InvalidArgument(f"name must be a str, got {name!r}")
+        if self.core.orphans:  # collected domains' slots come free
+            destroy_orphans(self.core)
         slot, dom_id = self.core.take_slot(max_pages)
         dom = Domain(self, slot, dom_id, name, max_pages)
         with self.core.lock:

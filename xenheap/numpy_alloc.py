@@ -12,15 +12,26 @@ arenas stay mapped while any such array lives).
 from __future__ import annotations
 
 import ctypes
+import logging
+import threading
 from typing import TYPE_CHECKING
 
 from native_kernels import numpy_handler as cb
-from xenheap.domain import free_dropped, numpy_handler
+from xenheap.domain import flush_reuse, free_dropped, numpy_handler
 from xenheap.errors import DomainDead, HeapClosed
-from xenheap.numpy_api import CAPSULE_NAME, capsule_new, handler_var, set_handler
+from xenheap.numpy_api import (
+    CAPSULE_NAME,
+    capsule_new,
+    default_numpy_memory,
+    handler_var,
+    set_handler,
+)
 
 if TYPE_CHECKING:
+    from xenheap.core import HeapCore
     from xenheap.domain import Domain
+
+log = logging.getLogger(__name__)
 
 # The same call as numpy_api's on a capsule being destroyed: no new reference may be taken
 # to it then.
@@ -72,6 +83,31 @@ def inherited_states() -> list[dict]:
     return [entry[2] for entry in _live_entries()]
 
 
+_RECLAIM = ctypes.CFUNCTYPE(ctypes.c_int64)
+_reclaiming = threading.local()  # set while this thread runs a reclaim: none nests in it
+
+
+def _reclaimer(core: HeapCore) -> ctypes._CFunctionType:
+    """The callback numpy's callbacks make when the heap is short (CTX_RECLAIM): every live
+    domain's reuse cache goes back to the heap, as a Python API allocation short of room
+    has it, since no kernel can reach those blocks. 1 if any went back, else 0."""
+
+    def reclaim() -> int:
+        if getattr(_reclaiming, "active", False):
+            return 0
+        _reclaiming.active = True
+        try:
+            with default_numpy_memory():  # its own arrays never come from the handler
+                return int(flush_reuse(core))
+        except Exception:  # a C caller cannot take an exception: the allocation fails
+            log.exception("giving back the reuse caches for numpy failed")
+            return 0
+        finally:
+            _reclaiming.active = False
+
+    return _RECLAIM(reclaim)
+
+
 def make_handler(dom: Domain) -> object:
     """A new "mem_handler" capsule allocating from ``dom``."""
     heap, core = dom.heap, dom.core
@@ -90,11 +126,13 @@ def make_handler(dom: Domain) -> object:
     ctx[cb.CTX_SLOT] = dom.slot
     ctx[cb.CTX_DOM_ID] = dom.id
     ctx[cb.CTX_NODE] = core.placement(None)[0]
+    reclaim = _reclaimer(core)
+    ctx[cb.CTX_RECLAIM] = ctypes.cast(reclaim, ctypes.c_void_p).value or 0
     handler = _Handler(f"xenheap:{dom.name}".encode()[:126], 1,
                        _Allocator(ctypes.addressof(ctx), cb.numpy_malloc.address,
                                   cb.numpy_calloc.address, cb.numpy_realloc.address,
                                   cb.numpy_free.address))
-    live_handlers[ctypes.addressof(handler)] = (handler, ctx, s, core)
+    live_handlers[ctypes.addressof(handler)] = (handler, ctx, s, core, reclaim)
     core.numpy_handlers += 1
     return capsule_new(ctypes.addressof(handler), CAPSULE_NAME,
                         ctypes.cast(_capsule_destructor, ctypes.c_void_p))
