@@ -20,6 +20,7 @@ from native_kernels.layout import (
     DOM_FIELDS,
     E_BAD_FREE,
     E_NOMEM,
+    E_QUOTA,
     FT8_FIELDS,
     FT32_FIELDS,
     LIST_FIELDS,
@@ -59,9 +60,10 @@ CTX_MAX_DOMAINS = 9
 CTX_SLOT = 10  # the domain
 CTX_DOM_ID = 11
 CTX_NODE = 12  # preferred node: that of the thread that installed the handler
-# Address of a C function () -> int64 (a ctypes callback into Python): it gives back the
-# blocks that domains' Python API parked in their reuse caches (xenheap.reuse), which no
-# kernel can reach, and returns nonzero if any went back. Called when the heap is short.
+# Address of a C function (int64) -> int64 (a ctypes callback into Python): it gives back
+# the blocks that the Python API parked in reuse caches (xenheap.reuse), which no kernel can
+# reach: the domain's, given E_QUOTA, every domain's, given E_NOMEM. Nonzero if any went
+# back.
 CTX_RECLAIM = 13
 CTX_FIELDS = 14
 
@@ -169,12 +171,12 @@ def _array_alloc(ctx, nbytes):
 
 @njit(nogil=True, cache=True, **INTERNAL)
 def _reclaimed(ctx, result):
-    """``result`` of an allocation says the heap is short: ask the Python side to give
-    back the blocks parked in reuse caches (CTX_RECLAIM); True if any went back."""
-    if result != E_NOMEM:
+    """``result`` of an allocation says the quota or the heap is short: ask the Python side
+    to give back the blocks parked in reuse caches (CTX_RECLAIM); True if any went back."""
+    if result != E_NOMEM and result != E_QUOTA:
         return False
     address = _context(ctx)[CTX_RECLAIM]
-    return address != 0 and call_function(address) != 0
+    return address != 0 and call_function(address, result) != 0
 
 
 @njit(nogil=True, cache=True, **INTERNAL)

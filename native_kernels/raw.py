@@ -26,15 +26,16 @@ def trailing_zeros(typingctx, word):
 
 
 @intrinsic
-def call_function(typingctx, address):
-    """Call the C function at ``address``, which takes nothing and returns an int64: how a
+def call_function(typingctx, address, arg):
+    """Call the C function at ``address``, which takes an int64 and returns one: how a
     kernel calls back into Python (a ctypes callback, which takes the GIL itself)."""
 
     def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(ir.IntType(64), [])
-        return builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(i64, [i64])
+        return builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [args[1]])
 
-    return types.int64(types.int64), codegen
+    return types.int64(types.int64, types.int64), codegen
 
 
 @intrinsic

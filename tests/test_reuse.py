@@ -223,10 +223,11 @@ def test_numpy_gets_the_quota_the_python_api_freed():
         with dom.numpy_allocator():
             np.ones(8)
         for blk in [dom.alloc(4) for _ in range(15)]:  # 960 KiB, the rest of the quota
-            blk.free()  # not parked: numpy could not take these pages back
+            blk.free()  # parked: numpy's callback asks for them when the quota is short
+        assert dom.stats()["cached_bytes"] >= 960 * 1024  # and numpy's own parked slab
         with dom.numpy_allocator():
             big = np.ones(60_000)  # 480 KB: a 512 KiB block, half the quota
-        assert big.sum() == 60_000
+        assert big.sum() == 60_000 and dom.record.reuse.cached_bytes() == 0
         del big
         heap.check()
 

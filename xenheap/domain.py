@@ -255,9 +255,7 @@ class Domain:
         heap, core, rec = self.heap, self.core, self.record
         reuse = rec.reuse
         if reuse is not None and not core.closed:  # the cache claims the block, parked or not
-            # numpy's callbacks cannot give the Python API's parked blocks back when a quota
-            # runs short, so a domain with a quota and a numpy handler parks none.
-            parked = reuse.give(blk, not (rec.max_pages and rec.capsule is not None))
+            parked = reuse.give(blk)
             if parked == PARKED:
                 return
             if parked == FREED_ALREADY:
@@ -410,8 +408,6 @@ def numpy_handler(dom: Domain) -> object:
         from xenheap.numpy_alloc import make_handler
 
         rec.capsule = make_handler(dom)
-        if rec.max_pages:  # from now on it parks none (Domain.free says why): nor keeps any
-            return_parked(dom)
     return rec.capsule
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 from native_kernels import numpy_handler as cb
+from native_kernels.layout import E_QUOTA
 from xenheap.domain import flush_reuse, free_dropped, numpy_handler
 from xenheap.errors import DomainDead, HeapClosed
 from xenheap.numpy_api import (
@@ -28,7 +30,6 @@ from xenheap.numpy_api import (
 )
 
 if TYPE_CHECKING:
-    from xenheap.core import HeapCore
     from xenheap.domain import Domain
 
 log = logging.getLogger(__name__)
@@ -83,22 +84,28 @@ def inherited_states() -> list[dict]:
     return [entry[2] for entry in _live_entries()]
 
 
-_RECLAIM = ctypes.CFUNCTYPE(ctypes.c_int64)
+_RECLAIM = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
 _reclaiming = threading.local()  # set while this thread runs a reclaim: none nests in it
 
 
-def _reclaimer(core: HeapCore) -> ctypes._CFunctionType:
-    """The callback numpy's callbacks make when the heap is short (CTX_RECLAIM): every live
-    domain's reuse cache goes back to the heap, as a Python API allocation short of room
-    has it, since no kernel can reach those blocks. 1 if any went back, else 0."""
+def _reclaimer(dom: Domain) -> ctypes._CFunctionType:
+    """The callback numpy's callbacks make when the quota or the heap is short (CTX_RECLAIM,
+    given E_QUOTA or E_NOMEM): the domain's reuse cache, or every live domain's, goes back
+    to the heap, as for a Python API allocation short of room, since no kernel can reach
+    those blocks. 1 if any went back, else 0. It holds the domain weakly: arrays keep their
+    handler, and must not keep the domain from being collected (and destroyed)."""
+    core, ref = dom.core, weakref.ref(dom)
 
-    def reclaim() -> int:
+    def reclaim(code: int) -> int:
         if getattr(_reclaiming, "active", False):
+            return 0
+        owner = ref() if code == E_QUOTA else None
+        if code == E_QUOTA and owner is None:
             return 0
         _reclaiming.active = True
         try:
             with default_numpy_memory():  # its own arrays never come from the handler
-                return int(flush_reuse(core))
+                return int(flush_reuse(core, owner))
         except Exception:  # a C caller cannot take an exception: the allocation fails
             log.exception("giving back the reuse caches for numpy failed")
             return 0
@@ -126,7 +133,7 @@ def make_handler(dom: Domain) -> object:
     ctx[cb.CTX_SLOT] = dom.slot
     ctx[cb.CTX_DOM_ID] = dom.id
     ctx[cb.CTX_NODE] = core.placement(None)[0]
-    reclaim = _reclaimer(core)
+    reclaim = _reclaimer(dom)
     ctx[cb.CTX_RECLAIM] = ctypes.cast(reclaim, ctypes.c_void_p).value or 0
     handler = _Handler(f"xenheap:{dom.name}".encode()[:126], 1,
                        _Allocator(ctypes.addressof(ctx), cb.numpy_malloc.address,

@@ -150,16 +150,16 @@ class ReuseCache:
         """Record a block the heap just handed out through the Python API."""
         self.issued.add((mfn, order, tag))
 
-    def give(self, blk: Block, park: bool = True) -> int:
+    def give(self, blk: Block) -> int:
         """Take back block ``blk`` that the Python API frees: claimed in ``issued``, and
-        parked if ``park`` and there is room.
+        parked if there is room.
 
         PARKED: kept for reuse (and marked freed, under the lock). NOT_PARKED: the caller
-        frees it in the heap (not ``park``, closed cache, order too large, full, or the
-        lock busy). FREED_ALREADY: a double free. NOT_ISSUED: not a live block that this
-        domain handed out (a stale or hand-made handle, or one that another free claimed
-        first); nothing changed. Parking trusts only what the domain recorded, never the
-        handle: a forged (mfn, order) parked here would hand out another domain's memory.
+        frees it in the heap (closed cache, order too large, full, or the lock busy).
+        FREED_ALREADY: a double free. NOT_ISSUED: not a live block that this domain handed
+        out (a stale or hand-made handle, or one that another free claimed first); nothing
+        changed. Parking trusts only what the domain recorded, never the handle: a forged
+        (mfn, order) parked here would hand out another domain's memory.
         """
         order = blk.order
         mfn = blk.mfn
@@ -175,7 +175,7 @@ class ReuseCache:
                 self.issued.remove((mfn, order, blk.tag))
             except KeyError:
                 return NOT_ISSUED
-            if (not park or order > REUSE_MAX_ORDER or self.closed
+            if (order > REUSE_MAX_ORDER or self.closed
                     or len(self._lists[order]) >= self._room[order]):
                 self._forget_views(mfn)
                 return NOT_PARKED
