@@ -67,10 +67,12 @@ _numpy_allocator: Callable[[Domain], contextlib.AbstractContextManager[Domain]] 
 class Domain:
     """An owner of memory; destroying it gives all its memory back at once.
 
-    Also a context manager: destroyed on exit. Its state beyond the public attributes is in
-    ``record`` (xenheap.domain_record), which the package's other modules share; the
-    operations they call on a domain are this module's functions ``free_dropped``,
-    ``return_parked``, ``parked_numpy_since`` and ``numpy_handler``.
+    Also a context manager: destroyed on exit; and destroyed too once collected (nothing
+    refers to it, nor to its blocks). Its state beyond the public attributes is in
+    ``record`` (xenheap.domain_record), which the package's other modules share; what they
+    ask of domains are this module's functions (``free_dropped``, ``return_parked``,
+    ``parked_numpy_since``, ``numpy_handler``, ``flush_reuse``, ``free_all_dropped``,
+    ``destroy_orphans``).
     """
 
     def __init__(self, heap: Heap, slot: int, dom_id: int, name: str | None,
