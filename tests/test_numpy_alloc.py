@@ -368,6 +368,43 @@ print("done")
 """)
 
 
+def test_an_array_made_inside_the_garbage_collector_never_waits_for_a_lock_of_its_thread():
+    """numpy's callbacks call back into Python when the quota runs short; the garbage
+    collector may make that call (a finalizer's array) while this very thread holds the
+    domain's reuse cache (dom.alloc taking a parked block): the callback must skip that
+    cache, not wait for it."""
+    _run_bounded("""
+import gc, numpy as np, xenheap
+heap = xenheap.Heap("16MiB", scrub="alloc", nodes=1)
+dom = heap.create_domain(max_bytes="64KiB")
+blocks = [dom.alloc(0) for _ in range(16)]  # the whole quota
+for b in blocks[:8]:
+    b.free()  # parked: still on the quota
+del b
+
+class Finalized:  # in a reference cycle: the collector finalizes it
+    def __init__(self):
+        self.cycle = self
+    def __del__(self):
+        try:
+            self.arr = np.ones(3000)  # needs the parked pages, held by the cache's lock
+        except MemoryError:
+            pass
+
+with dom.numpy_allocator():
+    gc.collect()
+    gc.disable()
+    Finalized()
+    gc.set_threshold(1)  # the next tracked allocation collects: inside ReuseCache.take
+    gc.enable()
+    blk = dom.alloc(0)
+gc.set_threshold(700)
+assert blk.order == 0
+heap.check()
+print("done")
+""")
+
+
 def test_the_heaps_own_arrays_never_come_from_a_domains_handler(heap):
     dom = heap.create_domain(max_bytes="4KiB")  # too small for any heap's frame table
     with dom.numpy_allocator(), xenheap.Heap("16MiB", scrub="alloc") as inner:

@@ -418,10 +418,15 @@ def test_a_destroy_waits_for_parked_blocks_on_their_way_back(monkeypatch):
         returner = threading.Thread(target=return_parked, args=(dom,), name="returner")
         returner.start()
         assert paused.wait(10)
-        threading.Timer(0.2, resume.set).start()
-        dom.destroy()  # waits for the returner
+        destroyer = threading.Thread(target=dom.destroy)
+        destroyer.start()
+        time.sleep(0.2)  # the destroy waits for the returner: the domain still counts
+        during = heap.stats()
+        assert (during["num_allocations"], during["num_frees"]) == (8, 8)
+        resume.set()
         returner.join(10)
-        assert not returner.is_alive()
+        destroyer.join(10)
+        assert not returner.is_alive() and not destroyer.is_alive() and not dom.alive
         for st in (dom.stats(), heap.stats()):
             assert (st["num_allocations"], st["num_frees"]) == (8, 8)
         heap.check()

@@ -85,12 +85,13 @@ def _python_reuse(heap: Heap) -> tuple[int, int, int, int, int]:
     heap, bytes parked now) by the Python API's reuse caches of ``heap``: the live domains'
     and, folded in when each was destroyed, the others' (none parked any more)."""
     core = heap.core
-    with core.lock:  # destroy() moves a domain's counters to the heap's under it
+    with core.lock:  # a destroy moves a domain's counters to the heap's under it
         hits, pages, parks, returned = core.reuse_retired
-        doms = list(core.domains)
+        caches = [dom.record.reuse for dom in core.domains]
+        # Collected, not yet destroyed; copied in one step: a finalizer may append meanwhile.
+        caches += [rec.reuse for rec in list(core.orphans)]
     cached = 0
-    for dom in doms:
-        reuse = dom.record.reuse
+    for reuse in caches:
         if reuse is not None:
             hits += reuse.hits
             pages += reuse.hit_pages

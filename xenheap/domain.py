@@ -288,13 +288,20 @@ class Domain:
         the blocks are freed (and poisoned) before it returns. A domain collected without
         a destroy (nothing refers to it, nor to its blocks) is destroyed at the heap's next
         chore or statistics call."""
-        core = self.core
+        core, rec = self.core, self.record
         core.refuse_if_forked()  # before the cache's lock: a parent thread may hold it
-        with core.lock:  # off the heap's live list, once
-            live = self in core.domains
-            core.domains.discard(self)
         self._collected.detach()
-        destroy_record(core, self.record, fold=live, who=self)
+        reuse = rec.reuse
+        # Parked blocks are on the domain's list: they go with it. Under ``returning``, so
+        # that a return of parked blocks in flight first frees them and counts them
+        # returned: else the destroy would free them again, and count them freed twice.
+        with rec.returning:
+            records = reuse.retire() if reuse is not None else None
+            with core.lock:  # off the live list with its reuse counters into the heap's, once
+                if self in core.domains:
+                    core.domains.discard(self)
+                    _fold_reuse_counters(core, reuse)
+        destroy_record(core, rec, records, who=self)
 
     def numpy_allocator(self) -> contextlib.AbstractContextManager[Domain]:
         """``with dom.numpy_allocator():`` numpy arrays created in this thread or asyncio
@@ -393,6 +400,40 @@ def _return_parked_locked(dom: Domain, close: bool) -> int:
     return len(entries) + max(numpy_blocks, 0)
 
 
+def return_parked_now(core: HeapCore, dom: Domain | None) -> bool:
+    """return_parked for ``dom`` (every live domain, if None) from numpy's callbacks, whose
+    quota or heap ran short. They may run inside the garbage collector while this thread
+    holds any of xenheap's locks, so this waits for none: a domain whose locks are held is
+    skipped, and nothing is woken (the scrubbers find the dirt at their next look). True
+    if any block went back."""
+    if core.closed or core.forked:
+        return False
+    if dom is not None:
+        doms = [dom]
+    elif core.lock.acquire(False):
+        try:
+            doms = list(core.domains)
+        finally:
+            core.lock.release()
+    else:
+        return False
+    back = 0
+    for d in doms:
+        rec = d.record
+        if rec.reuse is None or rec.destroyed or not rec.returning.acquire(False):
+            continue
+        try:
+            for order, (mfn, tag) in rec.reuse.drain_now():
+                # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
+                core.call(api.heap_free_short, rec.slot, rec.id, mfn, order, tag & HEAP_TAG_MASK)
+                back += 1
+        except HeapClosed:  # closed meanwhile: the memory goes with it
+            return False
+        finally:
+            rec.returning.release()
+    return back > 0
+
+
 def parked_numpy_since(dom: Domain, stale: float) -> bool:
     """numpy blocks are parked and none was parked after ``stale`` (time.monotonic)."""
     rec = dom.record
@@ -433,21 +474,19 @@ def free_all_dropped(core: HeapCore) -> None:
             free_dropped(dom)
 
 
-def destroy_record(core: HeapCore, rec: DomainRecord, fold: bool, who: object) -> None:
-    """Destroy the domain of ``rec`` (Domain.destroy, and a domain collected without one);
-    ``fold``: move its reuse counters into the heap's (once: the first destroy); ``who``
-    (its str) names the domain in errors."""
-    reuse = rec.reuse
-    # Parked blocks are on the domain's list: they go with it. Under ``returning``, so
-    # that a return of parked blocks in flight first frees them and counts them
-    # returned: else the destroy would free them again, and count them freed twice.
-    with rec.returning:
-        records = reuse.retire() if reuse is not None else None
-        if fold and reuse is not None:
-            with core.lock:
-                hits, pages, parks, returned = core.reuse_retired
-                core.reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
-                                      parks + reuse.parks, returned + reuse.returned)
+def _fold_reuse_counters(core: HeapCore, reuse: ReuseCache | None) -> None:
+    """Move a destroyed domain's reuse counters into the heap's (caller holds core.lock, in
+    the section that takes the domain off the set the statistics read)."""
+    if reuse is not None:
+        hits, pages, parks, returned = core.reuse_retired
+        core.reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
+                              parks + reuse.parks, returned + reuse.returned)
+
+
+def destroy_record(core: HeapCore, rec: DomainRecord, records: object, who: object) -> None:
+    """Destroy the domain of ``rec`` in the kernels, its reuse cache retired (``records``:
+    what retire() gave, dropped once its memory is relinquished); ``who`` (its str) names
+    the domain in errors."""
     defer = core.defers_relinquish()
     status, wake = core.call(api.heap_destroy, rec.slot, rec.id, defer)
     if status < 0:
@@ -470,12 +509,16 @@ def destroy_orphans(core: HeapCore) -> int:
     orphans = core.orphans
     destroyed = 0
     while orphans and not core.closed and not core.forked:
-        try:
+        # Off the queue with its reuse counters into the heap's in one section: the
+        # statistics read both under the lock. Nothing else can reach its cache.
+        with core.lock:
+            if not orphans:
+                break
             rec = orphans.popleft()
-        except IndexError:  # another thread took the last one
-            break
+            records = rec.reuse.retire() if rec.reuse is not None else None
+            _fold_reuse_counters(core, rec.reuse)
         try:
-            destroy_record(core, rec, fold=True, who=f"collected domain {rec.id}")
+            destroy_record(core, rec, records, who=f"collected domain {rec.id}")
             destroyed += 1
         except (DomainDead, HeapClosed) as exc:  # closed meanwhile: its memory goes with it
             log.debug("collected domain %d not destroyed: %s", rec.id, exc)

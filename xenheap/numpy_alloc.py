@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from native_kernels import numpy_handler as cb
 from native_kernels.layout import E_QUOTA
-from xenheap.domain import flush_reuse, free_dropped, numpy_handler
+from xenheap.domain import free_dropped, numpy_handler, return_parked_now
 from xenheap.errors import DomainDead, HeapClosed
 from xenheap.numpy_api import (
     CAPSULE_NAME,
@@ -92,8 +92,10 @@ def _reclaimer(dom: Domain) -> ctypes._CFunctionType:
     """The callback numpy's callbacks make when the quota or the heap is short (CTX_RECLAIM,
     given E_QUOTA or E_NOMEM): the domain's reuse cache, or every live domain's, goes back
     to the heap, as for a Python API allocation short of room, since no kernel can reach
-    those blocks. 1 if any went back, else 0. It holds the domain weakly: arrays keep their
-    handler, and must not keep the domain from being collected (and destroyed)."""
+    those blocks (xenheap.domain.return_parked_now: it waits for no lock, as numpy may
+    allocate inside the garbage collector while this thread holds one). 1 if any went
+    back, else 0. It holds the domain weakly: arrays keep their handler, and must not keep
+    the domain from being collected (and destroyed)."""
     core, ref = dom.core, weakref.ref(dom)
 
     def reclaim(code: int) -> int:
@@ -105,7 +107,7 @@ def _reclaimer(dom: Domain) -> ctypes._CFunctionType:
         _reclaiming.active = True
         try:
             with default_numpy_memory():  # its own arrays never come from the handler
-                return int(flush_reuse(core, owner))
+                return int(return_parked_now(core, owner))
         except Exception:  # a C caller cannot take an exception: the allocation fails
             log.exception("giving back the reuse caches for numpy failed")
             return 0

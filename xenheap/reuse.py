@@ -206,23 +206,43 @@ class ReuseCache:
         while settling:
             self._forget_views(settling.popleft())
 
+    def _take_all(self) -> list[tuple[int, tuple[int, int]]]:
+        """Every parked block out, as (order, (mfn, tag)), their views dropped (the caller
+        holds the lock)."""
+        self._settle()
+        out = [(order, e) for order, entries in enumerate(self._lists) for e in entries]
+        for entries in self._lists:
+            entries.clear()
+        for _order, (mfn, _tag) in out:
+            self._forget_views(mfn)
+        return out
+
     def drain(self, close: bool = False) -> list[tuple[int, tuple[int, int]]]:
         """Take every parked block out: (order, (mfn, tag)) pairs for the caller to free in
         the heap. ``close``: none may be parked afterwards (destroy, or the heap closes)."""
         with self.lock:
-            self._settle()
+            out = self._take_all()
             self.closed = self.closed or close
-            out = [(order, e) for order, entries in enumerate(self._lists) for e in entries]
-            for entries in self._lists:
-                entries.clear()
-            for _order, (mfn, _tag) in out:
-                self._forget_views(mfn)
             if close:
                 self.issued.clear()
                 for mv in self.memoryviews.values():
                     mv.release()
                 self.memoryviews.clear()
                 self.views.clear()
+        return out
+
+    def drain_now(self) -> list[tuple[int, tuple[int, int]]]:
+        """drain() without waiting: nothing if another thread holds the lock, or this one
+        (the caller may run inside the garbage collector, within take or give). The blocks
+        count as returned at once: the caller frees them in the heap, or their domain's
+        destroy does."""
+        if not self.lock.acquire(False):
+            return []
+        try:
+            out = self._take_all()
+            self.returned += len(out)
+        finally:
+            self.lock.release()
         return out
 
     def retire(self) -> tuple[set | dict, ...]:
