@@ -63,7 +63,10 @@ live_handlers: dict[int, tuple] = {}
 
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 def _capsule_destructor(capsule: int) -> None:
-    entry = live_handlers.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
+    try:
+        entry = live_handlers.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
+    except AttributeError:  # interpreter shutdown cleared this module: the entry stays
+        return
     if entry is None:
         return
     core = entry[3]
@@ -71,6 +74,14 @@ def _capsule_destructor(capsule: int) -> None:
     # block's view still alive keeps the mapping until it goes; Arena.close says so).
     if core.arenas_await_arrays and not handlers_for(core.state):
         core.close_arenas()
+
+
+# numpy may destroy a capsule, free an array or allocate through a handler after this
+# module's globals are gone (the garbage collector at interpreter shutdown): the table, and
+# with it every handler's structures and callbacks, and the capsule destructor, are then
+# still what numpy points to. So each holds one reference that is never given back.
+for _pinned in (live_handlers, _capsule_destructor):
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(_pinned))
 
 
 def _live_entries() -> list[tuple]:
