@@ -6,8 +6,8 @@ the array was made. Here ``ctx`` points to an int64 record (CTX_* below) naming 
 arrays by address and the domain; the callbacks rebuild the arrays with ``carray`` and call
 the nogil kernels of native_kernels.small. A failure returns NULL, which numpy turns into
 its usual MemoryError. No Python object is touched, so numpy may call them without the GIL,
-but for one call back into Python when the heap is short (CTX_RECLAIM), which takes the GIL
-itself.
+but for one call back into Python when the quota or the heap is short (CTX_RECLAIM), which
+takes the GIL itself.
 """
 
 from numba import carray, cfunc, njit, types

@@ -82,6 +82,7 @@ def _capsule_destructor(capsule: int) -> None:
 # still what numpy points to. So each holds one reference that is never given back.
 for _pinned in (live_handlers, _capsule_destructor):
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(_pinned))
+del _pinned
 
 
 def _live_entries() -> list[tuple]:
