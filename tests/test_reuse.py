@@ -452,3 +452,18 @@ def test_a_collected_domain_is_destroyed_and_its_parked_memory_comes_back():
         assert after["num_allocations"] == before["num_allocations"]
         assert after["num_frees"] == before["num_frees"] + 1
         heap.check()
+
+
+def test_numpy_gets_the_memory_of_a_collected_domain():
+    """numpy's callbacks cannot destroy a collected domain (they wait for no lock), so
+    entering a numpy_allocator() does it first."""
+    with xenheap.Heap("16MiB", scrub="alloc", nodes=1) as heap:
+        user, dropped = heap.create_domain(), heap.create_domain()
+        dropped.populate("14MiB")
+        del dropped  # collected, not destroyed yet: it still holds 14 MiB
+        with user.numpy_allocator():
+            big = np.ones(6 * MiB // 8)
+        assert big.sum() == 6 * MiB // 8
+        del big
+        assert heap.stats()["domains"] == 1
+        heap.check()

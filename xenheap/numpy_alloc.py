@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from native_kernels import numpy_handler as cb
 from native_kernels.layout import E_QUOTA
-from xenheap.domain import free_dropped, numpy_handler, return_parked_now
+from xenheap.domain import destroy_orphans, free_dropped, numpy_handler, return_parked_now
 from xenheap.errors import DomainDead, HeapClosed
 from xenheap.numpy_api import (
     CAPSULE_NAME,
@@ -65,7 +65,7 @@ live_handlers: dict[int, tuple] = {}
 def _capsule_destructor(capsule: int) -> None:
     try:
         entry = live_handlers.pop(_dying_capsule_pointer(capsule, CAPSULE_NAME), None)
-    except AttributeError:  # interpreter shutdown cleared this module: the entry stays
+    except (AttributeError, TypeError):  # shutdown cleared this module: the entry stays
         return
     if entry is None:
         return
@@ -183,8 +183,12 @@ class numpy_allocator:
         if not dom.alive:
             raise DomainDead(f"{dom!r} was destroyed")
         handler = numpy_handler(dom)
-        if dom.record.dropped:  # numpy's callbacks cannot free them, should the quota run short
+        # Neither can numpy's callbacks free dropped handles, should the quota run short,
+        # nor destroy collected domains, should the heap (their reclaim waits for no lock).
+        if dom.record.dropped:
             free_dropped(dom)
+        if dom.core.orphans:
+            destroy_orphans(dom.core)
         if handler_var is not None:
             self._previous = handler_var.get()
             handler_var.set(handler)
