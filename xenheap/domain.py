@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import weakref
 from typing import TYPE_CHECKING
 
@@ -338,10 +339,7 @@ def free_dropped(dom: Domain) -> int:
         return 0  # the lock below may be held by a parent thread; the child frees none
     dropped = dom.record.dropped
     dropping = dom.record.dropping
-    waited = not dropping.acquire(False)
-    if waited:
-        dropping.acquire()
-    freed = int(waited)
+    freed = int(_acquire_noting_wait(dropping))
     try:
         while dropped:
             try:
@@ -360,6 +358,27 @@ def free_dropped(dom: Domain) -> int:
     return freed
 
 
+def _acquire_noting_wait(lock: threading.Lock) -> bool:
+    """Take ``lock``; True if another thread held it, whose work is then done."""
+    waited = not lock.acquire(False)
+    if waited:
+        lock.acquire()
+    return waited
+
+
+def _free_drained(core: HeapCore, rec: DomainRecord,
+                  entries: list[tuple[int, tuple[int, int]]]) -> int:
+    """Free in the heap the parked blocks drained from ``rec``'s cache; returns the mask of
+    the nodes whose scrubbers should wake."""
+    wake = 0
+    for order, (mfn, tag) in entries:
+        # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
+        if core.call(api.heap_free_short, rec.slot, rec.id, mfn, order,
+                     tag & HEAP_TAG_MASK) > 0:
+            wake |= 1 << core.node_of(mfn)
+    return wake
+
+
 def return_parked(dom: Domain, close: bool = False) -> int:
     """Give the blocks parked for reuse (by the Python API and by numpy) back to the
     heap, dirty; returns how many (at least 1 if another thread was doing it: its
@@ -368,9 +387,7 @@ def return_parked(dom: Domain, close: bool = False) -> int:
     if dom.core.forked:
         return 0  # the lock below may be held by a parent thread
     returning = dom.record.returning
-    waited = not returning.acquire(blocking=False)
-    if waited:
-        returning.acquire()
+    waited = _acquire_noting_wait(returning)
     try:
         return _return_parked_locked(dom, close) + int(waited)
     finally:
@@ -382,15 +399,10 @@ def _return_parked_locked(dom: Domain, close: bool) -> int:
     entries = rec.reuse.drain(close) if rec.reuse is not None else []
     if close or core.closed or rec.destroyed:
         return len(entries)  # a closing heap's memory is gone with it; so is a dead domain's
-    wake = 0
     try:
         numpy_blocks = core.call(api.heap_flush_parked, rec.slot, rec.id) \
             if rec.capsule is not None else 0
-        for order, (mfn, tag) in entries:
-            # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
-            if core.call(api.heap_free_short, rec.slot, rec.id, mfn, order,
-                         tag & HEAP_TAG_MASK) > 0:
-                wake |= 1 << core.node_of(mfn)
+        wake = _free_drained(core, rec, entries)
     except HeapClosed:  # closed meanwhile (a scrubber's chore): the memory goes with it
         return len(entries)
     if rec.reuse is not None:
@@ -423,10 +435,9 @@ def return_parked_now(core: HeapCore, dom: Domain | None) -> bool:
         if rec.reuse is None or rec.destroyed or not rec.returning.acquire(False):
             continue
         try:
-            for order, (mfn, tag) in rec.reuse.drain_now():
-                # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
-                core.call(api.heap_free_short, rec.slot, rec.id, mfn, order, tag & HEAP_TAG_MASK)
-                back += 1
+            entries = rec.reuse.drain_now()
+            _free_drained(core, rec, entries)  # the scrubbers are not woken: see above
+            back += len(entries)
         except HeapClosed:  # closed meanwhile: the memory goes with it
             return False
         finally:
