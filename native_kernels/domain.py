@@ -165,14 +165,25 @@ def _take_block(hs, slot, order, node_pref, exact, pinned):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _release_block(hs, slot, dom_id, mfn, order):
-    """Free a block that domain ``slot`` no longer owns; True if a scrubber should wake.
+def charge_dirtied(doms, meta, slot, pages):
+    """Bill domain ``slot`` for ``pages`` it gives back dirty (D_DIRTIED_PAGES); none in
+    "sync" mode, whose frees zero them. The caller holds the domain lock and has unlinked
+    the pages: the bill is in before anyone can see the domain's last block gone and lay
+    the slot to rest, which would leave a late add to the slot's next domain."""
+    if meta[M_MODE] != MODE_SYNC:
+        fetch_add(doms, (slot, D_DIRTIED_PAGES), pages)
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
+def _release_block(hs, dom_id, mfn, order):
+    """Free a block that no domain owns any more (its dirtier, ``dom_id``, was billed by
+    charge_dirtied); True if a scrubber should wake.
 
     "sync" mode zeroes it here, before returning (the behaviour the series replaced);
-    otherwise it goes back dirty, poisoned first in debug mode, its scrub charged to the
-    domain (D_DIRTIED_PAGES, and PG_TAG of its pages).
+    otherwise it goes back dirty, poisoned first in debug mode, named by PG_TAG of its
+    pages as ``dom_id``'s to scrub.
     """
-    ft32, nodes, doms, meta = hs.ft32, hs.nodes, hs.doms, hs.meta
+    ft32, nodes, meta = hs.ft32, hs.nodes, hs.meta
     disown(ft32, mfn)
     node = node_of(meta, mfn)
     fetch_add(nodes, (node, N_FREES), 1)
@@ -182,10 +193,8 @@ def _release_block(hs, slot, dom_id, mfn, order):
     if sync:
         stream_fill_pages(addr, 1 << order, SCRUB_PATTERN if debug else 0)
         fetch_add(nodes, (node, N_SYNC_SCRUBBED), 1 << order)
-    else:
-        if debug:
-            stream_fill_pages(addr, 1 << order, POISON_PATTERN)
-        fetch_add(doms, (slot, D_DIRTIED_PAGES), 1 << order)
+    elif debug:
+        stream_fill_pages(addr, 1 << order, POISON_PATTERN)
     return free_heap_pages(hs, mfn, order, not sync, 0 if sync else dom_id)
 
 
@@ -205,23 +214,22 @@ def _undo_take(hs, first):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def release_chain(hs, slot, dom_id, first, pages):
-    """Release every block of a chain of ``pages`` pages linked through PG_NEXT, which
-    domain ``slot`` no longer owns; returns the nodes to wake.
+def release_chain(hs, dom_id, first):
+    """Release every block of a chain linked through PG_NEXT, which no domain owns any more
+    (charge_dirtied billed ``dom_id``); returns the nodes to wake.
 
     Unless the blocks must be written first ("sync" zeroing, debug poisoning), they go back
     in node-lock batches: a destroy then costs a few atomics per block, not a dozen.
     """
-    ft32, ft8, doms, meta = hs.ft32, hs.ft8, hs.doms, hs.meta
+    ft32, ft8, meta = hs.ft32, hs.ft8, hs.meta
     if meta[M_MODE] != MODE_SYNC and meta[M_DEBUG] == 0:
-        fetch_add(doms, (slot, D_DIRTIED_PAGES), pages)
         return free_heap_chain(hs, first, types.boolean(True), dom_id)
     wake = 0
     link = first
     while link != NIL:
         mfn = link - 1
         link = ft32[PG_NEXT, mfn]
-        if _release_block(hs, slot, dom_id, mfn, types.int64(ft8[PG_ORDER, mfn])):
+        if _release_block(hs, dom_id, mfn, types.int64(ft8[PG_ORDER, mfn])):
             wake |= 1 << node_of(meta, mfn)
     return wake
 
@@ -326,10 +334,11 @@ def free_block(hs, slot, dom_id, mfn, order, tag):
         spin_unlock(doms, slot, D_LOCK)
         return E_BAD_FREE
     unlink_block(ft32, doms, meta, slot, mfn, order)
+    charge_dirtied(doms, meta, slot, 1 << order)
     # Clear ownership before dropping the lock: a racing free of the same handle must fail.
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     spin_unlock(doms, slot, D_LOCK)
-    return 1 if _release_block(hs, slot, dom_id, mfn, order) else 0
+    return 1 if _release_block(hs, dom_id, mfn, order) else 0
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
@@ -349,6 +358,7 @@ def free_pinned_block(hs, slot, dom_id, mfn):
         return E_BAD_FREE
     order = types.int64(ft8[PG_ORDER, mfn])
     unlink_block(ft32, doms, meta, slot, mfn, order)
+    charge_dirtied(doms, meta, slot, 1 << order)
     fetch_add(doms, (slot, D_NUMPY_PAGES), -(1 << order))
     atomic_store(ft32, (PG_OWNER, mfn), 0)
     if (atomic_load(doms, (slot, D_STATE)) == DOM_DYING
@@ -356,4 +366,4 @@ def free_pinned_block(hs, slot, dom_id, mfn):
             and atomic_load(doms, (slot, D_RELINQUISH)) == 0):
         atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     spin_unlock(doms, slot, D_LOCK)
-    return 1 if _release_block(hs, slot, dom_id, mfn, order) else 0
+    return 1 if _release_block(hs, dom_id, mfn, order) else 0

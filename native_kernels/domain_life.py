@@ -20,7 +20,7 @@ from native_kernels.atomics import (
     backoff,
     fetch_add,
 )
-from native_kernels.domain import is_alive, release_chain, unlink_block
+from native_kernels.domain import charge_dirtied, is_alive, release_chain, unlink_block
 from native_kernels.jit import INTERNAL
 from native_kernels.layout import (
     D_ALLOCS,
@@ -130,9 +130,10 @@ def relinquish_memory(hs, slot, dom_id):
         detached_pages += 1 << ft8[PG_ORDER, mfn]
         ft32[PG_NEXT, mfn] = detached
         detached = mfn + 1
+    charge_dirtied(doms, meta, slot, detached_pages)
     pinned = atomic_load(doms, (slot, D_BLOCKS)) != 0
     spin_unlock(doms, slot, D_LOCK)
-    wake = release_chain(hs, slot, dom_id, detached, detached_pages)
+    wake = release_chain(hs, dom_id, detached)
     if not pinned:
         atomic_store(doms, (slot, D_STATE), DOM_DEAD)
     fetch_add(meta, M_RELINQUISH, -1)  # last: until now its pages were neither held nor dirty

@@ -1,10 +1,12 @@
 """numpy arrays allocated from a domain through numpy's NEP 49 handler."""
 
 import asyncio
+import contextlib
 import gc
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from xenheap.domain import numpy_handler
 from xenheap.numpy_api import handler_var
 
 WAIT_S = 30
+MiB = 2**20
 
 
 @pytest.fixture
@@ -223,6 +226,45 @@ def test_quota_exhaustion_is_numpys_memory_error(heap):
     del keep
     assert heap.stats()["free_pages"] == before
     heap.check()
+
+
+def test_a_destroyed_domains_last_array_is_billed_to_it_not_to_the_slots_next_domain():
+    """The last pinned block of a destroyed domain lays the domain to rest, and its slot
+    may go to a new domain at once: the dirty pages it gives back must be on the old
+    domain's bill by then. A debug heap poisons the block on the way, which leaves
+    milliseconds between the two for another thread's create_domain to look at the slot
+    (without the GIL, in a kernel). The window is narrow: with the bill added after the
+    slot was laid to rest, some runs of this test caught it and some did not."""
+    wrong = []
+    for _ in range(5):
+        with xenheap.Heap("512MiB", nodes=1, scrub="alloc", debug=True, max_domains=1) as heap:
+            old = heap.create_domain("old")
+            with old.numpy_allocator():
+                arr = np.empty(128 * MiB, dtype=np.uint8)
+            old.destroy()
+            heap.stats()  # relinquished: only the array's block is left
+            holder, go = [arr], threading.Event()
+            del arr
+
+            def drop(holder=holder, go=go):
+                go.wait(WAIT_S)
+                holder.clear()
+
+            dropper = threading.Thread(target=drop)
+            dropper.start()
+            go.set()  # the array goes while this thread is busy trying create_domain
+            new = None
+            deadline = time.monotonic() + WAIT_S
+            while new is None and time.monotonic() < deadline:
+                with contextlib.suppress(xenheap.OutOfMemory):  # the slot is still taken
+                    new = heap.create_domain("new")
+            dropper.join(WAIT_S)
+            assert new is not None and not dropper.is_alive()
+            billed = (old.stats()["dirtied_bytes"], new.stats()["dirtied_bytes"])
+            if billed != (128 * MiB, 0):
+                wrong.append(billed)
+            heap.check()
+    assert not wrong
 
 
 def test_heap_exhaustion_is_numpys_memory_error():
