@@ -15,6 +15,7 @@ import pytest
 import xenheap
 from native_kernels import api
 from native_kernels.layout import D_PARKED_COUNT, PAGE_SIZE
+from xenheap import numpy_alloc
 from xenheap.domain import flush_reuse, return_parked
 from xenheap.reuse import ReuseCache
 
@@ -452,6 +453,79 @@ def test_a_collected_domain_is_destroyed_and_its_parked_memory_comes_back():
         assert after["num_allocations"] == before["num_allocations"]
         assert after["num_frees"] == before["num_frees"] + 1
         heap.check()
+
+
+def test_close_unmaps_the_memory_of_a_domain_collected_just_before():
+    """A domain collected and not yet destroyed when the heap closes: its cache's views
+    and its numpy handler go with the heap, and the arenas are unmapped."""
+    heap = xenheap.Heap("8MiB", scrub="alloc", nodes=1)
+    dom = heap.create_domain()
+    for _ in range(2):
+        blk = dom.alloc(0)  # the second one is the first, taken back: the cache keeps a view
+        blk.array()[:] = 1
+        blk.free()
+    with dom.numpy_allocator():
+        np.ones(10)  # made and freed: only the domain holds its handler
+    del blk, dom
+    assert len(heap.core.orphans) == 1
+    heap.close()
+    assert all(arena.closed for arena in heap.core.arenas)
+    assert not heap.core.orphans
+
+
+def test_a_destroy_that_meets_close_leaves_no_handler_holding_the_memory():
+    """close() lands inside a destroy, after the domain left the live set and before its
+    kernel call: the destroy fails with HeapClosed, and still drops the numpy handler."""
+    heap = xenheap.Heap("8MiB", scrub="alloc", nodes=1)
+    dom = heap.create_domain()
+    with dom.numpy_allocator():
+        np.ones(10)
+    defers = heap.core.defers_relinquish  # called right before the destroy's kernel call
+
+    def close_first() -> bool:
+        heap.close()
+        return defers()
+
+    heap.core.defers_relinquish = close_first
+    with pytest.raises(xenheap.HeapClosed):
+        dom.destroy()
+    assert dom.record.capsule is None
+    assert all(arena.closed for arena in heap.core.arenas)
+
+
+def test_a_numpy_handler_made_as_the_heap_closes_is_not_kept(monkeypatch):
+    """numpy_allocator() checks the heap, then makes the domain's handler: a close() in
+    between must not leave the new handler on the domain, where it would hold the memory."""
+    heap = xenheap.Heap("8MiB", scrub="alloc", nodes=1)
+    dom = heap.create_domain()
+    make_handler = numpy_alloc.make_handler
+
+    def closed_meanwhile(d):
+        handler = make_handler(d)
+        heap.close()
+        return handler
+
+    monkeypatch.setattr(numpy_alloc, "make_handler", closed_meanwhile)
+    with pytest.raises(xenheap.HeapClosed), dom.numpy_allocator():
+        pass
+    assert dom.record.capsule is None
+    assert all(arena.closed for arena in heap.core.arenas)
+
+
+def test_a_free_that_meets_close_says_the_heap_closed(monkeypatch):
+    """close() lands in a free after it found the heap open: the cache has forgotten the
+    block by then, and the error names the close, not a stale handle."""
+    heap = xenheap.Heap("8MiB", scrub="alloc", nodes=1)
+    blk = heap.create_domain().alloc(0)
+    give = ReuseCache.give
+
+    def closed_meanwhile(cache, b):
+        heap.close()
+        return give(cache, b)
+
+    monkeypatch.setattr(ReuseCache, "give", closed_meanwhile)
+    with pytest.raises(xenheap.HeapClosed):
+        blk.free()
 
 
 def test_numpy_gets_the_memory_of_a_collected_domain():

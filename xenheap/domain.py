@@ -264,6 +264,8 @@ class Domain:
             if parked == FREED_ALREADY:
                 raise InvalidFree(f"double free of {blk!r}")
             if parked == NOT_ISSUED:
+                if core.closed:  # closed meanwhile: its cache forgot the blocks it issued
+                    raise HeapClosed(core.closed_reason)
                 if rec.destroyed:
                     raise InvalidFree(f"{blk!r} belongs to destroyed {self!r}")
                 raise InvalidFree(f"{blk!r} is stale: it is no longer a block of {self!r}")
@@ -456,13 +458,22 @@ def parked_numpy_since(dom: Domain, stale: float) -> bool:
 
 
 def numpy_handler(dom: Domain) -> object:
-    """The domain's "mem_handler" capsule, made once."""
+    """The domain's "mem_handler" capsule, made once; HeapClosed or DomainDead if the heap
+    closed or the domain was destroyed meanwhile."""
     rec = dom.record
-    if rec.capsule is None:
+    capsule = rec.capsule
+    if capsule is None:
         from xenheap.numpy_alloc import make_handler
 
-        rec.capsule = make_handler(dom)
-    return rec.capsule
+        capsule = rec.capsule = make_handler(dom)
+        # A close() or destroy() drops the record's handler after it sets the flag read
+        # here: one of the two sees this handler, which would keep the arenas mapped.
+        if dom.core.closed or rec.destroyed:
+            rec.capsule = None
+            if dom.core.closed:
+                raise HeapClosed(dom.core.closed_reason)
+            raise DomainDead(f"{dom!r} was destroyed")
+    return capsule
 
 
 def flush_reuse(core: HeapCore, dom: Domain | None = None) -> bool:
@@ -499,12 +510,16 @@ def destroy_record(core: HeapCore, rec: DomainRecord, records: object, who: obje
     what retire() gave, dropped once its memory is relinquished); ``who`` (its str) names
     the domain in errors."""
     defer = core.defers_relinquish()
-    status, wake = core.call(api.heap_destroy, rec.slot, rec.id, defer)
+    try:
+        status, wake = core.call(api.heap_destroy, rec.slot, rec.id, defer)
+    except HeapClosed:  # closed meanwhile, after close() dropped the live domains' handlers
+        rec.capsule = None
+        raise
     if status < 0:
         raise DomainDead(f"{who!s} was already destroyed")
     rec.destroyed = True
     rec.dropped.clear()  # their blocks go with the domain
-    rec.capsule = None  # arrays made with it hold their own reference
+    rec.capsule = None  # arrays made with it hold their own reference (see numpy_handler)
     core.charges.destroyed(rec.id)
     core.retire_slot(rec)
     if defer:  # the first scrubber's chore frees the blocks (HeapCore.relinquish)

@@ -322,9 +322,15 @@ class Heap:
             if self.core.closed:
                 return
             self.core.closed = True
+            orphans = list(self.core.orphans)  # collected domains: none is destroyed now
+            self.core.orphans.clear()
         for dom in self.core.live_domains():  # waits for reuse in progress, then allows none
             return_parked(dom, close=True)
             dom.record.capsule = None  # only arrays still alive may hold a handler now
+        for rec in orphans:  # the same for them: their views and handler would hold the arenas
+            if rec.reuse is not None:
+                rec.reuse.drain(close=True)
+            rec.capsule = None
         meta = self.core.state["meta"]
         api.close_heap(meta)  # refuse new calls; scrubbers stop at their next step
         stop_all(self.core.scrubbers)
