@@ -180,7 +180,7 @@ def test_a_caller_waits_for_another_threads_free_of_dropped_blocks(heap_factory,
     stats() wait for it, rather than find the queue empty and count the block as held."""
     import threading
 
-    import xenheap.domain as domain_module
+    import xenheap.giveback as giveback
 
     paused, resume = threading.Event(), threading.Event()
 
@@ -198,8 +198,8 @@ def test_a_caller_waits_for_another_threads_free_of_dropped_blocks(heap_factory,
     blk = dom.alloc(0)
     del blk
     gc.collect()  # dropped: queued for the next call
-    freer = threading.Thread(target=domain_module.free_dropped, args=(dom,), name="freer")
-    monkeypatch.setattr(domain_module, "Block", PausingBlock)
+    freer = threading.Thread(target=giveback.free_dropped, args=(dom,), name="freer")
+    monkeypatch.setattr(giveback, "Block", PausingBlock)
     freer.start()
     assert paused.wait(10)  # it took the entry off the queue, and has not freed it yet
     threading.Timer(0.2, resume.set).start()
@@ -210,7 +210,7 @@ def test_a_caller_waits_for_another_threads_free_of_dropped_blocks(heap_factory,
     resume.clear()
     del again
     gc.collect()  # dropped unfreed in turn
-    freer = threading.Thread(target=domain_module.free_dropped, args=(dom,), name="freer")
+    freer = threading.Thread(target=giveback.free_dropped, args=(dom,), name="freer")
     freer.start()
     assert paused.wait(10)
     threading.Timer(0.2, resume.set).start()

@@ -16,7 +16,7 @@ import xenheap
 from native_kernels import api
 from native_kernels.layout import D_PARKED_COUNT, PAGE_SIZE
 from xenheap import numpy_alloc
-from xenheap.domain import flush_reuse, return_parked
+from xenheap.giveback import flush_reuse, return_parked
 from xenheap.reuse import ReuseCache
 
 MiB = 2**20

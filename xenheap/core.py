@@ -123,7 +123,7 @@ class HeapCore:
         # gets its final statistics row before the slot goes to another domain.
         self._dying_slots: list[DomainRecord] = []
         # Records of domains collected without a destroy (Domain's finalizer appends, from
-        # inside the garbage collector: no lock), destroyed by xenheap.domain.destroy_orphans.
+        # inside the garbage collector: no lock), destroyed by xenheap.giveback.destroy_orphans.
         self.orphans: collections.deque[DomainRecord] = collections.deque()
         # (slot, id, Python-side records to drop) of domains destroyed with their
         # relinquish_memory left to relinquish()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import weakref
 from typing import TYPE_CHECKING
 
@@ -36,6 +35,12 @@ from xenheap.errors import (
     InvalidFree,
     OutOfMemory,
 )
+from xenheap.giveback import (
+    destroy_record,
+    flush_reuse,
+    fold_reuse_counters,
+    free_dropped,
+)
 from xenheap.numpy_api import default_numpy_memory
 from xenheap.reuse import (
     FREED_ALREADY,
@@ -51,7 +56,6 @@ from xenheap.stats import DomainStats
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from xenheap.core import HeapCore
     from xenheap.heap import Heap
 
 log = logging.getLogger(__name__)
@@ -71,9 +75,8 @@ class Domain:
     Also a context manager: destroyed on exit; and destroyed too once collected (nothing
     refers to it, nor to its blocks). Its state beyond the public attributes is in
     ``record`` (xenheap.domain_record), which the package's other modules share; what they
-    ask of domains are this module's functions (``free_dropped``, ``return_parked``,
-    ``parked_numpy_since``, ``numpy_handler``, ``flush_reuse``, ``free_all_dropped``,
-    ``destroy_orphans``).
+    ask of domains are this module's functions (``parked_numpy_since``, ``numpy_handler``)
+    and xenheap.giveback's (dropped handles, parked blocks, collected domains).
     """
 
     def __init__(self, heap: Heap, slot: int, dom_id: int, name: str | None,
@@ -303,7 +306,7 @@ class Domain:
             with core.lock:  # off the live list with its reuse counters into the heap's, once
                 if self in core.domains:
                     core.domains.discard(self)
-                    _fold_reuse_counters(core, reuse)
+                    fold_reuse_counters(core, reuse)
         destroy_record(core, rec, records, who=self)
 
     def numpy_allocator(self) -> contextlib.AbstractContextManager[Domain]:
@@ -333,120 +336,6 @@ class Domain:
         return f"<Domain {self.id} {self.name!r} {state}>"
 
 
-def free_dropped(dom: Domain) -> int:
-    """Free the blocks whose handles were dropped unfreed (any thread may call it);
-    returns how many went back (at least 1 if another thread was freeing them: they are
-    back by the time this returns, so an allocation short of room may retry)."""
-    if dom.core.forked:
-        return 0  # the lock below may be held by a parent thread; the child frees none
-    dropped = dom.record.dropped
-    dropping = dom.record.dropping
-    freed = int(_acquire_noting_wait(dropping))
-    try:
-        while dropped:
-            try:
-                mfn, order, tag = dropped.popleft()
-            except IndexError:  # a destroy cleared the queue meanwhile
-                break
-            blk = Block(dom, mfn, order, tag)
-            try:
-                dom.free(blk)
-                freed += 1
-            except (InvalidFree, HeapClosed) as exc:  # destroyed or closed meanwhile
-                log.debug("dropped %r not freed: its domain or heap went first (%s)",
-                          blk, exc)
-    finally:
-        dropping.release()
-    return freed
-
-
-def _acquire_noting_wait(lock: threading.Lock) -> bool:
-    """Take ``lock``; True if another thread held it, whose work is then done."""
-    waited = not lock.acquire(False)
-    if waited:
-        lock.acquire()
-    return waited
-
-
-def _free_drained(core: HeapCore, rec: DomainRecord,
-                  entries: list[tuple[int, tuple[int, int]]]) -> int:
-    """Free in the heap the parked blocks drained from ``rec``'s cache; returns the mask of
-    the nodes whose scrubbers should wake."""
-    wake = 0
-    for order, (mfn, tag) in entries:
-        # E_DEAD: a destroy took the domain meanwhile, and with it these blocks.
-        if core.call(api.heap_free_short, rec.slot, rec.id, mfn, order,
-                     tag & HEAP_TAG_MASK) > 0:
-            wake |= 1 << core.node_of(mfn)
-    return wake
-
-
-def return_parked(dom: Domain, close: bool = False) -> int:
-    """Give the blocks parked for reuse (by the Python API and by numpy) back to the
-    heap, dirty; returns how many (at least 1 if another thread was doing it: its
-    blocks are back by the time this returns, so an allocation short of room may
-    retry). ``close``: park none afterwards (the heap closes)."""
-    if dom.core.forked:
-        return 0  # the lock below may be held by a parent thread
-    returning = dom.record.returning
-    waited = _acquire_noting_wait(returning)
-    try:
-        return _return_parked_locked(dom, close) + int(waited)
-    finally:
-        returning.release()
-
-
-def _return_parked_locked(dom: Domain, close: bool) -> int:
-    core, rec = dom.core, dom.record
-    entries = rec.reuse.drain(close) if rec.reuse is not None else []
-    if close or core.closed or rec.destroyed:
-        return len(entries)  # a closing heap's memory is gone with it; so is a dead domain's
-    try:
-        numpy_blocks = core.call(api.heap_flush_parked, rec.slot, rec.id) \
-            if rec.capsule is not None else 0
-        wake = _free_drained(core, rec, entries)
-    except HeapClosed:  # closed meanwhile (a scrubber's chore): the memory goes with it
-        return len(entries)
-    if rec.reuse is not None:
-        rec.reuse.count_returned(len(entries))
-    if wake:
-        core.wake(wake)
-    return len(entries) + max(numpy_blocks, 0)
-
-
-def return_parked_now(core: HeapCore, dom: Domain | None) -> bool:
-    """return_parked for ``dom`` (every live domain, if None) from numpy's callbacks, whose
-    quota or heap ran short. They may run inside the garbage collector while this thread
-    holds any of xenheap's locks, so this waits for none: a domain whose locks are held is
-    skipped, and nothing is woken (the scrubbers find the dirt at their next look). True
-    if any block went back."""
-    if core.closed or core.forked:
-        return False
-    if dom is not None:
-        doms = [dom]
-    elif core.lock.acquire(False):
-        try:
-            doms = list(core.domains)
-        finally:
-            core.lock.release()
-    else:
-        return False
-    back = 0
-    for d in doms:
-        rec = d.record
-        if rec.reuse is None or rec.destroyed or not rec.returning.acquire(False):
-            continue
-        try:
-            entries = rec.reuse.drain_now()
-            _free_drained(core, rec, entries)  # the scrubbers are not woken: see above
-            back += len(entries)
-        except HeapClosed:  # closed meanwhile: the memory goes with it
-            return False
-        finally:
-            rec.returning.release()
-    return back > 0
-
-
 def parked_numpy_since(dom: Domain, stale: float) -> bool:
     """numpy blocks are parked and none was parked after ``stale`` (time.monotonic)."""
     rec = dom.record
@@ -474,78 +363,3 @@ def numpy_handler(dom: Domain) -> object:
                 raise HeapClosed(dom.core.closed_reason)
             raise DomainDead(f"{dom!r} was destroyed")
     return capsule
-
-
-def flush_reuse(core: HeapCore, dom: Domain | None = None) -> bool:
-    """Give the blocks parked for reuse by ``dom`` (every live domain, if None) back to the
-    heap, and its dropped blocks: an allocation found its quota or the heap short.
-    True if any went back."""
-    # The heap short: collected domains' memory too (the allocation's kernel relinquishes it).
-    destroyed = destroy_orphans(core) if dom is None and core.orphans else 0
-    doms = [dom] if dom is not None else core.live_domains()
-    return destroyed + sum(free_dropped(d) + return_parked(d) for d in doms) > 0
-
-
-def free_all_dropped(core: HeapCore) -> None:
-    """Free what users dropped: blocks whose handles went unfreed (xenheap.block), and
-    domains collected without a destroy."""
-    if core.orphans:
-        destroy_orphans(core)
-    for dom in core.live_domains():
-        if dom.record.dropped:
-            free_dropped(dom)
-
-
-def _fold_reuse_counters(core: HeapCore, reuse: ReuseCache | None) -> None:
-    """Move a destroyed domain's reuse counters into the heap's (caller holds core.lock, in
-    the section that takes the domain off the set the statistics read)."""
-    if reuse is not None:
-        hits, pages, parks, returned = core.reuse_retired
-        core.reuse_retired = (hits + reuse.hits, pages + reuse.hit_pages,
-                              parks + reuse.parks, returned + reuse.returned)
-
-
-def destroy_record(core: HeapCore, rec: DomainRecord, records: object, who: object) -> None:
-    """Destroy the domain of ``rec`` in the kernels, its reuse cache retired (``records``:
-    what retire() gave, dropped once its memory is relinquished); ``who`` (its str) names
-    the domain in errors."""
-    defer = core.defers_relinquish()
-    try:
-        status, wake = core.call(api.heap_destroy, rec.slot, rec.id, defer)
-    except HeapClosed:  # closed meanwhile, after close() dropped the live domains' handlers
-        rec.capsule = None
-        raise
-    if status < 0:
-        raise DomainDead(f"{who!s} was already destroyed")
-    rec.destroyed = True
-    rec.dropped.clear()  # their blocks go with the domain
-    rec.capsule = None  # arrays made with it hold their own reference (see numpy_handler)
-    core.charges.destroyed(rec.id)
-    core.retire_slot(rec)
-    if defer:  # the first scrubber's chore frees the blocks (HeapCore.relinquish)
-        core.relinquishing.append((rec.slot, rec.id, records))
-        core.scrubbers[0].wakeup.set()
-    elif wake:
-        core.wake(wake)
-
-
-def destroy_orphans(core: HeapCore) -> int:
-    """Destroy the domains collected without a destroy (Domain's finalizer queued them);
-    returns how many."""
-    orphans = core.orphans
-    destroyed = 0
-    while orphans and not core.closed and not core.forked:
-        # Off the queue with its reuse counters into the heap's in one section: the
-        # statistics read both under the lock. Nothing else can reach its cache.
-        with core.lock:
-            if not orphans:
-                break
-            rec = orphans.popleft()
-            records = rec.reuse.retire() if rec.reuse is not None else None
-            _fold_reuse_counters(core, rec.reuse)
-        try:
-            destroy_record(core, rec, records, who=f"collected domain {rec.id}")
-            destroyed += 1
-        except (DomainDead, HeapClosed) as exc:  # closed meanwhile: its memory goes with it
-            log.debug("collected domain %d not destroyed: %s", rec.id, exc)
-    return destroyed

@@ -24,18 +24,13 @@ from native_kernels.layout import (
 )
 from xenheap import collect, prim, stats
 from xenheap.core import HeapCore
-from xenheap.domain import (
-    Domain,
-    destroy_orphans,
-    free_all_dropped,
-    parked_numpy_since,
-    return_parked,
-)
+from xenheap.domain import Domain, parked_numpy_since
 from xenheap.errors import (
     HeapClosed,
     HeapCorruption,
     InvalidArgument,
 )
+from xenheap.giveback import destroy_orphans, free_all_dropped, return_parked
 from xenheap.numpy_api import default_numpy_memory
 from xenheap.release import release_unused
 from xenheap.reuse import DEFAULT_REUSE_BYTES, REUSE_IDLE_S

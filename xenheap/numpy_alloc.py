@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 from native_kernels import numpy_handler as cb
 from native_kernels.layout import E_QUOTA
-from xenheap.domain import destroy_orphans, free_dropped, numpy_handler, return_parked_now
+from xenheap.domain import numpy_handler
 from xenheap.errors import DomainDead, HeapClosed
+from xenheap.giveback import destroy_orphans, free_dropped, return_parked_now
 from xenheap.numpy_api import (
     CAPSULE_NAME,
     capsule_new,
@@ -104,7 +105,7 @@ def _reclaimer(dom: Domain) -> ctypes._CFunctionType:
     """The callback numpy's callbacks make when the quota or the heap is short (CTX_RECLAIM,
     given E_QUOTA or E_NOMEM): the domain's reuse cache, or every live domain's, goes back
     to the heap, as for a Python API allocation short of room, since no kernel can reach
-    those blocks (xenheap.domain.return_parked_now: it waits for no lock, as numpy may
+    those blocks (xenheap.giveback.return_parked_now: it waits for no lock, as numpy may
     allocate inside the garbage collector while this thread holds one). 1 if any went
     back, else 0. It holds the domain weakly: arrays keep their handler, and must not keep
     the domain from being collected (and destroyed)."""
