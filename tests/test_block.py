@@ -174,6 +174,34 @@ def test_check_is_exact_while_the_chore_frees_dropped_blocks(heap_factory) -> No
     assert dom.stats()["bytes_allocated"] == 0
 
 
+def test_an_interrupted_free_of_dropped_blocks_keeps_the_rest_queued(heap_factory,
+                                                                      monkeypatch) -> None:
+    """A KeyboardInterrupt in the middle of freeing dropped handles: the block it was
+    freeing stays queued, and the next call frees it."""
+    import xenheap.giveback as giveback
+
+    heap = heap_factory("16MiB", scrub="alloc", nodes=1, reuse_bytes=0)
+    dom = heap.create_domain()
+    blocks = [dom.alloc(0) for _ in range(3)]
+    del blocks
+    gc.collect()
+
+    class InterruptedBlock(xenheap.Block):
+        __slots__ = ()
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(giveback, "Block", InterruptedBlock)
+    with pytest.raises(KeyboardInterrupt):
+        giveback.free_dropped(dom)
+    monkeypatch.undo()
+    assert dom.stats()["bytes_allocated"] == 0  # stats() frees what is queued
+    assert dom.stats()["num_frees"] == 3
+    heap.check()
+
+
 def test_a_caller_waits_for_another_threads_free_of_dropped_blocks(heap_factory,
                                                                    monkeypatch) -> None:
     """While another thread frees the last dropped handle, an allocation at the quota and

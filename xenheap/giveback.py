@@ -41,16 +41,18 @@ def free_dropped(dom: Domain) -> int:
     try:
         while dropped:
             try:
-                mfn, order, tag = dropped.popleft()
+                entry = dropped.popleft()
             except IndexError:  # a destroy cleared the queue meanwhile
                 break
-            blk = Block(dom, mfn, order, tag)
             try:
-                dom.free(blk)
+                dom.free(Block(dom, *entry))
                 freed += 1
             except (InvalidFree, HeapClosed) as exc:  # destroyed or closed meanwhile
-                log.debug("dropped %r not freed: its domain or heap went first (%s)",
-                          blk, exc)
+                log.debug("dropped block %r not freed: its domain or heap went first (%s)",
+                          entry, exc)
+            except BaseException:  # interrupted: the next call frees it (or refuses it
+                dropped.appendleft(entry)  # as freed already, should this one have)
+                raise
     finally:
         dropping.release()
     return freed
