@@ -246,8 +246,9 @@ def alloc_heap_pages(hs, node_pref, order, exact):
 def scrub_taken_block(hs, mfn, order):
     """Zero the dirty pages of a block just taken (scrub-on-allocate), without the lock.
 
-    Returns the pages zeroed, or -1 if debug mode found a page without the scrub pattern:
-    the ones just scrubbed hold it, so that is a clean page written after it was freed.
+    Returns the pages cleaned (zeroed, or dropped if not in RAM), or -1 if debug mode found
+    a page without the scrub pattern: the ones just scrubbed hold it, so that is a clean
+    page written after it was freed.
     """
     ft32, ft8, nodes, meta = hs.ft32, hs.ft8, hs.nodes, hs.meta
     node = node_of(meta, mfn)
@@ -255,15 +256,15 @@ def scrub_taken_block(hs, mfn, order):
     addr = page_address(nodes, node, mfn)
     n = 1 << order
     # Cached stores: the caller touches the block next.
-    scrubbed = zero_dirty_runs(ft32, ft8, nodes, node, addr, mfn, types.int64(0), n,
-                               SCRUB_PATTERN if debug else 0, types.boolean(False), nodes,
-                               None)
-    if scrubbed:
-        fetch_add(nodes, (node, N_NEED_SCRUB), -scrubbed)
-        fetch_add(nodes, (node, N_ALLOC_SCRUBBED), scrubbed)
+    cleared, zeroed = zero_dirty_runs(ft32, ft8, nodes, node, addr, mfn, types.int64(0), n,
+                                      SCRUB_PATTERN if debug else 0, types.boolean(False),
+                                      nodes, None)
+    if cleared:
+        fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
+        fetch_add(nodes, (node, N_ALLOC_SCRUBBED), zeroed)
     if debug and not pages_hold(addr, n, SCRUB_PATTERN):
         return -1
-    return scrubbed
+    return cleared
 
 
 @njit(nogil=True, cache=True, **INTERNAL)

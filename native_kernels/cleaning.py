@@ -51,8 +51,10 @@ def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming
     """Fill the dirty pages among pages [lo, hi) of the chunk or block at ``head`` (whose
     memory starts at ``addr``) with ``value``, run by run, and clear their need_scrub.
 
-    Returns how many. The caller holds the pages alone (a scrubber while BUDDY_SCRUBBING,
-    an allocator after taking the block), so need_scrub is written with plain stores.
+    Returns (cleared, zeroed): the pages cleared, and those of them zeroed rather than
+    dropped (MADV_DONTNEED, counted in N_UNMAPPED). The caller holds the pages alone (a
+    scrubber while BUDDY_SCRUBBING, an allocator after taking the block), so need_scrub is
+    written with plain stores.
     ``streaming`` bypasses the caches, for memory nobody reads next. The work is charged
     to the domains that dirtied the pages (PG_TAG of a dirty free page): pages into the
     caller's ``charges`` table of (id, pages) rows (a scrubber's, see charge_pages), or,
@@ -62,6 +64,7 @@ def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming
     once for many calls (the scrubber: a system call per granule cost 15% of its time).
     """
     cleared = 0
+    dropped = 0
     shared = charges.shape[1] != 2
     head_tag = atomic_load(ft32, (PG_TAG, head))  # the caller holds the chunk: it stays put
     p = lo
@@ -76,9 +79,9 @@ def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming
         started = monotonic_ns() if shared else 0
         run = addr + (p << PAGE_SHIFT)
         if value == 0 and resident is not None:
-            _zero_resident_runs(nodes, node, run, streaming, resident[p - lo:q - lo])
+            dropped += _zero_resident_runs(nodes, node, run, streaming, resident[p - lo:q - lo])
         elif value == 0 and q - p >= RESIDENCY_MIN_PAGES:
-            _zero_resident_runs(nodes, node, run, streaming, residency(run, q - p))
+            dropped += _zero_resident_runs(nodes, node, run, streaming, residency(run, q - p))
         elif streaming:
             stream_fill_pages(run, q - p, value)
         else:
@@ -87,7 +90,7 @@ def zero_dirty_runs(ft32, ft8, nodes, node, addr, head, lo, hi, value, streaming
                     monotonic_ns() - started if shared else 0, charges)
         cleared += q - p
         p = q
-    return cleared
+    return cleared, cleared - dropped
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
@@ -121,7 +124,10 @@ def _charge(nodes, node, dirtier, pages, ns, charges):
 @njit(nogil=True, cache=True, **INTERNAL)
 def charge_pages(charges, dirtier, pages):
     """Add ``pages`` for domain ``dirtier`` to a thread's own table of (id, pages) rows; the
-    last row takes what finds no room (id -1)."""
+    last row takes what finds no room, and dirt of no domain (dirtier 0), as id -1, as
+    record_alloc_charge does."""
+    if dirtier <= 0:
+        dirtier = -1
     last = charges.shape[0] - 1
     for r in range(last):
         if charges[r, 1] == 0 or charges[r, 0] == dirtier:
@@ -209,7 +215,7 @@ def residency(addr, npages):
 @njit(nogil=True, cache=True, **INTERNAL)
 def _zero_resident_runs(nodes, node, addr, streaming, vector):
     """Zero the pages of a run that ``vector`` (its residency) says are in RAM; drop the
-    others with MADV_DONTNEED.
+    others with MADV_DONTNEED. Returns how many were dropped.
 
     Writing a page that is not in RAM would fault it in (and add to the process's RSS) only
     to zero it; dropping it makes it read zero for the price of a page-table walk, also
@@ -218,6 +224,7 @@ def _zero_resident_runs(nodes, node, addr, streaming, vector):
     a little earlier is still right, or errs towards zeroing.
     """
     npages = vector.shape[0]
+    dropped = 0
     p = 0
     while p < npages:
         resident = vector[p] & 1
@@ -227,8 +234,10 @@ def _zero_resident_runs(nodes, node, addr, streaming, vector):
         start = addr + (p << PAGE_SHIFT)
         if resident == 0 and sys_madvise(start, (q - p) << PAGE_SHIFT, MADV_DONTNEED) == 0:
             fetch_add(nodes, (node, N_UNMAPPED), q - p)
+            dropped += q - p
         elif streaming:
             stream_fill_pages(start, q - p, 0)
         else:
             fill_pages(start, q - p, 0)
         p = q
+    return dropped

@@ -70,9 +70,9 @@ def _let_go(ft32, ft8, head, progress, size):
 @njit(nogil=True, cache=True)
 def scrub_free_pages(hs, node, budget_pages, granule_pages, charges):
     """Scrub up to about ``budget_pages`` of one dirty chunk of ``node``, adding the pages
-    zeroed to ``charges`` by the domain that dirtied them (cleaning.charge_pages).
+    cleaned to ``charges`` by the domain that dirtied them (cleaning.charge_pages).
 
-    Returns the pages zeroed (possibly 0), NOTHING_DIRTY when no free list of the node
+    Returns the pages cleaned (possibly 0), NOTHING_DIRTY when no free list of the node
     has a dirty chunk at its tail or another thread is scrubbing the node, or E_FAULT when
     an injected fault fired.
     """
@@ -115,16 +115,17 @@ def _scrub_one_chunk(hs, node, budget_pages, granule_pages, charges):
     # the pattern is written whatever is resident).
     resident = residency(addr + (start << PAGE_SHIFT),
                          min(size - start, budget_pages + granule_pages) if value == 0 else 0)
-    zeroed = 0
+    cleaned = 0
     i = start
     while i < size:
         end = min(i + granule_pages, size)
-        cleared = zero_dirty_runs(ft32, ft8, nodes, node, addr, head, i, end, value,
-                                  types.boolean(True), charges, resident[i - start:end - start])
+        cleared, zeroed_now = zero_dirty_runs(ft32, ft8, nodes, node, addr, head, i, end,
+                                              value, types.boolean(True), charges,
+                                              resident[i - start:end - start])
         if cleared:
             fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
-            fetch_add(nodes, (node, N_SCRUBBED), cleared)
-            zeroed += cleared
+            fetch_add(nodes, (node, N_SCRUBBED), zeroed_now)
+            cleaned += cleared
         i = end
         if fault == FAULT_SCRUB_STALL:
             usleep(fault_arg)  # a scrubber preempted while it holds the chunk
@@ -136,7 +137,7 @@ def _scrub_one_chunk(hs, node, budget_pages, granule_pages, charges):
                          or i - start >= budget_pages):
             _let_go(ft32, ft8, head, i, size)
             fetch_add(nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
-            return zeroed
+            return cleaned
 
     fetch_add(nodes, (node, N_SCRUB_NS), monotonic_ns() - started_ns)
     if spin_lock_cond(nodes, node, N_LOCK, ft8, (PG_SCRUB_STATE, head), BUDDY_SCRUB_ABORT):
@@ -146,20 +147,20 @@ def _scrub_one_chunk(hs, node, budget_pages, granule_pages, charges):
         spin_unlock(nodes, node, N_LOCK)
     else:
         _let_go(ft32, ft8, head, size, size)
-    return zeroed
+    return cleaned
 
 
 @njit(nogil=True, cache=True)
 def scrub_nodes(hs, node_list, stop, budget_pages, granule_pages, until_ns, charges):
     """Scrub the nodes of ``node_list`` in turn, one bounded step each, until none has a
     dirty chunk, ``stop[0]`` is set or CLOCK_MONOTONIC passes ``until_ns``: the scrubber
-    thread needs the GIL only between such slices. The pages zeroed go into ``charges``
+    thread needs the GIL only between such slices. The pages cleaned go into ``charges``
     by the domain that dirtied them.
 
-    Returns the pages zeroed, or E_FAULT when an injected fault fired.
+    Returns the pages cleaned, or E_FAULT when an injected fault fired.
     """
     meta = hs.meta
-    zeroed = 0
+    cleaned = 0
     while (atomic_load(stop, 0) == 0 and atomic_load(meta, M_CLOSED) == 0
            and monotonic_ns() < until_ns):
         busy = False
@@ -169,7 +170,7 @@ def scrub_nodes(hs, node_list, stop, budget_pages, granule_pages, until_ns, char
                 return E_FAULT
             if got != NOTHING_DIRTY:
                 busy = True
-                zeroed += got
+                cleaned += got
         if not busy:
             break
-    return zeroed
+    return cleaned

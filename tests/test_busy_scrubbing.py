@@ -118,7 +118,22 @@ def test_scrubbing_never_faults_untouched_memory_in():
         assert heap.wait_clean(60)
         grown = psutil.Process().memory_info().rss - rss
         assert grown < 64 * MiB, f"scrubbing faulted in {grown / MiB:.0f} MiB"
-        assert heap.stats()["nodes"][0]["unmapped_pages"] >= (512 - 64) * MiB // 4096
+        node = heap.stats()["nodes"][0]
+        assert node["unmapped_pages"] >= (512 - 64) * MiB // 4096
+        # Each page of the dirt counted once: zeroed (by whom) or dropped.
+        assert (node["scrubbed_pages"] + node["alloc_scrubbed_pages"]
+                + node["unmapped_pages"]) == 512 * MiB // 4096
+        heap.check()
+
+
+def test_dirt_of_no_domain_is_booked_unattributed_whoever_cleans_it():
+    """In debug mode memory release_unused gave back reads zero, not the scrub pattern:
+    it goes back dirty, of no domain, and its scrub is booked under -1 like allocators'."""
+    with xenheap.Heap("16MiB", nodes=1, debug=True) as heap:
+        assert heap.release_unused() > 0
+        assert heap.wait_clean(60)
+        ids = {c["id"] for c in heap.stats()["domain_charges"]}
+        assert -1 in ids and 0 not in ids
         heap.check()
 
 

@@ -492,7 +492,8 @@ class _FakeHeap:
 
     def stats(self) -> dict:
         return {"page_size": 4096, "dirty_pages": self.dirty,
-                "nodes": [{"scrubbed_pages": self.scrubbed, "alloc_scrubbed_pages": 0}]}
+                "nodes": [{"scrubbed_pages": self.scrubbed, "alloc_scrubbed_pages": 0,
+                           "unmapped_pages": 0}]}
 
 
 def test_progress_shows_no_rate_over_a_tiny_interval() -> None:

@@ -17,6 +17,7 @@ from numba.core import event
 
 import xenheap
 from native_kernels.layout import (
+    D_ID,
     FAULT_NONE,
     FAULT_POPULATE_FAIL,
     FAULT_SCRUB_STALL,
@@ -165,6 +166,32 @@ def test_destroyed_domain_stats_stay_readable(heap_factory: HeapFactory) -> None
         assert {key: now[key] for key in kept} == {key: final[key] for key in kept}
         assert now["scrubbed_bytes"] >= final["scrubbed_bytes"]
     assert dom.pages == 0
+
+
+def test_destroyed_domain_stats_ignore_a_slot_being_reopened(
+        heap_factory: HeapFactory) -> None:
+    """open_domain zeroes a reused slot's counters before it writes the new id: a read of
+    the row in between sees the old id over zeroes. A domain laid to rest answers from its
+    last row, whatever its slot holds."""
+    heap = heap_factory(8 * MiB, nodes=1, max_domains=1)
+    dom = heap.create_domain("gone")
+    held = [dom.alloc(0) for _ in range(3)]
+    dom.destroy()
+    final = dom.stats()
+    assert final["num_allocations"] == 3
+    new = heap.create_domain()  # the slot, laid to rest, goes to a new domain
+    assert new.slot == dom.slot and dom.record.final_row is not None
+    doms = heap.core.state["doms"]
+    opened = doms[dom.slot].copy()
+    doms[dom.slot] = 0  # open_domain halfway: counters zeroed, the old id still there
+    doms[dom.slot, D_ID] = dom.id
+    try:
+        assert dom.stats()["num_allocations"] == 3
+        assert dom.stats()["max_memory"] == final["max_memory"] == 3 * PAGE
+    finally:
+        doms[dom.slot] = opened
+    del held
+    heap.check()
 
 
 def test_parked_blocks_are_not_bytes_the_user_holds(heap_factory: HeapFactory) -> None:

@@ -12,8 +12,12 @@ that freed it (PG_TAG), and whoever zeroes it charges that domain:
 - an allocator that zeroes dirty pages it took (scrub-on-allocate) adds the pages and the
   nanoseconds it spent to its node's charge slots (layout.N_CHARGES), drained here.
 
-release_unused() never cleans dirty memory (it gives back clean chunks only), so it has
-nothing to charge. The book keeps every live domain and the last HISTORY destroyed ones.
+Work on dirt of no domain, and work that found no room (a slice's table full, or every
+charge slot of a node taken by other domains between two drains), is booked under id -1,
+"(unattributed)". release_unused() never cleans dirty memory (it gives back clean chunks
+only), so it has nothing to charge; in debug mode the chunks it gives back read zero
+instead of the scrub pattern, and go back dirty with no dirtier: their scrub is
+unattributed. The book keeps every live domain and the last HISTORY destroyed ones.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ HISTORY = 1024  # destroyed domains whose charges stay readable
 class DomainCharges(TypedDict):
     """What one domain's dirt cost, and who cleaned it."""
 
-    id: int  # the domain's id (-1: pages whose domain did not fit a slice's table)
+    id: int  # the domain's id (-1: unattributed, see the module's docstring)
     name: str
     scrubbed_bytes: int  # bytes of its dirty memory zeroed (or dropped) so far, by anyone
     idle_cpu_seconds: float  # scrubber time spent on it while a CPU was idle

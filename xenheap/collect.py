@@ -16,7 +16,6 @@ from native_kernels.layout import (
     D_BLOCKS,
     D_DIRTIED_PAGES,
     D_FREES,
-    D_ID,
     D_MAX_PAGES,
     D_NUMPY_PAGES,
     D_PAGES,
@@ -225,8 +224,10 @@ def domain_stats(dom: Domain) -> DomainStats:
     core.charges.drain_allocators(core.state["nodes"], heap.nodes)
     charges = core.charges.of(dom.id)  # scrubbing goes on after a destroy: always fresh
     row = domain_row(core.state["doms"], dom.slot)
-    if row[D_ID] != dom.id and dom.record.final_row is not None:
-        row = dom.record.final_row  # the slot went to another domain after this one died
+    # Laid to rest: its last row, read before its slot could go to another domain (whose
+    # open_domain may have been zeroing the slot while the line above read it).
+    if dom.record.final_row is not None:
+        row = dom.record.final_row
     page_size = heap.page_size
     cached = _cached_bytes(dom) + _numpy_parked_pages(row) * page_size
     reuse = dom.record.reuse

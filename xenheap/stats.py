@@ -26,7 +26,9 @@ cached_bytes                 bytes in blocks the domains freed (by free() or by 
                              pressure, after a while unused, and with their domain
 total_pages                  pages in the heap (all nodes)
 free_pages                   pages on the free lists, clean or dirty
-dirty_pages                  free pages waiting to be zeroed (Xen's node_need_scrub, summed)
+dirty_pages                  pages waiting to be zeroed (Xen's node_need_scrub, summed):
+                             free ones, and those an allocator has just taken and is
+                             zeroing (off free_pages already, so the two may cross)
 allocated_pages              total_pages - free_pages: the pages in domains' blocks, and any
                              release_unused holds off the free lists for a moment
 page_size                    the page size in bytes
@@ -63,7 +65,8 @@ scrubbed_pages               pages zeroed by the background scrubber
 alloc_scrubbed_pages         pages zeroed by allocators (scrub-on-allocate)
 sync_scrubbed_pages          pages zeroed on the free path in "sync" mode
 unmapped_pages               dirty pages made clean with MADV_DONTNEED instead of zeroing,
-                             because they were not in RAM (scrubber or allocator)
+                             because they were not in RAM (scrubber or allocator; in
+                             neither of the two counts above)
 released_bytes               bytes given back to the OS by release_unused (cumulative)
 scrub_passes                 chunks the scrubber finished and moved to the clean head
 aborts                       scrubs stopped because an allocator, a merge or check() claimed
@@ -71,7 +74,8 @@ aborts                       scrubs stopped because an allocator, a merge or che
 abort_wait_seconds           total time allocators spent in the abort handshake
 abort_wait_max_seconds       the longest such wait
 abort_wait_p99_seconds       99th percentile wait (upper edge of its power-of-two bucket)
-scrub_seconds                time the scrubber spent zeroing
+scrub_seconds                time the scrubber spent cleaning (zeroing, and dropping pages
+                             not in RAM)
 scrub_bytes_per_second       scrubbed_pages * page_size / scrub_seconds (0 before any)
 scrubber                     "starting", "scrubbing", "idle", "error", "stopped" or "none"
 scrubber_errors              exceptions the scrubber serving this node caught and logged
@@ -102,6 +106,7 @@ numpy_pages                  pages in blocks that live numpy arrays use (slabs i
                              they outlive a destroy until numpy frees them
 dirtied_bytes                bytes it gave back dirty (cumulative): its scrub bill
 scrubbed_bytes               bytes of its dirt zeroed (or dropped) so far, by anyone
+                             whose work found a charge slot (else unattributed, -1)
 scrub_idle_cpu_seconds       scrubber CPU time spent on its dirt while a CPU was idle
 scrub_deadline_cpu_seconds   scrubber CPU time spent on it past the scrub deadline
 scrub_alloc_cpu_seconds      allocators' time zeroing its dirt before reuse (xenheap.charges

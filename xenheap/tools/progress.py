@@ -75,8 +75,10 @@ def rate_over(nbytes: float, seconds: float,
 
 
 def _scrubbed_pages(stats: HeapStats) -> int:
-    # Pages zeroed by the scrubbers and by allocators that took dirty chunks: both clean.
-    return sum(n["scrubbed_pages"] + n["alloc_scrubbed_pages"] for n in stats["nodes"])
+    # Pages zeroed by the scrubbers and by allocators that took dirty chunks, or dropped
+    # (not in RAM): all clean.
+    return sum(n["scrubbed_pages"] + n["alloc_scrubbed_pages"] + n["unmapped_pages"]
+               for n in stats["nodes"])
 
 
 def _is_terminal(stream: TextIO) -> bool:
