@@ -16,7 +16,7 @@ import mmap
 import os
 import platform
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ __all__ = [
     "advise_hugepage",
     "bind_to_node",
     "capabilities",
+    "cpu_busy_seconds",
     "current_cpu",
     "libc_memset",
     "map_anonymous",
@@ -60,6 +61,7 @@ _SYS_MBIND = {"x86_64": 237, "amd64": 237, "aarch64": 235, "arm64": 235}.get(
 )
 
 # errnos meaning "this machine does not offer it": answer False rather than raise.
+_CLK_TCK = os.sysconf("SC_CLK_TCK")  # /proc/stat's tick (USER_HZ)
 _UNAVAILABLE = frozenset({errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP})
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -252,6 +254,24 @@ def runnable_threads() -> int:
     nr_running, from /proc/loadavg). Host-wide: a container sees its host's count."""
     with open("/proc/loadavg", "rb") as f:
         return int(f.read().split()[3].split(b"/")[0])
+
+
+def cpu_busy_seconds(cpus: Sequence[int]) -> float:
+    """Seconds the CPUs ``cpus`` have spent running anything since boot (not idle, not
+    waiting for I/O): their ``cpuN`` lines of /proc/stat, counted in USER_HZ ticks, so
+    10 ms steps."""
+    wanted = {b"cpu%d" % cpu for cpu in cpus}
+    busy = 0
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if not line.startswith(b"cpu"):
+                break  # the CPU lines come first
+            fields = line.split()
+            if fields[0] in wanted:
+                # user nice system idle iowait irq softirq steal (guest time is in user)
+                ticks = [int(x) for x in fields[1:9]]
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy / _CLK_TCK
 
 
 def usable_cpus() -> int:

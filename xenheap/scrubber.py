@@ -8,8 +8,10 @@ unprivileged thread can never leave SCHED_IDLE again, so close() could not stop 
 priority is decided instead before each slice:
 
 - "idle" work: a slice runs when some CPU is idle, i.e. fewer other threads are runnable
-  (``prim.runnable_threads``) than this process may use CPUs; the scrubber then uses CPU
-  time nobody else wants, as Xen's idle loop does.
+  (``prim.runnable_threads``) than this process may use CPUs, and, for a thread pinned to
+  fewer CPUs than that, when its own CPUs had time other threads left unused lately
+  (``prim.cpu_busy_seconds``); the scrubber then uses CPU time nobody else wants, as Xen's
+  idle loop does.
 - "deadline" work: when a node has been dirty for ``scrub_deadline`` seconds, slices run
   whatever else is runnable, at normal priority, until the node is clean. The CPU this costs
   is counted apart (``deadline_cpu_seconds``).
@@ -53,6 +55,11 @@ BUDGET_PAGES = 4096
 SLICE_S = 0.01  # one kernel call: then the GIL, the stop request and idleness are looked at
 IDLE_WAIT_S = 0.1  # clean nodes: look again this often even without a wake-up
 BUSY_POLL_S = 0.005  # dirty nodes, no idle CPU: look again this often
+# A thread pinned to some of the process's CPUs also asks whether those had time nobody
+# else used, over at least this long (/proc/stat counts in 10 ms ticks) ...
+IDLE_WINDOW_S = 0.1
+# ... that is, whether other threads left at least this much of one of them unused.
+IDLE_SHARE = 0.75
 ERROR_BACKOFF_S = 0.05
 MAX_ERROR_BACKOFF_S = 1.0
 
@@ -72,6 +79,11 @@ class Scrubber(threading.Thread):
         # CPUs the process may use, against which idleness is judged: more than this thread,
         # once pinned to its node's CPUs, may use.
         self.usable_cpus = usable_cpus
+        # Pinned to fewer CPUs than that: the machine-wide test cannot tell whether its own
+        # are the idle ones, so _own_cpus_idle looks (set once pinned).
+        self._watch_cpus = False
+        self._cpus_idle = True
+        self._busy_mark: tuple[float, float, float] | None = None  # (monotonic, busy, own)
         self.deadline_ns = int(deadline_s * 1e9)
         self._on_tick = on_tick  # called each time round the loop (Heap._tick)
         self._cleaned = cleaned  # notified each time round the loop that finds it all clean
@@ -108,9 +120,29 @@ class Scrubber(threading.Thread):
         overdue_in = (oldest + self.deadline_ns - time.monotonic_ns()) / 1e9
         if overdue_in <= 0:
             return "deadline", 0.0
-        if prim.runnable_threads() - 1 < self.usable_cpus:  # minus this thread
-            return "idle", 0.0
+        if prim.runnable_threads() - 1 < self.usable_cpus and self._own_cpus_idle():
+            return "idle", 0.0  # minus this thread, a CPU is idle, and one of its own
         return None, min(BUSY_POLL_S, overdue_in)
+
+    def _own_cpus_idle(self) -> bool:
+        """Whether the CPUs this thread is pinned to had time that other threads left
+        unused (IDLE_SHARE of one of them) over the last IDLE_WINDOW_S or more: busy ones
+        on its node and idle ones elsewhere pass the machine-wide test, and a slice there
+        would take time from the threads running on them. Its own CPU time is not
+        counted. True for a thread not pinned; False for a pinned one until its first
+        window is measured."""
+        if not self._watch_cpus:
+            return True
+        now = time.monotonic()
+        mark = self._busy_mark
+        if mark is not None and now - mark[0] < IDLE_WINDOW_S:
+            return self._cpus_idle
+        busy, own = prim.cpu_busy_seconds(self.cpus), time.thread_time()
+        if mark is not None:
+            others = (busy - mark[1]) - (own - mark[2])
+            self._cpus_idle = others <= (len(self.cpus) - IDLE_SHARE) * (now - mark[0])
+        self._busy_mark = (now, busy, own)
+        return self._cpus_idle
 
     def _scrub(self, kind: str) -> None:
         """One slice of scrubbing, its CPU time charged to ``kind``."""
@@ -135,6 +167,10 @@ class Scrubber(threading.Thread):
     def run(self) -> None:
         if self.cpus:
             self.pinned = prim.pin_current_thread(self.cpus)
+            self._watch_cpus = self.pinned and len(self.cpus) < self.usable_cpus
+            if self._watch_cpus:  # not idle until a first window says so
+                self._cpus_idle = False
+                self._own_cpus_idle()
         backoff = ERROR_BACKOFF_S
         while not self._stop_requested.is_set():
             try:
