@@ -55,11 +55,13 @@ BUDGET_PAGES = 4096
 SLICE_S = 0.01  # one kernel call: then the GIL, the stop request and idleness are looked at
 IDLE_WAIT_S = 0.1  # clean nodes: look again this often even without a wake-up
 BUSY_POLL_S = 0.005  # dirty nodes, no idle CPU: look again this often
-# A thread pinned to some of the process's CPUs also asks whether those had time nobody
-# else used, over at least this long (/proc/stat counts in 10 ms ticks) ...
+# A thread pinned to some of the process's CPUs also asks whether other threads left at
+# least IDLE_SHARE of one of those unused over the last IDLE_WINDOW_S (/proc/stat counts
+# in 10 ms ticks), looking again that often, its nodes clean or not, so that the answer
+# is recent when dirt comes; its first answer comes after FIRST_WINDOW_S.
 IDLE_WINDOW_S = 0.1
-# ... that is, whether other threads left at least this much of one of them unused.
-IDLE_SHARE = 0.75
+FIRST_WINDOW_S = 0.02
+IDLE_SHARE = 0.5
 ERROR_BACKOFF_S = 0.05
 MAX_ERROR_BACKOFF_S = 1.0
 
@@ -83,7 +85,8 @@ class Scrubber(threading.Thread):
         # are the idle ones, so _own_cpus_idle looks (set once pinned).
         self._watch_cpus = False
         self._cpus_idle = True
-        self._busy_mark: tuple[float, float, float] | None = None  # (monotonic, busy, own)
+        self._judged = False  # _cpus_idle comes from a window (not the initial guess)
+        self._busy_mark = (0.0, 0.0, 0.0)  # (monotonic, busy, own) at the window's start
         self.deadline_ns = int(deadline_s * 1e9)
         self._on_tick = on_tick  # called each time round the loop (Heap._tick)
         self._cleaned = cleaned  # notified each time round the loop that finds it all clean
@@ -116,31 +119,33 @@ class Scrubber(threading.Thread):
         oldest = column_min_where(self._nodes_rows, N_DIRTY_SINCE_NS, N_NEED_SCRUB,
                                   self._node_array)
         if oldest < 0:  # every node clean
+            self._own_cpus_idle()  # keeps its window recent
             return "clean", IDLE_WAIT_S
         overdue_in = (oldest + self.deadline_ns - time.monotonic_ns()) / 1e9
         if overdue_in <= 0:
             return "deadline", 0.0
-        if prim.runnable_threads() - 1 < self.usable_cpus and self._own_cpus_idle():
-            return "idle", 0.0  # minus this thread, a CPU is idle, and one of its own
+        others = prim.runnable_threads() - 1  # minus this thread
+        if others == 0 or (others < self.usable_cpus and self._own_cpus_idle()):
+            return "idle", 0.0  # nothing else runs, or a CPU is idle, and one of its own
         return None, min(BUSY_POLL_S, overdue_in)
 
     def _own_cpus_idle(self) -> bool:
         """Whether the CPUs this thread is pinned to had time that other threads left
-        unused (IDLE_SHARE of one of them) over the last IDLE_WINDOW_S or more: busy ones
-        on its node and idle ones elsewhere pass the machine-wide test, and a slice there
-        would take time from the threads running on them. Its own CPU time is not
-        counted. True for a thread not pinned; False for a pinned one until its first
-        window is measured."""
+        unused (IDLE_SHARE of one of them) over the last IDLE_WINDOW_S: busy ones on its
+        node and idle ones elsewhere pass the machine-wide test, and a slice there would
+        take time from the threads running on them. Its own CPU time is not counted.
+        True for a thread not pinned; False for a pinned one until a first window of
+        FIRST_WINDOW_S is measured."""
         if not self._watch_cpus:
             return True
         now = time.monotonic()
-        mark = self._busy_mark
-        if mark is not None and now - mark[0] < IDLE_WINDOW_S:
+        start, busy0, own0 = self._busy_mark
+        if now - start < (IDLE_WINDOW_S if self._judged else FIRST_WINDOW_S):
             return self._cpus_idle
         busy, own = prim.cpu_busy_seconds(self.cpus), time.thread_time()
-        if mark is not None:
-            others = (busy - mark[1]) - (own - mark[2])
-            self._cpus_idle = others <= (len(self.cpus) - IDLE_SHARE) * (now - mark[0])
+        others = (busy - busy0) - (own - own0)
+        self._cpus_idle = others <= (len(self.cpus) - IDLE_SHARE) * (now - start)
+        self._judged = True
         self._busy_mark = (now, busy, own)
         return self._cpus_idle
 
@@ -170,7 +175,8 @@ class Scrubber(threading.Thread):
             self._watch_cpus = self.pinned and len(self.cpus) < self.usable_cpus
             if self._watch_cpus:  # not idle until a first window says so
                 self._cpus_idle = False
-                self._own_cpus_idle()
+                self._busy_mark = (time.monotonic(), prim.cpu_busy_seconds(self.cpus),
+                                   time.thread_time())
         backoff = ERROR_BACKOFF_S
         while not self._stop_requested.is_set():
             try:
