@@ -59,6 +59,7 @@ from native_kernels.layout import (
     PG_TAG,
     PGS_FREE,
     PGS_INUSE,
+    POISON_PATTERN,
     SCRUB_PATTERN,
     TAG_MASK,
     TAG_MIXED,
@@ -243,18 +244,32 @@ def alloc_heap_pages(hs, node_pref, order, exact):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
+def _dirty_pages_hold_poison(ft8, mfn, addr, npages):
+    """Debug mode: every dirty page of the block at ``mfn`` still holds what its free left
+    there, POISON_PATTERN (or zeros: a page release_unused gave back reads zero), so none
+    was written after it was freed; scrubbing it would erase the evidence."""
+    for i in range(npages):
+        if ft8[PG_NEED_SCRUB, mfn + i] != 0:
+            page = addr + (i << PAGE_SHIFT)
+            if not (pages_hold(page, 1, POISON_PATTERN) or pages_hold(page, 1, 0)):
+                return False
+    return True
+
+
+@njit(nogil=True, cache=True, **INTERNAL)
 def scrub_taken_block(hs, mfn, order):
     """Zero the dirty pages of a block just taken (scrub-on-allocate), without the lock.
 
     Returns the pages cleaned (zeroed, or dropped if not in RAM), or -1 if debug mode found
-    a page without the scrub pattern: the ones just scrubbed hold it, so that is a clean
-    page written after it was freed.
+    a page written after it was freed: a dirty page without the poison its free wrote, or
+    a clean one without the scrub pattern (the pages just scrubbed hold it too).
     """
     ft32, ft8, nodes, meta = hs.ft32, hs.ft8, hs.nodes, hs.meta
     node = node_of(meta, mfn)
     debug = meta[M_DEBUG] != 0
     addr = page_address(nodes, node, mfn)
     n = 1 << order
+    written = debug and not _dirty_pages_hold_poison(ft8, mfn, addr, n)  # before scrubbing
     # Cached stores: the caller touches the block next.
     cleared, zeroed = zero_dirty_runs(ft32, ft8, nodes, node, addr, mfn, types.int64(0), n,
                                       SCRUB_PATTERN if debug else 0, types.boolean(False),
@@ -262,7 +277,7 @@ def scrub_taken_block(hs, mfn, order):
     if cleared:
         fetch_add(nodes, (node, N_NEED_SCRUB), -cleared)
         fetch_add(nodes, (node, N_ALLOC_SCRUBBED), zeroed)
-    if debug and not pages_hold(addr, n, SCRUB_PATTERN):
+    if written or (debug and not pages_hold(addr, n, SCRUB_PATTERN)):
         return -1
     return cleared
 

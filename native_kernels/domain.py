@@ -155,7 +155,11 @@ def _take_block(hs, slot, order, node_pref, exact, pinned):
         return packed, 0
     mfn = packed & MFN_MASK
     tag = packed >> 32
-    if scrub_taken_block(hs, mfn, order) < 0:
+    if scrub_taken_block(hs, mfn, order) < 0:  # debug mode: written after it was freed
+        # Back dirty and poisoned like any freed block, so the next taker does not trip
+        # on the same evidence.
+        stream_fill_pages(page_address(nodes, node_of(meta, mfn), mfn), 1 << order,
+                          POISON_PATTERN)
         free_heap_pages(hs, mfn, order, types.boolean(True), types.int64(0))
         return E_CORRUPT, 0
     fetch_add(nodes, (node_of(meta, mfn), N_ALLOCS), 1)

@@ -182,7 +182,7 @@ def _empty_parked(doms, slot):
     """Empty the parked-block stacks of slot ``slot``."""
     for order in range(NUMPY_PARK_ORDERS):
         doms[slot, D_PARKED + order] = NIL
-        doms[slot, D_PARKED_COUNT + order] = 0
+        atomic_store(doms, (slot, D_PARKED_COUNT + order), 0)  # read without the lock
 
 
 @njit(nogil=True, cache=True)

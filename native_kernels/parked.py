@@ -100,7 +100,7 @@ def park_locked(ft32, ft8, nodes, doms, meta, slot, mfn, limit):
         return False
     link_word(nodes, meta, mfn)[0] = doms[slot, D_PARKED + order]
     doms[slot, D_PARKED + order] = mfn + 1
-    doms[slot, D_PARKED_COUNT + order] += 1
+    add_locked(doms, (slot, D_PARKED_COUNT + order), 1)  # read without the lock
     atomic_store(ft32, (PG_OWNER, mfn), slot + 1)  # unpinned: a destroy frees it
     # The domain's counters change under its lock only: no locked instruction for them.
     add_locked(doms, (slot, D_NUMPY_PAGES), -(1 << order))
@@ -120,7 +120,7 @@ def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
         return -1
     mfn = link - 1
     doms[slot, D_PARKED + order] = link_word(nodes, meta, mfn)[0]
-    doms[slot, D_PARKED_COUNT + order] -= 1
+    add_locked(doms, (slot, D_PARKED_COUNT + order), -1)
     if pin:
         atomic_store(ft32, (PG_OWNER, mfn), (slot + 1) | OWNER_PINNED)
         add_locked(doms, (slot, D_NUMPY_PAGES), 1 << order)
@@ -132,7 +132,7 @@ def pop_parked(ft32, nodes, doms, meta, slot, order, pin):
 def take_parked(ft32, nodes, doms, meta, slot, dom_id, order):
     """A parked block of ``order`` pinned for a new array: its address, or 0 if none. The
     arrays one by one: numpy's hot path for arrays of a few pages builds only these."""
-    if order >= NUMPY_PARK_ORDERS:
+    if order < 0 or order >= NUMPY_PARK_ORDERS:  # -1: larger than any block of the heap
         return 0
     spin_lock(doms, slot, D_LOCK)
     mfn = pop_parked(ft32, nodes, doms, meta, slot, order, types.boolean(True)) \
@@ -175,6 +175,8 @@ def flush_parked(hs, slot, dom_id):
             spin_lock(doms, slot, D_LOCK)
             mfn = pop_parked(ft32, hs.nodes, doms, meta, slot, order, types.boolean(False)) \
                 if is_alive(doms, slot, dom_id) else -1
+            if mfn >= 0:  # under the lock: the slot may go to another domain once it is out
+                add_locked(doms, (slot, D_UNPARKED), 1)
             spin_unlock(doms, slot, D_LOCK)
             if mfn < 0:
                 break
@@ -182,7 +184,6 @@ def flush_parked(hs, slot, dom_id):
             if free_block(hs, slot, dom_id, mfn, order,
                           types.int64(atomic_load(ft32, (PG_TAG, mfn)))) >= 0:
                 freed += 1
-    fetch_add(doms, (slot, D_UNPARKED), unparked)
     fetch_add(meta, M_UNPARKED, unparked)
     return freed
 

@@ -26,6 +26,7 @@ from native_kernels.layout import (
     PG_FIRST_DIRTY,
     PG_NEED_SCRUB,
     PG_SCRUB_STATE,
+    POISON_PATTERN,
     SCRUB_PATTERN,
 )
 from xenheap import scrubber as scrubber_module
@@ -300,6 +301,26 @@ def test_debug_mode_scrubs_with_the_pattern_and_catches_a_write_after_free():
         view[100] = 0x11  # a write after free into a now-clean page
         with pytest.raises(xenheap.HeapCorruption):
             read_all_free_memory(heap, SCRUB_PATTERN)
+
+
+def test_debug_mode_catches_a_write_after_free_into_a_page_still_dirty():
+    """An allocation that takes a freed page before anyone scrubbed it finds the write in
+    the poison its free left, instead of scrubbing over it; the next taker of that page
+    is not refused for it again."""
+    with xenheap.Heap("4MiB", debug=True, scrub="alloc", nodes=1) as heap:
+        dom = heap.create_domain()
+        blk = dom.alloc(0)
+        view = blk.array()
+        blk.free()
+        assert view[0] == POISON_PATTERN
+        view[0] = 7  # a write after free: the page is still dirty
+        with pytest.raises(xenheap.HeapCorruption):
+            while True:  # the allocator takes pages from the top: soon this one
+                dom.alloc(0)
+        assert view[0] == POISON_PATTERN  # poisoned again on the way back
+        again = dom.alloc(0)
+        assert (again.array() == SCRUB_PATTERN).all()
+        heap.check()
 
 
 def test_stats_report_scrub_rate_and_dump_shows_unscrubbed_pages():

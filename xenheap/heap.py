@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 SCRUB_MODES = {"idle": MODE_IDLE, "sync": MODE_SYNC, "alloc": MODE_ALLOC}
 DEFAULT_MAX_DOMAINS = 4096
+# A frame-table owner word holds slot + 1 below OWNER_PINNED's bit; the domain table costs
+# DOM_FIELDS words a slot, 320 MiB at this limit.
+MAX_DOMAINS_LIMIT = 1 << 20
 DEFAULT_SCRUB_DEADLINE_S = 1.0
 TICK_S = 0.05  # how often the first scrubber does the heap's periodic chores (_tick)
 # wait_clean wakes when a scrubber finds its nodes clean, and looks this often anyway
@@ -85,8 +88,10 @@ class Heap:
             raise InvalidArgument(f"scrub must be one of {sorted(SCRUB_MODES)}, got {scrub!r}")
         if not isinstance(debug, bool):
             raise InvalidArgument(f"debug must be a bool, got {debug!r}")
-        if isinstance(max_domains, bool) or not isinstance(max_domains, int) or max_domains < 1:
-            raise InvalidArgument(f"max_domains must be a positive int, got {max_domains!r}")
+        if (isinstance(max_domains, bool) or not isinstance(max_domains, int)
+                or not 1 <= max_domains <= MAX_DOMAINS_LIMIT):
+            raise InvalidArgument(f"max_domains must be an int in 1..{MAX_DOMAINS_LIMIT}, "
+                                  f"got {max_domains!r}")
         if (isinstance(scrub_deadline, bool) or not isinstance(scrub_deadline, (int, float))
                 or not 0 < scrub_deadline < float("inf")):
             raise InvalidArgument("scrub_deadline must be a positive number of seconds, got "
