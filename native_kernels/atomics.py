@@ -108,7 +108,6 @@ def _make_rmw(op: str, doc: str):
 
 fetch_add = _make_rmw("add", "Add ``value`` to ``ary[idx]``; returns the old value.")
 fetch_or = _make_rmw("or", "Bitwise-or ``value`` into ``ary[idx]``; returns the old value.")
-fetch_and = _make_rmw("and", "Bitwise-and ``value`` into ``ary[idx]``; returns the old value.")
 
 
 def _call_no_args(symbol: str, returns_int: bool):

@@ -14,7 +14,6 @@ from native_kernels.atomics import (
     atomic_max,
     atomic_store,
     fetch_add,
-    fetch_and,
     fetch_or,
     monotonic_ns,
 )
@@ -51,9 +50,6 @@ def k_fetch_or(arr, idx, value):
     return fetch_or(arr, idx, value)
 
 
-@njit(nogil=True, cache=True)
-def k_fetch_and(arr, idx, value):
-    return fetch_and(arr, idx, value)
 
 
 @njit(nogil=True, cache=True)
@@ -87,12 +83,6 @@ def k_cas_increment_loop(arr, idx, n):
 def k_or_bits(arr, idx, first_bit, nbits):
     for b in range(first_bit, first_bit + nbits):
         fetch_or(arr, idx, np.int64(1) << b)
-
-
-@njit(nogil=True, cache=True)
-def k_and_clear_bits(arr, idx, first_bit, nbits):
-    for b in range(first_bit, first_bit + nbits):
-        fetch_and(arr, idx, ~(np.int64(1) << b))
 
 
 @njit(nogil=True, cache=True)
@@ -138,8 +128,6 @@ def test_fetch_add_or_and_return_old_value(dtype) -> None:
     assert arr[1] == 0b1101
     assert k_fetch_or(arr, 1, 0b0010) == 0b1101
     assert arr[1] == 0b1111
-    assert k_fetch_and(arr, 1, 0b0110) == 0b1111
-    assert arr[1] == 0b0110
     assert arr[0] == 0 and arr[2] == 0
 
 
@@ -159,8 +147,7 @@ def test_uint8_store_touches_one_byte_only() -> None:
     arr = np.full(8, 0xAA, dtype=np.uint8)
     k_store(arr, 4, 0x11)
     k_fetch_or(arr, 5, 0x01)
-    k_fetch_and(arr, 6, 0x0F)
-    assert arr.tolist() == [0xAA, 0xAA, 0xAA, 0xAA, 0x11, 0xAB, 0x0A, 0xAA]
+    assert arr.tolist() == [0xAA, 0xAA, 0xAA, 0xAA, 0x11, 0xAB, 0xAA, 0xAA]
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint32, np.int64])
@@ -174,7 +161,6 @@ def test_two_dimensional_tuple_indexing(dtype) -> None:
     assert k_cas(arr, (2, 4), 6, 1) is False and arr[2, 4] == 8
     assert k_fetch_add(arr, (0, 0), 2) == 0 and arr[0, 0] == 2
     assert k_fetch_or(arr, (0, 1), 4) == 0 and arr[0, 1] == 4
-    assert k_fetch_and(arr, (0, 1), 5) == 4 and arr[0, 1] == 4
     assert int(arr.sum()) == 9 + 8 + 2 + 4
 
 
@@ -236,16 +222,10 @@ def test_cas_retry_loop_from_four_threads_is_exact() -> None:
     assert arr.tolist() == [0, 4 * n, 0]
 
 
-def test_fetch_or_and_from_four_threads_keep_every_bit() -> None:
+def test_fetch_or_from_four_threads_keeps_every_bit() -> None:
     arr = np.zeros(2, dtype=np.int64)
     run_threads(k_or_bits, [(arr, 1, 15 * i, 15) for i in range(4)])
     assert arr[1] == (1 << 60) - 1
-    run_threads(k_and_clear_bits, [(arr, 1, 15 * i, 10) for i in range(4)])
-    expected = 0
-    for i in range(4):
-        for b in range(15 * i + 10, 15 * i + 15):
-            expected |= 1 << b
-    assert arr[1] == expected
     assert arr[0] == 0
 
 

@@ -408,6 +408,12 @@ def test_check_passes_and_catches_corruption(heap) -> None:
     heap.check()
 
 
+@pytest.mark.parametrize("timeout", [-1, float("nan"), float("inf"), "1", True])
+def test_wait_clean_refuses_a_bad_timeout(heap, timeout) -> None:
+    with pytest.raises(InvalidArgument):
+        heap.wait_clean(timeout)
+
+
 def test_wait_clean(heap_factory) -> None:
     quiet = heap_factory(4 * MiB, nodes=1, scrub="alloc")
     assert quiet.wait_clean(0) is True  # nothing dirty

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import psutil
 
 from native_kernels.counters import snapshot
 from native_kernels.domain_life import domain_row
@@ -207,7 +206,7 @@ def heap_stats(heap: Heap) -> HeapStats:
         domains=int(np.count_nonzero(alive)),
         frame_table_bytes=heap.total_pages * FRAME_TABLE_BYTES_PER_PAGE,
         released_bytes=sum(n["released_bytes"] for n in nodes),
-        process_resident_bytes=psutil.Process().memory_info().rss,
+        process_resident_bytes=prim.resident_set_bytes(),
         bad_array_frees=int(meta[M_BAD_ARRAY_FREES]),
         scrub_cpu_seconds=sum((s.cpu_seconds for s in heap.scrubbers), 0.0),
         scrub_idle_cpu_seconds=sum((s.idle_cpu_seconds for s in heap.scrubbers), 0.0),

@@ -213,7 +213,7 @@ class Domain:
                 reuse.issue(mfn, order, tag)
         return [Block(self, mfn, order, tag, True) for mfn, tag in rows]
 
-    def order_for(self, nbytes: int) -> int:
+    def order_for(self, nbytes: int | str) -> int:
         """The smallest order whose block holds ``nbytes`` bytes."""
         if type(nbytes) is int and 0 < nbytes <= self.core.max_block_bytes:  # nothing to check
             return ((nbytes - 1) >> PAGE_SHIFT).bit_length()
@@ -224,11 +224,12 @@ class Domain:
         self.core.check_order(order, what=f"nbytes={size}")
         return order
 
-    def alloc_bytes(self, nbytes: int, node: int | None = None, zero: bool = True) -> Block:
+    def alloc_bytes(self, nbytes: int | str, node: int | None = None,
+                    zero: bool = True) -> Block:
         """A block of the smallest order that holds ``nbytes`` bytes (see alloc)."""
         return self.alloc(self.order_for(nbytes), node, zero)
 
-    def populate(self, nbytes: int, order: int = 0, node: int | None = None) -> int:
+    def populate(self, nbytes: int | str, order: int = 0, node: int | None = None) -> int:
         """Allocate enough 2**order blocks to hold ``nbytes``, in one call, all or nothing.
 
         Returns the number of blocks; they stay with the domain until it is destroyed.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import sys
 import threading
@@ -72,8 +73,8 @@ class Heap:
     poisoned, every allocation verified). ``scrub_deadline``: seconds a node may stay dirty
     before its scrubber cleans it at normal priority even though no CPU is idle (scrub="idle"
     only). ``reuse_bytes``: how much of its own freed memory a domain may keep for reuse,
-    per block order up to 2 MiB blocks (xenheap.reuse); 0 turns reuse off. Thread-safe; the
-    heap work runs without the GIL.
+    per block order up to 2 MiB blocks (xenheap.reuse); 0 turns reuse off. Thread-safe; bulk
+    heap work (populate, large blocks, destroy, scrubbing) runs without the GIL.
 
     ``core`` is what the heap shares with its domains (xenheap.core): xenheap's internal
     surface, not for applications.
@@ -265,6 +266,11 @@ class Heap:
         Without running scrubbers (scrub="alloc", or all stopped) nothing will clean the
         heap in the background, so it answers at once.
         """
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))
+                                    or not timeout >= 0 or math.isinf(timeout)):
+            raise InvalidArgument(f"timeout must be None or a number of seconds >= 0, "
+                                  f"got {timeout!r}")
         core = self.core
         core.refuse_if_forked()  # before the condition's lock: a parent thread may hold it
         deadline = None if timeout is None else time.monotonic() + timeout

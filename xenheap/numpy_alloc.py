@@ -180,7 +180,7 @@ class numpy_allocator:
             raise RuntimeError("this numpy_allocator() is already entered; call "
                                "dom.numpy_allocator() again for another block")
         if dom.heap.closed:
-            raise HeapClosed("the heap is closed")
+            raise HeapClosed(dom.core.closed_reason)
         if not dom.alive:
             raise DomainDead(f"{dom!r} was destroyed")
         handler = numpy_handler(dom)

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import psutil
 
 from native_kernels.layout import PAGE_SIZE
 from xenheap.errors import InvalidArgument, OutOfMemory
@@ -27,6 +28,7 @@ __all__ = [
     "PAGE_SIZE",
     "address_of",
     "advise_hugepage",
+    "allowed_cpus",
     "bind_to_node",
     "capabilities",
     "cpu_busy_seconds",
@@ -36,6 +38,7 @@ __all__ = [
     "pin_current_thread",
     "release_pages",
     "resident_pages",
+    "resident_set_bytes",
     "runnable_threads",
     "set_current_thread_idle",
 ]
@@ -274,10 +277,20 @@ def cpu_busy_seconds(cpus: Sequence[int]) -> float:
     return busy / _CLK_TCK
 
 
+def allowed_cpus() -> set[int]:
+    """The CPUs the calling thread may run on (its affinity): the process's, if asked
+    before the thread pins itself."""
+    return set(os.sched_getaffinity(0))
+
+
 def usable_cpus() -> int:
-    """CPUs the calling thread may run on (its affinity): the process's, if asked before
-    the thread pins itself."""
-    return len(os.sched_getaffinity(0))
+    """How many CPUs the calling thread may run on (allowed_cpus)."""
+    return len(allowed_cpus())
+
+
+def resident_set_bytes() -> int:
+    """The whole process's resident set size (RSS), in bytes."""
+    return int(psutil.Process().memory_info().rss)
 
 
 def current_cpu() -> int:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from xenheap import prim
 from xenheap.errors import InvalidArgument
 
 __all__ = [
@@ -103,7 +104,7 @@ def parse_cpulist(text: str) -> list[int]:
 
 
 def _allowed_cpus(allowed: set[int] | None) -> set[int]:
-    return set(os.sched_getaffinity(0)) if allowed is None else set(allowed)
+    return prim.allowed_cpus() if allowed is None else set(allowed)
 
 
 def _default_distances(index: int, count: int) -> tuple[int, ...]:

@@ -44,7 +44,8 @@ QUICK_BUFFER_SIZES = (4096, 2 * MiB)
 
 
 def default_sizes(quick: bool = False, available: int | None = None) -> list[int]:
-    """Domain sizes for the destroy sweep: 64 MiB, x4 each step, up to what memory allows."""
+    """Domain sizes for the destroy sweep: 64 MiB, x4 each step, up to what memory allows
+    (16 and 64 MiB when ``quick``)."""
     if quick:
         return [16 * MiB, 64 * MiB]
     avail = available_memory() if available is None else available

@@ -55,8 +55,6 @@ CHILD_TIMEOUT_S = 180.0  # a side that takes longer is killed and reported as an
 SETPRIV = "/usr/bin/setpriv"
 CAP_SYS_NICE = 23
 SIDES = ("idle", "busy")
-FIELDS = ("destroy_ms", "clean_after_ms", "abort_wait_max_ms", "alloc_2mib_max_ms",
-          "scrub_cpu_s", "close_ms", "threads_left", "all_zero", "check_ok")
 
 
 @dataclass

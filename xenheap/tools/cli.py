@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "bytearray/numpy/mmap, scrub and allocation throughput")
     bench_cmd.add_argument("--sizes", nargs="+", metavar="SIZE",
                            help="domain sizes for the destroy sweep, e.g. 64MiB 1GiB "
-                           "(default: 64 MiB, x4, up to 4 GiB or a quarter of memory)")
+                           "(default: 64 MiB, x4, up to 4 GiB or a quarter of memory; "
+                           "16 and 64 MiB with --quick)")
     bench_cmd.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench_cmd.add_argument("--plot", metavar="FILE.png",
                            help=f"draw the destroy sweep and the buffer comparison "
