@@ -63,8 +63,8 @@ _SYS_MBIND = {"x86_64": 237, "amd64": 237, "aarch64": 235, "arm64": 235}.get(
     platform.machine().lower()
 )
 
-# errnos meaning "this machine does not offer it": answer False rather than raise.
 _CLK_TCK = os.sysconf("SC_CLK_TCK")  # /proc/stat's tick (USER_HZ)
+# errnos meaning "this machine does not offer it": answer False rather than raise.
 _UNAVAILABLE = frozenset({errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP})
 
 _libc = ctypes.CDLL(None, use_errno=True)
