@@ -6,6 +6,7 @@ by the deadline path, nothing faulted in), never a speed.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ from native_kernels.layout import (
     PG_TAG,
     TAG_MIXED,
 )
+from xenheap import prim
 from xenheap.faults import inject_fault
 
 MiB = 2**20
@@ -110,10 +112,13 @@ def test_overdue_memory_is_cleaned_at_normal_priority_when_no_cpu_is_idle():
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_a_scrubber_leaves_its_busy_cpu_alone_while_another_node_idles():
+def test_a_scrubber_leaves_its_busy_cpu_alone_while_another_node_idles(monkeypatch):
     """Two emulated nodes of one CPU each, a CPU-bound process on node 0's: the machine
     has an idle CPU, but not the one node 0's scrubber runs on, so node 0's dirt waits
-    for its deadline, and no idle slice of node 0's scrubber takes that process's time."""
+    for its deadline, and no idle slice of node 0's scrubber takes that process's time.
+    The machine-wide count is made to say one CPU is idle whatever else runs on this
+    host, so that the scrubbers' own-CPU test decides."""
+    monkeypatch.setattr(prim, "runnable_threads", lambda: 2)  # the hog and the asker
     cpu0, cpu1 = sorted(os.sched_getaffinity(0))[:2]
     pinned_hog = f"import os\nos.sched_setaffinity(0, {{{cpu0}}})\n" + _HOG.format(secs=60)
     hog = subprocess.Popen([sys.executable, "-c", pinned_hog])
@@ -128,10 +133,28 @@ def test_a_scrubber_leaves_its_busy_cpu_alone_while_another_node_idles():
             node0 = heap.scrubbers[0]
             assert node0.nodes == (0,) and node0.pinned
             assert node0.idle_cpu_seconds == 0.0 and node0.deadline_cpu_seconds > 0
+            assert heap.scrubbers[1].idle_cpu_seconds > 0  # its CPU was idle
             heap.check()
     finally:
         hog.kill()
         hog.wait(10)
+
+
+def test_a_scrubber_without_busy_times_for_its_cpus_judges_idleness_machine_wide(
+        monkeypatch, caplog):
+    """No /proc/stat line for a pinned scrubber's CPUs (offline, or a container numbering
+    them apart): it says so and judges idle CPUs machine-wide, as before, rather than
+    taking every CPU for idle or dying."""
+    assert prim.cpu_busy_seconds([10**6]) is None
+    monkeypatch.setattr(prim, "cpu_busy_seconds", lambda cpus: None)
+    with caplog.at_level(logging.WARNING, logger="xenheap.scrubber"), \
+            xenheap.Heap("32MiB", nodes=2) as heap:
+        with heap.create_domain() as dom:
+            for blk in [dom.alloc(4) for _ in range(64)]:
+                blk.array()[:] = 1
+        assert heap.wait_clean(60)
+        assert all(s.is_alive() and s.errors == 0 for s in heap.scrubbers)
+    assert any("/proc/stat" in r.getMessage() for r in caplog.records)
 
 
 def test_scrubbing_never_faults_untouched_memory_in():
@@ -155,6 +178,7 @@ def test_dirt_of_no_domain_is_booked_unattributed_whoever_cleans_it():
     """In debug mode memory release_unused gave back reads zero, not the scrub pattern:
     it goes back dirty, of no domain, and its scrub is booked under -1 like allocators'."""
     with xenheap.Heap("16MiB", nodes=1, debug=True) as heap:
+        assert heap.wait_clean(60)  # a debug heap starts dirty: the pattern laid down first
         assert heap.release_unused() > 0
         assert heap.wait_clean(60)
         ids = {c["id"] for c in heap.stats()["domain_charges"]}

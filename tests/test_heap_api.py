@@ -414,6 +414,10 @@ def test_wait_clean_refuses_a_bad_timeout(heap, timeout) -> None:
         heap.wait_clean(timeout)
 
 
+def test_wait_clean_takes_numpy_numbers(heap) -> None:
+    assert heap.wait_clean(np.int64(1)) is True and heap.wait_clean(np.float32(0.5)) is True
+
+
 def test_wait_clean(heap_factory) -> None:
     quiet = heap_factory(4 * MiB, nodes=1, scrub="alloc")
     assert quiet.wait_clean(0) is True  # nothing dirty

@@ -315,7 +315,7 @@ def test_debug_mode_catches_a_write_after_free_into_a_page_still_dirty():
         assert view[0] == POISON_PATTERN
         view[0] = 7  # a write after free: the page is still dirty
         with pytest.raises(xenheap.HeapCorruption):
-            while True:  # the allocator takes pages from the top: soon this one
+            for _ in range(heap.total_pages):  # each goes back: soon the allocator takes it
                 dom.alloc(0)
         assert view[0] == POISON_PATTERN  # poisoned again on the way back
         again = dom.alloc(0)

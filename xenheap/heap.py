@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import numbers
 import os
 import sys
 import threading
@@ -267,7 +268,7 @@ class Heap:
         heap in the background, so it answers at once.
         """
         if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, (int, float))
+                                    or not isinstance(timeout, numbers.Real)
                                     or not timeout >= 0 or math.isinf(timeout)):
             raise InvalidArgument(f"timeout must be None or a number of seconds >= 0, "
                                   f"got {timeout!r}")

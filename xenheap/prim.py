@@ -259,22 +259,29 @@ def runnable_threads() -> int:
         return int(f.read().split()[3].split(b"/")[0])
 
 
-def cpu_busy_seconds(cpus: Sequence[int]) -> float:
+def cpu_busy_seconds(cpus: Sequence[int]) -> float | None:
     """Seconds the CPUs ``cpus`` have spent running anything since boot (not idle, not
     waiting for I/O): their ``cpuN`` lines of /proc/stat, counted in USER_HZ ticks, so
-    10 ms steps."""
+    10 ms steps. None if /proc/stat cannot be read or lacks a line for one of them (a CPU
+    taken offline; a container whose /proc/stat numbers its CPUs apart from the host's)."""
     wanted = {b"cpu%d" % cpu for cpu in cpus}
     busy = 0
-    with open("/proc/stat", "rb") as f:
-        for line in f:
-            if not line.startswith(b"cpu"):
-                break  # the CPU lines come first
-            fields = line.split()
-            if fields[0] in wanted:
-                # user nice system idle iowait irq softirq steal (guest time is in user)
-                ticks = [int(x) for x in fields[1:9]]
-                busy += sum(ticks) - ticks[3] - ticks[4]
-    return busy / _CLK_TCK
+    found = 0
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if not line.startswith(b"cpu"):
+                    break  # the CPU lines come first
+                fields = line.split()
+                if fields[0] in wanted:
+                    # user nice system idle iowait irq softirq steal (guest is in user)
+                    ticks = [int(x) for x in fields[1:9]]
+                    busy += sum(ticks) - ticks[3] - ticks[4]
+                    found += 1
+    except (OSError, ValueError, IndexError) as exc:
+        log.debug("cannot read /proc/stat: %s", exc)
+        return None
+    return busy / _CLK_TCK if found == len(wanted) else None
 
 
 def allowed_cpus() -> set[int]:

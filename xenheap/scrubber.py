@@ -57,8 +57,8 @@ IDLE_WAIT_S = 0.1  # clean nodes: look again this often even without a wake-up
 BUSY_POLL_S = 0.005  # dirty nodes, no idle CPU: look again this often
 # A thread pinned to some of the process's CPUs also asks whether other threads left at
 # least IDLE_SHARE of one of those unused over the last IDLE_WINDOW_S (/proc/stat counts
-# in 10 ms ticks), looking again that often, its nodes clean or not, so that the answer
-# is recent when dirt comes; its first answer comes after FIRST_WINDOW_S.
+# in 10 ms ticks), looking again that often while its nodes are dirty; after a clean spell
+# the window starts anew, and its first answer comes after FIRST_WINDOW_S.
 IDLE_WINDOW_S = 0.1
 FIRST_WINDOW_S = 0.02
 IDLE_SHARE = 0.5
@@ -119,7 +119,6 @@ class Scrubber(threading.Thread):
         oldest = column_min_where(self._nodes_rows, N_DIRTY_SINCE_NS, N_NEED_SCRUB,
                                   self._node_array)
         if oldest < 0:  # every node clean
-            self._own_cpus_idle()  # keeps its window recent
             return "clean", IDLE_WAIT_S
         overdue_in = (oldest + self.deadline_ns - time.monotonic_ns()) / 1e9
         if overdue_in <= 0:
@@ -140,14 +139,28 @@ class Scrubber(threading.Thread):
             return True
         now = time.monotonic()
         start, busy0, own0 = self._busy_mark
-        if now - start < (IDLE_WINDOW_S if self._judged else FIRST_WINDOW_S):
+        elapsed = now - start
+        if elapsed < (IDLE_WINDOW_S if self._judged else FIRST_WINDOW_S):
             return self._cpus_idle
         busy, own = prim.cpu_busy_seconds(self.cpus), time.thread_time()
-        others = (busy - busy0) - (own - own0)
-        self._cpus_idle = others <= (len(self.cpus) - IDLE_SHARE) * (now - start)
-        self._judged = True
+        if busy is None:
+            self._stop_watching()
+            return True
+        if elapsed > 2 * IDLE_WINDOW_S:  # not asked for a while (clean): start anew
+            self._cpus_idle, self._judged = False, False
+        else:
+            others = (busy - busy0) - (own - own0)
+            self._cpus_idle = others <= (len(self.cpus) - IDLE_SHARE) * elapsed
+            self._judged = True
         self._busy_mark = (now, busy, own)
         return self._cpus_idle
+
+    def _stop_watching(self) -> None:
+        """/proc/stat says nothing of this thread's CPUs: idleness is judged machine-wide
+        only, as for a thread not pinned."""
+        self._watch_cpus = False
+        log.warning("scrubber %s: /proc/stat gives no busy time for CPUs %s; judging idle "
+                    "CPUs machine-wide only", self.name, self.cpus)
 
     def _scrub(self, kind: str) -> None:
         """One slice of scrubbing, its CPU time charged to ``kind``."""
@@ -174,9 +187,12 @@ class Scrubber(threading.Thread):
             self.pinned = prim.pin_current_thread(self.cpus)
             self._watch_cpus = self.pinned and len(self.cpus) < self.usable_cpus
             if self._watch_cpus:  # not idle until a first window says so
-                self._cpus_idle = False
-                self._busy_mark = (time.monotonic(), prim.cpu_busy_seconds(self.cpus),
-                                   time.thread_time())
+                busy = prim.cpu_busy_seconds(self.cpus)
+                if busy is None:
+                    self._stop_watching()
+                else:
+                    self._cpus_idle = False
+                    self._busy_mark = (time.monotonic(), busy, time.thread_time())
         backoff = ERROR_BACKOFF_S
         while not self._stop_requested.is_set():
             try:
