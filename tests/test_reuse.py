@@ -416,7 +416,8 @@ def test_a_destroy_waits_for_parked_blocks_on_their_way_back(monkeypatch):
         for blk in [dom.alloc(0) for _ in range(8)]:
             blk.free()
         del blk
-        returner = threading.Thread(target=return_parked, args=(dom,), name="returner")
+        returner = threading.Thread(target=return_parked, args=(heap.core, dom.record),
+                                    name="returner")
         returner.start()
         assert paused.wait(10)
         destroyer = threading.Thread(target=dom.destroy)

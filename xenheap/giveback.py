@@ -79,23 +79,22 @@ def _free_drained(core: HeapCore, rec: DomainRecord,
     return wake
 
 
-def return_parked(dom: Domain, close: bool = False) -> int:
-    """Give the blocks parked for reuse (by the Python API and by numpy) back to the
-    heap, dirty; returns how many (at least 1 if another thread was doing it: its
-    blocks are back by the time this returns, so an allocation short of room may
-    retry). ``close``: park none afterwards (the heap closes)."""
-    if dom.core.forked:
+def return_parked(core: HeapCore, rec: DomainRecord, close: bool = False) -> int:
+    """Give the blocks that the domain of ``rec`` parked for reuse (by the Python API and
+    by numpy) back to the heap, dirty; returns how many (at least 1 if another thread was
+    doing it: its blocks are back by the time this returns, so an allocation short of
+    room may retry). ``close``: park none afterwards (the heap closes)."""
+    if core.forked:
         return 0  # the lock below may be held by a parent thread
-    returning = dom.record.returning
+    returning = rec.returning
     waited = _acquire_noting_wait(returning)
     try:
-        return _return_parked_locked(dom, close) + int(waited)
+        return _return_parked_locked(core, rec, close) + int(waited)
     finally:
         returning.release()
 
 
-def _return_parked_locked(dom: Domain, close: bool) -> int:
-    core, rec = dom.core, dom.record
+def _return_parked_locked(core: HeapCore, rec: DomainRecord, close: bool) -> int:
     entries = rec.reuse.drain(close) if rec.reuse is not None else []
     if close or core.closed or rec.destroyed:
         return len(entries)  # a closing heap's memory is gone with it; so is a dead domain's
@@ -152,7 +151,7 @@ def flush_reuse(core: HeapCore, dom: Domain | None = None) -> bool:
     # The heap short: collected domains' memory too (the allocation's kernel relinquishes it).
     destroyed = destroy_orphans(core) if dom is None and core.orphans else 0
     doms = [dom] if dom is not None else core.live_domains()
-    return destroyed + sum(free_dropped(d) + return_parked(d) for d in doms) > 0
+    return destroyed + sum(free_dropped(d) + return_parked(core, d.record) for d in doms) > 0
 
 
 def free_all_dropped(core: HeapCore) -> None:

@@ -192,7 +192,7 @@ class Heap:
             # Each kind by its own clock; both go back together (a busy one just refills).
             if (reuse is not None and reuse.quiet_for(now) >= REUSE_IDLE_S
                     and reuse.cached_bytes()) or parked_numpy_since(dom, stale):
-                return_parked(dom)
+                return_parked(self.core, dom.record)
 
     # --- public API ----------------------------------------------------------------------
     def create_domain(self, name: str | None = None, max_bytes: int | str | None = None
@@ -331,13 +331,11 @@ class Heap:
             self.core.closed = True
             orphans = list(self.core.orphans)  # collected domains: none is destroyed now
             self.core.orphans.clear()
-        for dom in self.core.live_domains():  # waits for reuse in progress, then allows none
-            return_parked(dom, close=True)
-            dom.record.capsule = None  # only arrays still alive may hold a handler now
-        for rec in orphans:  # the same for them: their views and handler would hold the arenas
-            if rec.reuse is not None:
-                rec.reuse.drain(close=True)
-            rec.capsule = None
+        # Live domains and collected ones alike: their caches' views and their handlers
+        # would hold the arenas. Waits for reuse in progress, then allows none.
+        for rec in [dom.record for dom in self.core.live_domains()] + orphans:
+            return_parked(self.core, rec, close=True)
+            rec.capsule = None  # only arrays still alive may hold a handler now
         meta = self.core.state["meta"]
         api.close_heap(meta)  # refuse new calls; scrubbers stop at their next step
         stop_all(self.core.scrubbers)

@@ -140,20 +140,27 @@ class Scrubber(threading.Thread):
         now = time.monotonic()
         start, busy0, own0 = self._busy_mark
         elapsed = now - start
-        if elapsed < (IDLE_WINDOW_S if self._judged else FIRST_WINDOW_S):
-            return self._cpus_idle
-        busy, own = prim.cpu_busy_seconds(self.cpus), time.thread_time()
+        if elapsed > 2 * IDLE_WINDOW_S:  # not asked for a while (clean): start anew
+            self._start_window()
+        elif elapsed >= (IDLE_WINDOW_S if self._judged else FIRST_WINDOW_S):
+            busy, own = prim.cpu_busy_seconds(self.cpus), time.thread_time()
+            if busy is None:
+                self._stop_watching()
+            else:
+                others = (busy - busy0) - (own - own0)
+                self._cpus_idle = others <= (len(self.cpus) - IDLE_SHARE) * elapsed
+                self._judged = True
+                self._busy_mark = (now, busy, own)
+        return self._cpus_idle or not self._watch_cpus
+
+    def _start_window(self) -> None:
+        """A new window from now: not idle until its first FIRST_WINDOW_S says so."""
+        busy = prim.cpu_busy_seconds(self.cpus)
         if busy is None:
             self._stop_watching()
-            return True
-        if elapsed > 2 * IDLE_WINDOW_S:  # not asked for a while (clean): start anew
-            self._cpus_idle, self._judged = False, False
-        else:
-            others = (busy - busy0) - (own - own0)
-            self._cpus_idle = others <= (len(self.cpus) - IDLE_SHARE) * elapsed
-            self._judged = True
-        self._busy_mark = (now, busy, own)
-        return self._cpus_idle
+            return
+        self._cpus_idle, self._judged = False, False
+        self._busy_mark = (time.monotonic(), busy, time.thread_time())
 
     def _stop_watching(self) -> None:
         """/proc/stat says nothing of this thread's CPUs: idleness is judged machine-wide
@@ -186,13 +193,8 @@ class Scrubber(threading.Thread):
         if self.cpus:
             self.pinned = prim.pin_current_thread(self.cpus)
             self._watch_cpus = self.pinned and len(self.cpus) < self.usable_cpus
-            if self._watch_cpus:  # not idle until a first window says so
-                busy = prim.cpu_busy_seconds(self.cpus)
-                if busy is None:
-                    self._stop_watching()
-                else:
-                    self._cpus_idle = False
-                    self._busy_mark = (time.monotonic(), busy, time.thread_time())
+            if self._watch_cpus:
+                self._start_window()
         backoff = ERROR_BACKOFF_S
         while not self._stop_requested.is_set():
             try:
