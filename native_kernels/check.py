@@ -266,11 +266,12 @@ def check_heap(hs):
     """Check every invariant; returns (code, mfn) of the first broken one, or (OK, -1)."""
     nodes, meta = hs.nodes, hs.meta
     nr_nodes = meta[M_NR_NODES]
+    # Before the locks: a MemoryError raised with them held would leave them held.
+    seen = np.zeros(meta[M_NR_PAGES], dtype=np.uint8)
+    head_order = np.full(meta[M_NR_PAGES], -1, dtype=np.int8)
     for node in range(nr_nodes):
         spin_lock(nodes, node, N_LOCK)
     _stop_scrubs(hs)
-    seen = np.zeros(meta[M_NR_PAGES], dtype=np.uint8)
-    head_order = np.full(meta[M_NR_PAGES], -1, dtype=np.int8)
     code, mfn = _check_free_lists(hs, seen, head_order)
     if code == OK:
         code, mfn = _check_buddies(nodes, meta, head_order)

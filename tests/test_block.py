@@ -88,12 +88,50 @@ def test_copies_are_the_same_handle(dom) -> None:
     assert held(dom) == PAGE
 
 
+def test_blocks_of_two_heaps_are_never_equal(heap_factory) -> None:
+    a = heap_factory(1 << 20, nodes=1).create_domain().alloc(0)
+    b = heap_factory(1 << 20, nodes=1).create_domain().alloc(0)
+    assert (a.mfn, a.tag) == (b.mfn, b.tag)  # the same numbers in two heaps
+    assert a != b and len({a, b}) == 2
+    with pytest.raises(InvalidFree, match="another heap"):
+        a.domain.free(b)
+
+
 def test_a_hand_made_handle_never_frees_on_drop(dom) -> None:
     blk = dom.alloc(0)
     xenheap.Block(dom, blk.mfn, blk.order, blk.tag)  # dropped at once
     assert held(dom) == PAGE
     blk.free()
     assert held(dom) == 0
+
+
+def test_a_handle_whose_block_a_copy_freed_shows_no_bytes(dom) -> None:
+    """The block may be another domain's by now: its old handle must not reach it."""
+    blk = dom.alloc(0)
+    xenheap.Block(dom, blk.mfn, blk.order, blk.tag).free()
+    other = dom.heap.create_domain("other")
+    for _ in range(dom.heap.total_pages):
+        if other.alloc(0).mfn == blk.mfn:  # kept alive by the domain: dropped ones are freed
+            break
+    with pytest.raises(InvalidFree, match="stale"):
+        blk.array()
+    with pytest.raises(InvalidFree, match="stale"):
+        blk.view()
+
+
+@pytest.mark.parametrize("forge", [
+    lambda dom, theirs: (dom, theirs.mfn, theirs.order, theirs.tag),  # another domain's
+    lambda dom, theirs: (dom, -1, 0, 0),  # would wrap to the arena's last page
+    lambda dom, theirs: (dom, 10**12, 0, 0),
+    lambda dom, theirs: (dom, 0, 40, 0),
+], ids=["foreign", "negative", "past-the-end", "huge-order"])
+def test_a_hand_made_handle_sees_only_a_block_it_names_truly(dom, forge) -> None:
+    theirs = dom.heap.create_domain("theirs").alloc(0)
+    theirs.array()[:] = 0x5A
+    with pytest.raises(InvalidFree, match="stale"):
+        xenheap.Block(*forge(dom, theirs)).array()
+    mine = dom.alloc(0)  # a hand-made copy of a live handle is that handle
+    assert xenheap.Block(dom, mine.mfn, mine.order, mine.tag).array().size == PAGE
 
 
 def test_freed_then_dropped_is_not_freed_twice(dom) -> None:

@@ -18,7 +18,15 @@ from numba import njit
 import xenheap
 from native_kernels import api
 from native_kernels.atomics import atomic_load
-from native_kernels.layout import BUDDY_SCRUBBING, N_SCRUB_PASSES, PG_NEED_SCRUB, PG_SCRUB_STATE
+from native_kernels.check import check_heap
+from native_kernels.layout import (
+    BUDDY_SCRUBBING,
+    M_NR_PAGES,
+    N_LOCK,
+    N_SCRUB_PASSES,
+    PG_NEED_SCRUB,
+    PG_SCRUB_STATE,
+)
 from native_kernels.scrub import NOTHING_DIRTY, scrub_free_pages
 from xenheap import (
     DomainDead,
@@ -110,6 +118,7 @@ def test_heap_with_machine_topology_and_idle_scrubbers(heap_factory) -> None:
     {"scrub": "bogus"},
     {"scrub": None},
     {"scrub": "IDLE"},
+    {"scrub": ["idle"]},  # unhashable: refused as a bad value, not a TypeError
     {"size": -1},
     {"size": 0},
     {"size": 100},  # less than a page
@@ -127,6 +136,7 @@ def test_heap_with_machine_topology_and_idle_scrubbers(heap_factory) -> None:
     {"nodes": [[0], [0]]},
     {"nodes": ["ab"]},
     {"nodes": [[0.5]]},
+    {"nodes": 10**7},  # refused at once, not after building 10**7 nodes
     {"size": 4 * PAGE, "nodes": 8},  # less than one page per node
     {"debug": "yes"},
     {"max_domains": 0},
@@ -552,6 +562,9 @@ MISUSES.append(("alloc_bytes above the largest chunk",
 for bad in (-1, "abc", 0, 1.5, True, None):
     MISUSES.append((f"populate nbytes {bad!r}", lambda w, b=bad: w.dom.populate(b),
                     InvalidArgument))
+for bad in (None, 0, 1, "no", 0.0):  # as truth values they would skip the zeroing
+    MISUSES.append((f"alloc zero={bad!r}", lambda w, b=bad: w.dom.alloc(0, zero=b),
+                    InvalidArgument))
 for bad in (-1, 2, "0", 1.5, True):
     MISUSES.append((f"alloc node {bad!r}", lambda w, b=bad: w.dom.alloc(0, node=b),
                     InvalidArgument))
@@ -559,7 +572,8 @@ for bad in (-1, 2, "0", 1.5, True):
                     InvalidArgument))
     MISUSES.append((f"populate node {bad!r}", lambda w, b=bad: w.dom.populate(PAGE, node=b),
                     InvalidArgument))
-for bad in (object, "O", "V3", "V12288", "garbage", "U", 1, [("a", "i4"), ("b", "O")]):
+for bad in (object, "O", "V3", "V12288", "garbage", "U", 1, [("a", "i4"), ("b", "O")],
+            "(2,)i4", None, np.array([1, 2])):
     MISUSES.append((f"array dtype {bad!r}", lambda w, b=bad: w.blk.array(b), InvalidArgument))
 MISUSES.append(("array dtype wider than the block",
                 lambda w: w.blk.array(f"V{2 * w.blk.nbytes}"), InvalidArgument))
@@ -576,6 +590,7 @@ MISUSES += [
     ("free a hand-made handle past the heap",
      lambda w: w.dom.free(xenheap.Block(w.dom, w.heap.total_pages + 8, 0, 1)), InvalidFree),
     ("free a non-block", lambda w: w.dom.free("not a block"), InvalidFree),
+    ("view a stale handle", lambda w: w.stale_copy.view(), InvalidFree),
     ("view a freed block", lambda w: w.freed.view(), InvalidFree),
     ("array of a freed block", lambda w: w.freed.array(), InvalidFree),
     ("view a destroyed domain's block", lambda w: w.dead_blk.view(), InvalidFree),
@@ -676,6 +691,16 @@ def test_numpy_integer_sizes_are_accepted(heap) -> None:
     assert dom.populate(np.int64(2 * PAGE)) == 2
 
 
+def test_numpy_numbers_are_accepted_wherever_python_ones_are() -> None:
+    with xenheap.Heap("4MiB", nodes=1, max_domains=np.int64(4),
+                      scrub_deadline=np.float32(0.5)) as heap:
+        assert heap.scrub_deadline == 0.5
+        dom = heap.create_domain()
+        assert len(dom.alloc_many(np.int64(3), np.int8(1))) == 3
+        assert not dom.alloc(0, zero=np.True_).array().any()
+        dom.alloc(0, zero=np.False_)
+
+
 @pytest.mark.parametrize("call", ["alloc order", "alloc node", "populate order"])
 def test_numpy_integer_order_and_node_are_accepted(heap_factory, call: str) -> None:
     heap = heap_factory(4 * MiB, nodes=2)
@@ -743,6 +768,33 @@ def test_heap_queries_after_close_report_the_final_state(mode: str) -> None:
     assert stats["allocated_pages"] == 4
     assert "unscrubbed pages" in heap.dump()
     assert heap.wait_clean(0.01) is True
+
+
+def test_close_leaves_the_figures_of_parked_blocks_as_they_were() -> None:
+    """A block the user freed stays out of bytes_allocated after close: the closed heap's
+    figures are those it was left with, parked blocks (cached_bytes) included."""
+    heap = xenheap.Heap(size="1MiB", nodes=1, scrub="alloc", reuse_bytes="64KiB")
+    dom = heap.create_domain()
+    _held = dom.alloc(1)
+    dom.alloc(0).free()  # parked for dom's reuse
+    keys = ("bytes_allocated", "cached_bytes", "num_frees")
+    before = ({k: heap.stats()[k] for k in keys}, {k: dom.stats()[k] for k in keys})
+    assert before[0]["cached_bytes"] == PAGE
+    heap.close()
+    assert ({k: heap.stats()[k] for k in keys}, {k: dom.stats()[k] for k in keys}) == before
+
+
+def test_a_check_short_of_memory_leaves_the_node_locks_free(heap_factory) -> None:
+    """check() allocates arrays as large as the heap; failing, it must not hold the locks."""
+    heap = heap_factory(2 * MiB, nodes=2, scrub="alloc")
+    hs = heap.core.hs
+    meta = hs.meta.copy()
+    meta[M_NR_PAGES] = 2**50  # arrays of a PiB: beyond any address space
+    with pytest.raises(MemoryError):
+        check_heap(hs._replace(meta=meta))
+    assert [hs.nodes[n, N_LOCK] == hs.nodes[n, N_LOCK + 1] for n in range(2)] == [True, True]
+    heap.create_domain().alloc(0)
+    heap.check()
 
 
 # --- check() while a scrub is finishing --------------------------------------------------------

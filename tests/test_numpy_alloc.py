@@ -43,6 +43,17 @@ def test_the_allocator_sets_numpys_own_context_variable():
     assert get_handler_name() == "default_allocator"
 
 
+@pytest.mark.parametrize(("name", "expected"), [
+    ("a" + "\u00e9" * 100, "xenheap:a" + "\u00e9" * 58),  # cut at a character, not inside
+    ("x\0y", "xenheap:x?y"),  # a NUL would end numpy's C string early
+], ids=["utf8-cut", "nul"])
+def test_a_handlers_name_is_one_numpy_can_read(heap, name, expected):
+    with heap.create_domain(name).numpy_allocator():
+        arr = np.empty(1)
+        assert get_handler_name() == expected
+    assert get_handler_name(arr) == expected
+
+
 def test_one_allocator_context_is_entered_once_and_restores_numpys_handler(heap):
     dom = heap.create_domain("once")
     scope = dom.numpy_allocator()

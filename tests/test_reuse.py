@@ -68,6 +68,27 @@ def test_parked_blocks_count_against_the_quota_and_go_back_when_it_is_short():
         heap.check()
 
 
+@pytest.mark.parametrize("refused", [
+    lambda dom: dom.alloc(5),  # 32 pages: more than the whole quota
+    lambda dom: dom.alloc_many(3, 2),  # 12 pages: the quota less the 56 held is 8
+    lambda dom: dom.populate(9 * PAGE_SIZE),
+], ids=["alloc", "alloc_many", "populate"])
+def test_a_request_the_quota_refuses_anyway_leaves_the_parked_blocks(refused):
+    """Giving parked blocks back cannot make room here, so a refused call changes nothing."""
+    with xenheap.Heap("16MiB", scrub="alloc") as heap:
+        dom = heap.create_domain(max_bytes=64 * PAGE_SIZE)
+        _held = [dom.alloc(0) for _ in range(56)]
+        for blk in [dom.alloc(0) for _ in range(8)]:
+            blk.free()
+        before = dom.stats()
+        assert before["cached_bytes"] == 8 * PAGE_SIZE
+        with pytest.raises(xenheap.OutOfMemory, match=r"quota .* \(262144 bytes; it holds "
+                                                      r"262144, parked blocks included\)"):
+            refused(dom)
+        assert dom.stats() == before
+        heap.check()
+
+
 def test_parked_blocks_go_back_when_the_heap_runs_short():
     with xenheap.Heap("8MiB", scrub="alloc") as heap:
         hoarder, needy = heap.create_domain(), heap.create_domain()

@@ -228,6 +228,9 @@ def test_emulated_explicit_lists(four_nodes: str) -> None:
     [
         (0, "at least 1"),
         (-2, "at least 1"),
+        (65, "at most 64"),
+        (10**7, "at most 64"),  # refused at once: building 10**7 nodes would stall
+        ([[0]] * 65, "at most 64"),
         (True, "count"),
         (False, "count"),
         (2.0, "count"),

@@ -89,6 +89,9 @@ class Block:
         if not self.domain.alive:
             raise InvalidFree(f"{self!r} belongs to destroyed {self.domain!r}")
 
+    def _refuse_stale(self) -> NoReturn:
+        raise InvalidFree(f"{self!r} is stale: it is no longer a block of {self.domain!r}")
+
     def array(self, dtype: npt.DTypeLike = "uint8") -> np.ndarray:
         """A writable numpy view of the block (zero-copy) with the given dtype; it and the
         views made from it keep the block alive."""
@@ -96,24 +99,34 @@ class Block:
         rec = dom.record
         if self.freed or rec.destroyed or dom.core.closed:  # _in_use(), inlined: hot path
             self._check_usable()
+        # Only the block's live handle may see its bytes: one that a copy freed, or one
+        # made by hand, may name memory the heap has since given to another domain.
+        reuse = rec.reuse
+        if reuse is not None:
+            if (self.mfn, self.order, self.tag) not in reuse.issued:  # what it handed out
+                self._refuse_stale()
+        elif not dom.core.owns_block(rec.slot, self.mfn, self.order, self.tag):
+            self._refuse_stale()
         # The reuse cache's view while the block cycles through it, else a new one: kept by
         # the cache, never by the handle, so that a live handle does not keep a closed
         # heap's memory mapped.
-        reuse = rec.reuse
         nbytes = PAGE_SIZE << self.order
         u8 = reuse.views.get(self.mfn) if reuse is not None else None
         if u8 is None or u8.size != nbytes:
             u8 = dom.core.bytes_at(self.mfn, nbytes)
         root = u8.view(_Owner)
         root.block = self
-        if dtype == "uint8":  # the default: no dtype to parse or check
+        if type(dtype) is str and dtype == "uint8":  # the default: no dtype to parse
             return root.view(type=np.ndarray)
+        if dtype is None:  # np.dtype(None) is float64, which no reader of array() expects
+            raise InvalidArgument("dtype must be given, got None")
         try:
             dt = np.dtype(dtype)
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"bad dtype {dtype!r}: {exc}") from None
-        if dt.itemsize == 0 or self.nbytes % dt.itemsize or dt.hasobject:
-            raise InvalidArgument(f"dtype {dt} does not tile a block of {self.nbytes} bytes")
+        if dt.itemsize == 0 or self.nbytes % dt.itemsize or dt.hasobject or dt.subdtype:
+            raise InvalidArgument(f"dtype {dt} does not tile a block of {self.nbytes} bytes "
+                                  "as a flat array")
         return root.view(dt, np.ndarray)
 
     def view(self) -> memoryview:
@@ -153,7 +166,9 @@ class Block:
         return f"<Block mfn={self.mfn} order={self.order} of domain {self.domain.id}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Block) and (other.mfn, other.tag) == (self.mfn, self.tag)
+        """The same block in the same life, of the same domain (so of the same heap)."""
+        return (isinstance(other, Block) and other.domain is self.domain
+                and (other.mfn, other.tag) == (self.mfn, self.tag))
 
     def __hash__(self) -> int:
         return hash((self.mfn, self.tag))

@@ -64,6 +64,9 @@ from native_kernels.layout import (
     N_NEED_SCRUB,
     N_PAGES,
     PAGE_SIZE,
+    PG_ORDER,
+    PG_OWNER,
+    PG_TAG,
     HeapState,
     new_state,
 )
@@ -177,6 +180,18 @@ class HeapCore:
         cheaper to make than a view through a memoryview."""
         arena, offset = self.locate(mfn)
         return arena.array[offset:offset + nbytes]
+
+    def owns_block(self, slot: int, mfn: int, order: int, tag: int) -> bool:
+        """Whether the frame table shows (mfn, order, tag) as a block that the domain in
+        ``slot`` holds now: the same test as a free's, for a handle that the domain's
+        reuse cache cannot vouch for (reuse off). A snapshot, as any answer about memory
+        that another thread may free is."""
+        if not (type(mfn) is int and 0 <= mfn < self.total_pages
+                and type(order) is int and 0 <= order <= self.max_order):
+            return False
+        hs = self.hs
+        return bool(hs.ft32[PG_OWNER, mfn] == slot + 1 and hs.ft8[PG_ORDER, mfn] == order
+                    and hs.ft32[PG_TAG, mfn] == tag)
 
     def close_arenas(self) -> None:
         """Unmap the arenas (one that a view still uses goes with that view: Arena.close)."""

@@ -65,6 +65,16 @@ _MFN_MASK = 0xFFFFFFFF
 # for (native_kernels/api.py says why small calls keep it).
 LONG_ORDER = 6
 _NO_ROWS = np.empty((0, 2), dtype=np.int64)  # populate: no handles wanted
+
+
+def _check_zero(zero: object) -> bool:
+    """``zero`` as a bool; a numpy bool counts, anything else (None, 0, "no") is refused:
+    read as truth values, they would hand out unzeroed memory by accident."""
+    if isinstance(zero, np.bool_):
+        return bool(zero)
+    raise InvalidArgument(f"zero must be a bool, got {zero!r}")
+
+
 # xenheap.numpy_alloc.numpy_allocator, imported on first use (which compiles the callbacks)
 _numpy_allocator: Callable[[Domain], contextlib.AbstractContextManager[Domain]] | None = None
 
@@ -136,11 +146,11 @@ class Domain:
     def _raise_for(self, code: int, what: str) -> None:
         if code == E_DEAD:
             raise DomainDead(f"{self!r} was destroyed")
-        if code == E_QUOTA:
+        if code == E_QUOTA:  # exact bytes: a rounded size may read as "full" when it is not
             raise OutOfMemory(
                 f"{what} would exceed the quota of domain {self.name!r} "
-                f"({format_size(self.record.max_pages * self.heap.page_size)}, "
-                f"holding {format_size(self.pages * self.heap.page_size)})"
+                f"({self.record.max_pages * self.heap.page_size} bytes; it holds "
+                f"{self.pages * self.heap.page_size}, parked blocks included)"
             )
         if code == E_FAULT:
             raise OutOfMemory(f"{what}: ran dry (injected fault)")
@@ -157,6 +167,8 @@ class Domain:
         Zeroed, unless ``zero=False`` (Xen's MEMF_no_scrub): then a block this domain freed
         may come back holding its old bytes. It never holds another domain's.
         """
+        if zero is not True and zero is not False:
+            zero = _check_zero(zero)
         rec = self.record
         if rec.dropped:
             free_dropped(self)
@@ -172,7 +184,8 @@ class Domain:
         order = core.check_order(order)
         pref, exact = core.placement(node)
         kernel = api.heap_alloc if order >= LONG_ORDER else api.heap_alloc_short
-        packed = self._call_making_room(kernel, rec.slot, rec.id, order, pref, exact)
+        packed = self._call_making_room(1 << order, kernel, rec.slot, rec.id, order, pref,
+                                        exact)
         if packed < 0:
             self._raise_for(packed, f"alloc(order={order})")
         mfn = packed & _MFN_MASK
@@ -180,14 +193,25 @@ class Domain:
             reuse.issue(mfn, order, packed >> 32)
         return Block(self, mfn, order, packed >> 32, True)
 
-    def _call_making_room(self, kernel, *args):
-        """core.call(kernel, *args); if the quota or the heap was short, give parked blocks
-        back (this domain's, or every domain's) and try once more."""
+    def _call_making_room(self, pages: int, kernel, *args):
+        """core.call(kernel, *args), which allocates ``pages``; if the quota or the heap was
+        short, give parked blocks back (this domain's, or every domain's) and try once more.
+        Not when the quota could not take ``pages`` even with none parked: a refused call
+        changes nothing."""
         core = self.core
         got = core.call(kernel, *args)
-        if got in (E_QUOTA, E_NOMEM) and flush_reuse(core, self if got == E_QUOTA else None):
+        if got == E_QUOTA:
+            if self._room_without_parked(pages):  # which frees dropped handles first
+                flush_reuse(core, self)
+                got = core.call(kernel, *args)
+        elif got == E_NOMEM and flush_reuse(core):
             got = core.call(kernel, *args)
         return got
+
+    def _room_without_parked(self, pages: int) -> bool:
+        """Whether the quota takes ``pages`` more once the parked blocks are given back."""
+        held = self.stats()["bytes_allocated"] // self.heap.page_size  # parked ones excluded
+        return held + pages <= self.record.max_pages
 
     def alloc_many(self, count: int, order: int = 0, node: int | None = None) -> list[Block]:
         """``count`` zeroed blocks of 2**order pages in one call, all or nothing."""
@@ -195,15 +219,16 @@ class Domain:
             free_dropped(self)
         heap, core = self.heap, self.core
         order = core.check_order(order)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
             raise InvalidArgument(f"count must be a positive int, got {count!r}")
+        count = int(count)
         if count << order > heap.total_pages:
             raise OutOfMemory(f"alloc_many({count}, order={order}) exceeds the whole heap")
         pref, exact = core.placement(node)
         with default_numpy_memory():
             out = np.empty((count, 2), dtype=np.int64)
-        got = self._call_making_room(api.heap_alloc_many, self.record.slot, self.id,
-                                     count, order, pref, exact, out)
+        got = self._call_making_room(count << order, api.heap_alloc_many, self.record.slot,
+                                     self.id, count, order, pref, exact, out)
         if got < 0:
             self._raise_for(got, f"alloc_many({count}, order={order})")
         rows = out.tolist()
@@ -247,8 +272,8 @@ class Domain:
             raise OutOfMemory(f"populate({format_size(size)}) exceeds the whole heap "
                               f"({format_size(heap.total_pages * heap.page_size)})")
         pref, exact = core.placement(node)
-        got = self._call_making_room(api.heap_alloc_many, self.record.slot, self.id,
-                                     count, order, pref, exact, _NO_ROWS)
+        got = self._call_making_room(count << order, api.heap_alloc_many, self.record.slot,
+                                     self.id, count, order, pref, exact, _NO_ROWS)
         if got < 0:
             self._raise_for(got, f"populate({format_size(size)}, order={order})")
         return got
@@ -258,6 +283,8 @@ class Domain:
         if not isinstance(blk, Block):
             raise InvalidFree(f"not a Block: {blk!r}")
         if blk.domain is not self:
+            if blk.domain.heap is not self.heap:
+                raise InvalidFree(f"{blk!r} belongs to another heap")
             raise InvalidFree(f"{blk!r} belongs to domain {blk.domain.id}, not {self.id}")
         heap, core, rec = self.heap, self.core, self.record
         reuse = rec.reuse

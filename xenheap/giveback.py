@@ -95,9 +95,12 @@ def return_parked(core: HeapCore, rec: DomainRecord, close: bool = False) -> int
 
 
 def _return_parked_locked(core: HeapCore, rec: DomainRecord, close: bool) -> int:
-    entries = rec.reuse.drain(close) if rec.reuse is not None else []
-    if close or core.closed or rec.destroyed:
-        return len(entries)  # a closing heap's memory is gone with it; so is a dead domain's
+    if rec.reuse is not None and close:
+        rec.reuse.drain(close=True)
+        return 0
+    if core.closed or rec.destroyed:
+        return 0  # a closed heap's memory went with it, a dead domain's with the domain
+    entries = rec.reuse.drain() if rec.reuse is not None else []
     try:
         numpy_blocks = core.call(api.heap_flush_parked, rec.slot, rec.id) \
             if rec.capsule is not None else 0

@@ -13,6 +13,8 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from native_kernels import api
 from native_kernels import check as check_kernels
 from native_kernels.layout import (
@@ -61,6 +63,7 @@ FORKED_REASON = ("this heap belongs to the parent process (inherited across fork
 # Every heap not yet collected, closed ones too: the fork hook marks them all, and exit
 # closes them (close() is idempotent).
 _heaps: weakref.WeakSet[Heap] = weakref.WeakSet()
+MAX_QUOTA_PAGES = 2**62  # a larger max_bytes is kept as this many pages
 
 
 class Heap:
@@ -86,15 +89,16 @@ class Heap:
                  max_domains: int = DEFAULT_MAX_DOMAINS,
                  scrub_deadline: float = DEFAULT_SCRUB_DEADLINE_S,
                  reuse_bytes: int | str = DEFAULT_REUSE_BYTES) -> None:
-        if scrub not in SCRUB_MODES:
+        if not isinstance(scrub, str) or scrub not in SCRUB_MODES:
             raise InvalidArgument(f"scrub must be one of {sorted(SCRUB_MODES)}, got {scrub!r}")
         if not isinstance(debug, bool):
             raise InvalidArgument(f"debug must be a bool, got {debug!r}")
-        if (isinstance(max_domains, bool) or not isinstance(max_domains, int)
+        if (isinstance(max_domains, bool) or not isinstance(max_domains, (int, np.integer))
                 or not 1 <= max_domains <= MAX_DOMAINS_LIMIT):
             raise InvalidArgument(f"max_domains must be an int in 1..{MAX_DOMAINS_LIMIT}, "
                                   f"got {max_domains!r}")
-        if (isinstance(scrub_deadline, bool) or not isinstance(scrub_deadline, (int, float))
+        if (isinstance(scrub_deadline, bool)
+                or not isinstance(scrub_deadline, (int, float, np.integer, np.floating))
                 or not 0 < scrub_deadline < float("inf")):
             raise InvalidArgument("scrub_deadline must be a positive number of seconds, got "
                                   f"{scrub_deadline!r}")
@@ -203,8 +207,8 @@ class Heap:
             quota = parse_size(max_bytes, what="max_bytes")
             if quota == 0:
                 raise InvalidArgument("max_bytes must be positive (or None for no quota)")
-            # A quota beyond the heap cannot bind; capping it keeps it within int64.
-            max_pages = min(-(-quota // PAGE_SIZE), self.total_pages + 1)
+            # Kept as given (in pages) up to 2**62 pages: the kernels' sums stay in int64.
+            max_pages = min(-(-quota // PAGE_SIZE), MAX_QUOTA_PAGES)
         if name is not None and not isinstance(name, str):
             raise InvalidArgument(f"name must be a str, got {name!r}")
         if self.core.orphans:  # collected domains' slots come free

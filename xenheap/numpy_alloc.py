@@ -54,6 +54,13 @@ class _Handler(ctypes.Structure):
                 ("allocator", _Allocator)]
 
 
+def _handler_name(domain_name: str) -> bytes:
+    """numpy's name for a domain's handler: a C string of at most 126 bytes, cut at a
+    character (numpy decodes it as UTF-8) and without NULs (which would end it early)."""
+    name = f"xenheap:{domain_name}".replace("\0", "?").encode(errors="replace")[:126]
+    return name.decode(errors="ignore").encode()
+
+
 # Keeps each handler's ctypes structures, context record and heap memory alive while numpy
 # holds its capsule (the context variable, and every array made with it). No lock: the
 # capsule's destructor may run inside any allocation of this thread (the garbage collector
@@ -150,7 +157,7 @@ def make_handler(dom: Domain) -> object:
     ctx[cb.CTX_NODE] = core.placement(None)[0]
     reclaim = _reclaimer(dom)
     ctx[cb.CTX_RECLAIM] = ctypes.cast(reclaim, ctypes.c_void_p).value or 0
-    handler = _Handler(f"xenheap:{dom.name}".encode()[:126], 1,
+    handler = _Handler(_handler_name(dom.name), 1,
                        _Allocator(ctypes.addressof(ctx), cb.numpy_malloc.address,
                                   cb.numpy_calloc.address, cb.numpy_realloc.address,
                                   cb.numpy_free.address))

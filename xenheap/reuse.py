@@ -219,17 +219,20 @@ class ReuseCache:
 
     def drain(self, close: bool = False) -> list[tuple[int, tuple[int, int]]]:
         """Take every parked block out: (order, (mfn, tag)) pairs for the caller to free in
-        the heap. ``close``: none may be parked afterwards (destroy, or the heap closes)."""
+        the heap. ``close`` (the heap closes): none is taken out, and none parked or taken
+        afterwards; the views go, and the parked blocks stay listed for the statistics,
+        which a closed heap answers with the figures it was left with."""
         with self.lock:
-            out = self._take_all()
-            self.closed = self.closed or close
-            if close:
-                self.issued.clear()
-                for mv in self.memoryviews.values():
-                    mv.release()
-                self.memoryviews.clear()
-                self.views.clear()
-        return out
+            if not close:
+                return self._take_all()
+            self._settle()
+            self.closed = True
+            self.issued.clear()
+            for mv in self.memoryviews.values():
+                mv.release()
+            self.memoryviews.clear()
+            self.views.clear()
+        return []
 
     def drain_now(self) -> list[tuple[int, tuple[int, int]]]:
         """drain() without waiting: nothing if another thread holds the lock, or this one

@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from native_kernels.layout import MAX_NODES
 from xenheap import prim
 from xenheap.errors import InvalidArgument
 
@@ -183,6 +184,8 @@ def _check_count(spec: object) -> int:
     count = int(spec)
     if count < 1:
         raise InvalidArgument(f"the number of emulated nodes must be at least 1, got {count}")
+    if count > MAX_NODES:  # before any per-node work: a huge count must not stall
+        raise InvalidArgument(f"at most {MAX_NODES} emulated nodes, got {count}")
     return count
 
 
@@ -190,6 +193,8 @@ def _split_cpus(spec: Sequence[Sequence[int]], cpus_allowed: set[int]) -> list[l
     """Validate an explicit list of CPU lists and return it as lists of ints."""
     if len(spec) == 0:
         raise InvalidArgument("an emulated topology needs at least one node, got an empty list")
+    if len(spec) > MAX_NODES:  # before any per-node work: a huge list must not stall
+        raise InvalidArgument(f"at most {MAX_NODES} emulated nodes, got {len(spec)}")
     seen: dict[int, int] = {}
     groups: list[list[int]] = []
     for index, group in enumerate(spec):

@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd = sub.add_parser("demo", help="destroy a domain in sync and idle scrub modes and "
                               "compare")
     demo_cmd.add_argument("--size", type=_size, default=None,
-                          help="domain size, e.g. 2GiB (default: about 2 GiB, at most a quarter "
-                          "of available memory)")
+                          help="domain size, e.g. 2GiB: at least "
+                          f"{_bytes(MIN_SIZE_PER_NODE)} per node, at most 3/4 of available "
+                          "memory (default: about 2 GiB, at most a quarter of it)")
     demo_cmd.add_argument("--nodes", type=_node_count, default=None,
                           help=f"emulate this many NUMA nodes, 1 to {MAX_NODES} (default: the "
                           "machine's)")
