@@ -14,6 +14,7 @@ import psutil
 import pytest
 from conftest import read_all_free_memory
 from numba import njit
+from numba.core.compiler_lock import global_compiler_lock
 
 import xenheap
 from native_kernels.layout import (
@@ -226,6 +227,35 @@ def test_wait_clean_in_a_forked_child_raises_though_a_parent_thread_held_its_con
             release.set()
             holder.join(30)
         assert status == 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads running
+def test_a_fork_while_another_thread_holds_numbas_compiler_lock_leaves_the_child_working():
+    """A parent thread loading or compiling a kernel at the fork (its first call of it)
+    must not leave the child unable to load or compile any: its own heap would hang."""
+    def child():
+        signal.alarm(20)  # a hang ends the child by SIGALRM: a nonzero status
+        assert njit(lambda x: x + 1)(1) == 2  # compiles: takes the compiler lock
+        with xenheap.Heap("4MiB", scrub="alloc") as own:
+            assert not own.create_domain().alloc(0).array().any()
+
+    held, release = threading.Event(), threading.Event()
+
+    def compiling():  # as a first call of a kernel holds it, for longer
+        with global_compiler_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=compiling)
+    holder.start()
+    assert held.wait(30)
+    threading.Timer(0.3, release.set).start()  # the fork waits for it
+    try:
+        status = _in_child(child)
+    finally:
+        release.set()
+        holder.join(30)
+    assert status == 0
 
 
 # --- injected faults ---------------------------------------------------------------------

@@ -82,8 +82,8 @@ def test_a_request_the_quota_refuses_anyway_leaves_the_parked_blocks(refused):
             blk.free()
         before = dom.stats()
         assert before["cached_bytes"] == 8 * PAGE_SIZE
-        with pytest.raises(xenheap.OutOfMemory, match=r"quota .* \(262144 bytes; it holds "
-                                                      r"262144, parked blocks included\)"):
+        with pytest.raises(xenheap.OutOfMemory, match=r"quota .* \(262144 bytes, 256 KiB; it "
+                                                      r"holds 262144 bytes, parked blocks"):
             refused(dom)
         assert dom.stats() == before
         heap.check()

@@ -147,10 +147,11 @@ class Domain:
         if code == E_DEAD:
             raise DomainDead(f"{self!r} was destroyed")
         if code == E_QUOTA:  # exact bytes: a rounded size may read as "full" when it is not
+            quota = self.record.max_pages * self.heap.page_size
             raise OutOfMemory(
-                f"{what} would exceed the quota of domain {self.name!r} "
-                f"({self.record.max_pages * self.heap.page_size} bytes; it holds "
-                f"{self.pages * self.heap.page_size}, parked blocks included)"
+                f"{what} would exceed the quota of domain {self.name!r} ({quota} bytes, "
+                f"{format_size(quota)}; it holds {self.pages * self.heap.page_size} bytes, "
+                "parked blocks included)"
             )
         if code == E_FAULT:
             raise OutOfMemory(f"{what}: ran dry (injected fault)")

@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from numba.core.compiler_lock import global_compiler_lock
 
 from native_kernels import api
 from native_kernels import check as check_kernels
@@ -420,6 +421,13 @@ def _disown_heaps_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_disown_heaps_after_fork)
+    # numba loads a kernel from its cache, or compiles it, holding its compiler lock. A fork
+    # while another thread holds it would leave the child's copy held by a thread the child
+    # does not have, and the child's first kernel call (a heap of its own) would wait
+    # forever; so a fork waits for that lock and holds it across.
+    os.register_at_fork(before=global_compiler_lock.acquire,
+                        after_in_parent=global_compiler_lock.release,
+                        after_in_child=global_compiler_lock.release)
 
 
 def numpy_handlers_live(state: dict) -> bool:
