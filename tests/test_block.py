@@ -110,9 +110,10 @@ def test_a_handle_whose_block_a_copy_freed_shows_no_bytes(dom) -> None:
     blk = dom.alloc(0)
     xenheap.Block(dom, blk.mfn, blk.order, blk.tag).free()
     other = dom.heap.create_domain("other")
-    for _ in range(dom.heap.total_pages):
-        if other.alloc(0).mfn == blk.mfn:  # kept alive by the domain: dropped ones are freed
-            break
+    holders = [dom.alloc(0)]  # with reuse: the same block, in its next life
+    while all(h.mfn != blk.mfn for h in holders):  # without: another domain gets it
+        assert len(holders) <= dom.heap.total_pages
+        holders.append(other.alloc(0))
     with pytest.raises(InvalidFree, match="stale"):
         blk.array()
     with pytest.raises(InvalidFree, match="stale"):

@@ -590,7 +590,9 @@ MISUSES += [
     ("free a hand-made handle past the heap",
      lambda w: w.dom.free(xenheap.Block(w.dom, w.heap.total_pages + 8, 0, 1)), InvalidFree),
     ("free a non-block", lambda w: w.dom.free("not a block"), InvalidFree),
-    ("view a stale handle", lambda w: w.stale_copy.view(), InvalidFree),
+    ("view through a hand-made stale handle",  # not freed itself: its tag is the old one
+     lambda w: xenheap.Block(w.dom, w.stale_copy.mfn, w.stale_copy.order,
+                             w.stale_copy.tag).view(), InvalidFree),
     ("view a freed block", lambda w: w.freed.view(), InvalidFree),
     ("array of a freed block", lambda w: w.freed.array(), InvalidFree),
     ("view a destroyed domain's block", lambda w: w.dead_blk.view(), InvalidFree),
@@ -781,6 +783,9 @@ def test_close_leaves_the_figures_of_parked_blocks_as_they_were() -> None:
     before = ({k: heap.stats()[k] for k in keys}, {k: dom.stats()[k] for k in keys})
     assert before[0]["cached_bytes"] == PAGE
     heap.close()
+    assert ({k: heap.stats()[k] for k in keys}, {k: dom.stats()[k] for k in keys}) == before
+    with pytest.raises(HeapClosed):
+        dom.destroy()  # refused, so it changes nothing either
     assert ({k: heap.stats()[k] for k in keys}, {k: dom.stats()[k] for k in keys}) == before
 
 

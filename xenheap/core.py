@@ -189,9 +189,9 @@ class HeapCore:
         if not (type(mfn) is int and 0 <= mfn < self.total_pages
                 and type(order) is int and 0 <= order <= self.max_order):
             return False
-        hs = self.hs
-        return bool(hs.ft32[PG_OWNER, mfn] == slot + 1 and hs.ft8[PG_ORDER, mfn] == order
-                    and hs.ft32[PG_TAG, mfn] == tag)
+        word = self.hs.ft32.item  # Python ints: half the cost of numpy scalars here
+        return (word(PG_OWNER, mfn) == slot + 1 and self.hs.ft8.item(PG_ORDER, mfn) == order
+                and word(PG_TAG, mfn) == tag)
 
     def close_arenas(self) -> None:
         """Unmap the arenas (one that a view still uses goes with that view: Arena.close)."""

@@ -325,6 +325,8 @@ class Domain:
         chore or statistics call."""
         core, rec = self.core, self.record
         core.refuse_if_forked()  # before the cache's lock: a parent thread may hold it
+        if core.closed:  # before the cache retires: a closed heap keeps its last figures
+            raise HeapClosed(core.closed_reason)
         self._collected.detach()
         reuse = rec.reuse
         # Parked blocks are on the domain's list: they go with it. Under ``returning``, so

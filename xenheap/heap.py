@@ -419,15 +419,31 @@ def _disown_heaps_after_fork() -> None:
     _heaps.clear()
 
 
+# numba loads a kernel from its cache, or compiles it, holding its compiler lock. A fork
+# while another thread holds it would leave the child's copy held by a thread the child does
+# not have, and the child's first kernel call (a heap of its own) would wait forever; so a
+# fork waits for that lock and holds it across. Per thread, whether this fork's hook holds
+# it: an interrupted wait (the fork goes on regardless) must not be released after.
+_fork_hold = threading.local()
+
+
+def _hold_compiler_lock_for_fork() -> None:
+    _fork_hold.held = False
+    global_compiler_lock.acquire()
+    _fork_hold.held = True
+
+
+def _release_compiler_lock_after_fork() -> None:
+    if getattr(_fork_hold, "held", False):
+        _fork_hold.held = False
+        global_compiler_lock.release()
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_disown_heaps_after_fork)
-    # numba loads a kernel from its cache, or compiles it, holding its compiler lock. A fork
-    # while another thread holds it would leave the child's copy held by a thread the child
-    # does not have, and the child's first kernel call (a heap of its own) would wait
-    # forever; so a fork waits for that lock and holds it across.
-    os.register_at_fork(before=global_compiler_lock.acquire,
-                        after_in_parent=global_compiler_lock.release,
-                        after_in_child=global_compiler_lock.release)
+    os.register_at_fork(before=_hold_compiler_lock_for_fork,
+                        after_in_parent=_release_compiler_lock_after_fork,
+                        after_in_child=_release_compiler_lock_after_fork)
 
 
 def numpy_handlers_live(state: dict) -> bool:
