@@ -176,6 +176,28 @@ def _in_child(fn):
     return os.waitstatus_to_exitcode(status)
 
 
+def _in_child_while_held(lock, fn, release_after: float | None = None) -> int:
+    """_in_child(fn) while a parent thread holds ``lock`` (a context manager); it lets go
+    ``release_after`` seconds after the fork began, else once the child is done."""
+    held, release = threading.Event(), threading.Event()
+
+    def holding() -> None:
+        with lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=holding)
+    holder.start()
+    assert held.wait(30)
+    if release_after is not None:
+        threading.Timer(release_after, release.set).start()
+    try:
+        return _in_child(fn)
+    finally:
+        release.set()
+        holder.join(30)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads running
 def test_fork_child_gets_a_clear_error_and_the_parent_is_unaffected():
     with xenheap.Heap("16MiB") as heap:
@@ -211,22 +233,8 @@ def test_wait_clean_in_a_forked_child_raises_though_a_parent_thread_held_its_con
             with pytest.raises(xenheap.HeapClosed, match="parent process"):
                 heap.wait_clean(timeout=0.5)
 
-        held, release = threading.Event(), threading.Event()
-
-        def parent_thread():  # inside wait_clean at the fork, holding the condition
-            with heap.core.cleaned:
-                held.set()
-                release.wait(30)
-
-        holder = threading.Thread(target=parent_thread)
-        holder.start()
-        assert held.wait(30)
-        try:
-            status = _in_child(child)
-        finally:
-            release.set()
-            holder.join(30)
-        assert status == 0
+        # A parent thread inside wait_clean at the fork, holding the condition.
+        assert _in_child_while_held(heap.core.cleaned, child) == 0
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads running
@@ -239,23 +247,8 @@ def test_a_fork_while_another_thread_holds_numbas_compiler_lock_leaves_the_child
         with xenheap.Heap("4MiB", scrub="alloc") as own:
             assert not own.create_domain().alloc(0).array().any()
 
-    held, release = threading.Event(), threading.Event()
-
-    def compiling():  # as a first call of a kernel holds it, for longer
-        with global_compiler_lock:
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=compiling)
-    holder.start()
-    assert held.wait(30)
-    threading.Timer(0.3, release.set).start()  # the fork waits for it
-    try:
-        status = _in_child(child)
-    finally:
-        release.set()
-        holder.join(30)
-    assert status == 0
+    # Held as a first call of a kernel holds it, for longer: the fork waits for it.
+    assert _in_child_while_held(global_compiler_lock, child, release_after=0.3) == 0
 
 
 # --- injected faults ---------------------------------------------------------------------

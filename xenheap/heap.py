@@ -50,6 +50,7 @@ DEFAULT_MAX_DOMAINS = 4096
 # A frame-table owner word holds slot + 1 below OWNER_PINNED's bit; the domain table costs
 # DOM_FIELDS words a slot, 320 MiB at this limit.
 MAX_DOMAINS_LIMIT = 1 << 20
+MAX_QUOTA_PAGES = 2**62  # a larger max_bytes is kept as this many pages (int64 sums)
 DEFAULT_SCRUB_DEADLINE_S = 1.0
 TICK_S = 0.05  # how often the first scrubber does the heap's periodic chores (_tick)
 # wait_clean wakes when a scrubber finds its nodes clean, and looks this often anyway
@@ -64,7 +65,6 @@ FORKED_REASON = ("this heap belongs to the parent process (inherited across fork
 # Every heap not yet collected, closed ones too: the fork hook marks them all, and exit
 # closes them (close() is idempotent).
 _heaps: weakref.WeakSet[Heap] = weakref.WeakSet()
-MAX_QUOTA_PAGES = 2**62  # a larger max_bytes is kept as this many pages
 
 
 class Heap:
@@ -208,7 +208,6 @@ class Heap:
             quota = parse_size(max_bytes, what="max_bytes")
             if quota == 0:
                 raise InvalidArgument("max_bytes must be positive (or None for no quota)")
-            # Kept as given (in pages) up to 2**62 pages: the kernels' sums stay in int64.
             max_pages = min(-(-quota // PAGE_SIZE), MAX_QUOTA_PAGES)
         if name is not None and not isinstance(name, str):
             raise InvalidArgument(f"name must be a str, got {name!r}")
