@@ -438,5 +438,8 @@ def init_heap(hs):
             rel += 1 << order
         if debug:
             ft8[PG_NEED_SCRUB, base:base + npages] = 1
+            # Dirty from now, as a free would stamp it: else the node would look overdue
+            # since the clock's zero, and be scrubbed as deadline work at once.
+            atomic_store(nodes, (node, N_DIRTY_SINCE_NS), monotonic_ns())
             atomic_store(nodes, (node, N_NEED_SCRUB), npages)
         atomic_store(nodes, (node, N_FREE), npages)

@@ -17,6 +17,7 @@ from native_kernels.atomics import atomic_load, fetch_add
 from native_kernels.domain import free_pinned_block
 from native_kernels.jit import INLINE, INTERNAL
 from native_kernels.layout import (
+    D_MAX_PAGES,
     DOM_FIELDS,
     E_BAD_FREE,
     E_NOMEM,
@@ -170,13 +171,23 @@ def _array_alloc(ctx, nbytes):
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
-def _reclaimed(ctx, result):
-    """``result`` of an allocation says the quota or the heap is short: ask the Python side
-    to give back the blocks parked in reuse caches (CTX_RECLAIM); True if any went back."""
+def _reclaimed(ctx, result, nbytes):
+    """``result`` of an allocation of ``nbytes`` says the quota or the heap is short: ask
+    the Python side to give back the blocks parked in reuse caches (CTX_RECLAIM); True if
+    any went back. Not for a request that nothing given back could serve (larger than the
+    largest chunk, or than the whole quota): every domain's cache would go for nothing."""
     if result != E_NOMEM and result != E_QUOTA:
         return False
-    address = _context(ctx)[CTX_RECLAIM]
-    return address != 0 and call_function(address, result) != 0
+    c = _context(ctx)
+    pages = 1  # a slab's page
+    if nbytes > SLAB_MAX_OBJECT or nbytes < 0:  # < 0: a size_t past int64
+        order = order_for_bytes(_meta(c), nbytes) if nbytes > 0 else -1
+        if order < 0:
+            return False
+        pages = 1 << order
+    if result == E_QUOTA and pages > _doms(c)[c[CTX_SLOT], D_MAX_PAGES]:
+        return False
+    return c[CTX_RECLAIM] != 0 and call_function(c[CTX_RECLAIM], result) != 0
 
 
 @njit(nogil=True, cache=True, **INTERNAL)
@@ -196,7 +207,7 @@ def numpy_malloc(ctx, size):
         if addr != 0:
             return _null_or(addr)
     addr = _array_alloc(ctx, nbytes)
-    if _reclaimed(ctx, addr):
+    if _reclaimed(ctx, addr, nbytes):
         addr = _array_alloc(ctx, nbytes)
     return _null_or(addr & ~OLD_BYTES if addr > 0 else addr)
 
@@ -218,7 +229,7 @@ def numpy_calloc(ctx, nelem, elsize):
             memset_bytes(addr, 0, nbytes)
             return _null_or(addr)
     addr = _array_alloc(ctx, nbytes)
-    if _reclaimed(ctx, addr):
+    if _reclaimed(ctx, addr, nbytes):
         addr = _array_alloc(ctx, nbytes)
     if addr > 0:
         c = _context(ctx)
@@ -240,7 +251,7 @@ def numpy_realloc(ctx, ptr, size):
         return _null_or(0)  # as numpy_free: the old data's locks may never be released
     addr = array_realloc(hs, c[CTX_SLOT], c[CTX_DOM_ID], voidptr_to_address(ptr),
                          types.int64(size), c[CTX_NODE])
-    if _reclaimed(ctx, addr):
+    if _reclaimed(ctx, addr, types.int64(size)):
         addr = array_realloc(hs, c[CTX_SLOT], c[CTX_DOM_ID], voidptr_to_address(ptr),
                              types.int64(size), c[CTX_NODE])
     if addr == E_BAD_FREE:  # not a live array of the domain: as numpy_free, counted

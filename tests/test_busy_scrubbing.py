@@ -33,6 +33,7 @@ from native_kernels.layout import (
     PG_TAG,
     TAG_MIXED,
 )
+from xenheap import charges as charges_module
 from xenheap import prim
 from xenheap.faults import inject_fault
 
@@ -295,6 +296,37 @@ def test_scrubber_cpu_is_charged_to_the_domains_that_dirtied_the_memory():
                     for c in st["domain_charges"])
         # All the thread's CPU time is charged, less its polling since its last slice.
         assert st["scrub_cpu_seconds"] * 0.95 <= total <= st["scrub_cpu_seconds"]
+        # The heap's split is the domains': what was charged, and what is not yet.
+        assert total == pytest.approx(st["scrub_idle_cpu_seconds"]
+                                      + st["scrub_deadline_cpu_seconds"], abs=1e-9)
+        assert st["scrub_uncharged_cpu_seconds"] == pytest.approx(
+            st["scrub_cpu_seconds"] - total, abs=0.01)
+
+
+def test_a_destroyed_domains_charges_outlive_the_books_history(monkeypatch):
+    monkeypatch.setattr(charges_module, "HISTORY", 2)
+    with xenheap.Heap("64MiB") as heap:
+        gone = heap.create_domain("gone")
+        for blk in [gone.alloc(9) for _ in range(4)]:
+            blk.array()[:] = 1
+        gone.destroy()
+        assert heap.wait_clean(60)
+        before = gone.stats()
+        assert before["scrubbed_bytes"] == 8 * MiB
+        for _ in range(3):  # three later destroys: the book lets "gone" go
+            heap.create_domain().destroy()
+        assert "gone" not in {c["name"] for c in heap.stats()["domain_charges"]}
+        assert gone.stats() == before
+
+
+def test_a_debug_heaps_first_scrub_is_not_deadline_work():
+    """A debug heap starts dirty (the pattern is laid down by scrubbing); that dirt is new,
+    not overdue, so an idle CPU scrubs it, not deadline work at normal priority."""
+    with xenheap.Heap("64MiB", debug=True, scrub_deadline=60) as heap:
+        assert heap.wait_clean(60)
+        st = heap.stats()
+        assert st["scrub_deadline_cpu_seconds"] == 0
+        assert st["scrub_idle_cpu_seconds"] > 0
 
 
 def test_scrub_on_allocate_is_charged_to_the_dirtier_and_outlives_its_slot():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -52,6 +53,38 @@ def test_a_handlers_name_is_one_numpy_can_read(heap, name, expected):
         arr = np.empty(1)
         assert get_handler_name() == expected
     assert get_handler_name(arr) == expected
+
+
+def test_a_heap_dropped_after_serving_numpy_is_collected():
+    """The domain's handler, kept, would keep the heap's core (and its arenas) for good."""
+    def serve() -> weakref.ref:
+        heap = xenheap.Heap("8MiB")
+        with heap.create_domain().numpy_allocator():
+            arr = np.ones(100_000)
+        del arr
+        return weakref.ref(heap.core)
+
+    core = serve()
+    deadline = time.monotonic() + 10  # its scrubber thread lets go of it as it stops
+    while core() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert core() is None
+
+
+@pytest.mark.parametrize("nbytes", [1 << 40, 2 << 20], ids=["past-the-heap", "past-the-quota"])
+def test_an_array_nothing_given_back_could_serve_leaves_every_cache(heap, nbytes):
+    """Refused, it empties no domain's parked blocks: neither its own nor its neighbour's."""
+    tenant = heap.create_domain("tenant", max_bytes="1MiB")
+    neighbour = heap.create_domain("neighbour")
+    for dom in (tenant, neighbour):
+        for blk in [dom.alloc(2) for _ in range(4)]:
+            blk.free()  # parked
+    before = [dom.stats()["cached_bytes"] for dom in (tenant, neighbour)]
+    assert before == [4 * 4 * PAGE_SIZE] * 2
+    with tenant.numpy_allocator(), pytest.raises(MemoryError):
+        np.empty(nbytes, dtype=np.uint8)
+    assert [dom.stats()["cached_bytes"] for dom in (tenant, neighbour)] == before
 
 
 def test_one_allocator_context_is_entered_once_and_restores_numpys_handler(heap):

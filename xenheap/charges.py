@@ -7,8 +7,13 @@ that freed it (PG_TAG), and whoever zeroes it charges that domain:
 - a scrubber counts, per time slice, the pages it zeroed by domain (a table it owns), and
   splits the CPU time the OS counted for its thread (time.thread_time) since its last
   charge over those domains by pages: "idle" slices (a CPU was idle) and "deadline" slices
-  (a node stayed dirty past scrub_deadline) apart. The thread's polling between slices is
-  charged with the next slice, so the charges add up to the thread's CPU time;
+  (a node stayed dirty past scrub_deadline) apart. So a slice's domains pay for the slice
+  and for the thread's time before it since the last charge: watching for idle CPUs (a
+  look every 5 ms while a node is dirty and none is idle), the heap's periodic chores,
+  slices that found nothing to clean. Only the time since the last charge is charged to
+  nobody yet (for a scrubber whose nodes stay clean, all of it): the heap reports it as
+  scrub_uncharged_cpu_seconds. Within a slice the split is by pages; across slices it is
+  not, as a slice that follows a long wait carries that wait;
 - an allocator that zeroes dirty pages it took (scrub-on-allocate) adds the pages and the
   nanoseconds it spent to its node's charge slots (layout.N_CHARGES), drained here.
 
@@ -17,7 +22,10 @@ charge slot of a node taken by other domains between two drains), is booked unde
 "(unattributed)". release_unused() never cleans dirty memory (it gives back clean chunks
 only), so it has nothing to charge; in debug mode the chunks it gives back read zero
 instead of the scrub pattern, and go back dirty with no dirtier: their scrub is
-unattributed. The book keeps every live domain and the last HISTORY destroyed ones.
+unattributed. The book keeps every live domain and the last HISTORY destroyed ones; a
+domain's record (xenheap.domain_record) keeps its own entry, so that its statistics keep
+their figures after the book let them go (work on its dirt after that is booked under its
+id anew, in the heap's list).
 """
 
 from __future__ import annotations
@@ -75,11 +83,12 @@ class ChargeBook:
         while len(self._dead) > HISTORY:
             self._book.pop(self._dead.popleft(), None)
 
-    def opened(self, dom_id: int, name: str) -> None:
-        """A new domain: its entry, under its name."""
+    def opened(self, dom_id: int, name: str) -> DomainCharges:
+        """A new domain: its entry, under its name (kept by the domain's record too)."""
         with self._lock:
-            self._book[dom_id] = _empty(dom_id)
-            self._book[dom_id]["name"] = name
+            entry = self._book[dom_id] = _empty(dom_id)
+            entry["name"] = name
+        return entry
 
     def destroyed(self, dom_id: int) -> None:
         """Keep the destroyed domain's charges (later work on its dirt still adds to them)
@@ -113,10 +122,10 @@ class ChargeBook:
                     entry["scrubbed_bytes"] += pages * PAGE_SIZE
                     entry["alloc_cpu_seconds"] += ns / 1e9
 
-    def of(self, dom_id: int) -> DomainCharges:
-        """A copy of one domain's charges (zeros if none yet)."""
+    def copy(self, entry: DomainCharges) -> DomainCharges:
+        """A copy of ``entry`` (one that opened() gave), as charged so far."""
         with self._lock:
-            return DomainCharges(**self._book.get(dom_id, _empty(dom_id)))
+            return DomainCharges(**entry)
 
     def all(self) -> list[DomainCharges]:
         """Copies of every entry: live domains and the last HISTORY destroyed ones."""

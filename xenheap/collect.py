@@ -211,6 +211,10 @@ def heap_stats(heap: Heap) -> HeapStats:
         scrub_cpu_seconds=sum((s.cpu_seconds for s in heap.scrubbers), 0.0),
         scrub_idle_cpu_seconds=sum((s.idle_cpu_seconds for s in heap.scrubbers), 0.0),
         scrub_deadline_cpu_seconds=sum((s.deadline_cpu_seconds for s in heap.scrubbers), 0.0),
+        # Read apart from the two above, so it could dip a hair below 0 meanwhile.
+        scrub_uncharged_cpu_seconds=max(0.0, sum(
+            (s.cpu_seconds - s.idle_cpu_seconds - s.deadline_cpu_seconds
+             for s in heap.scrubbers), 0.0)),
         domain_charges=_domain_charges(heap),
         nodes=nodes,
     )
@@ -221,7 +225,9 @@ def domain_stats(dom: Domain) -> DomainStats:
     heap, core = dom.heap, dom.core
     core.refuse_if_forked()
     core.charges.drain_allocators(core.state["nodes"], heap.nodes)
-    charges = core.charges.of(dom.id)  # scrubbing goes on after a destroy: always fresh
+    # Scrubbing goes on after a destroy: always fresh, and its own entry, which the book
+    # lets go HISTORY destroys later.
+    charges = core.charges.copy(dom.record.charges)
     row = domain_row(core.state["doms"], dom.slot)
     # Laid to rest: its last row, read before its slot could go to another domain (whose
     # open_domain may have been zeroing the slot while the line above read it).

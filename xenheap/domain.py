@@ -56,6 +56,7 @@ from xenheap.stats import DomainStats
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from xenheap.core import HeapCore
     from xenheap.heap import Heap
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,16 @@ def _check_zero(zero: object) -> bool:
     if isinstance(zero, np.bool_):
         return bool(zero)
     raise InvalidArgument(f"zero must be a bool, got {zero!r}")
+
+
+def _orphaned(core: HeapCore, rec: DomainRecord) -> None:
+    """A domain collected without a destroy: its record is queued for one, and its numpy
+    handler let go. Nobody can install that handler again (arrays made with it hold their
+    own reference), and kept, its entry in numpy_alloc.live_handlers would keep the heap's
+    core, which queues the record, alive for good: a heap dropped with such a domain would
+    never be collected."""
+    rec.capsule = None
+    core.orphans.append(rec)
 
 
 # xenheap.numpy_alloc.numpy_allocator, imported on first use (which compiles the callbacks)
@@ -98,10 +109,11 @@ class Domain:
         core = self.core
         self.record = DomainRecord(
             slot, dom_id, max_pages,
-            ReuseCache(heap.reuse_bytes, core.page_views) if core.reuse_blocks else None)
+            ReuseCache(heap.reuse_bytes, core.page_views) if core.reuse_blocks else None,
+            core.charges.opened(dom_id, self.name))
         # Collected without a destroy: queued for one (nothing may wait for a lock in the
         # garbage collector). The record must not refer back to this object.
-        self._collected = weakref.finalize(self, core.orphans.append, self.record)
+        self._collected = weakref.finalize(self, _orphaned, core, self.record)
         self._collected.atexit = False
 
     # --- state -------------------------------------------------------------------------

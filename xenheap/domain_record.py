@@ -14,6 +14,7 @@ from collections import deque
 
 import numpy as np
 
+from xenheap.charges import DomainCharges
 from xenheap.reuse import ReuseCache
 
 
@@ -36,13 +37,15 @@ class DomainRecord:
       before, and after a destroy or close: live arrays hold their own reference).
     - ``final_row``: its row of the domain table once laid to rest (written by HeapCore),
       for its statistics once the slot has a new domain.
+    - ``charges``: its entry of the heap's charge book (xenheap.charges), which the book
+      adds to under its lock (fixed).
     """
 
-    __slots__ = ("capsule", "destroyed", "dropped", "dropping", "final_row", "id",
+    __slots__ = ("capsule", "charges", "destroyed", "dropped", "dropping", "final_row", "id",
                  "max_pages", "returning", "reuse", "slot")
 
     def __init__(self, slot: int, dom_id: int, max_pages: int,
-                 reuse: ReuseCache | None) -> None:
+                 reuse: ReuseCache | None, charges: DomainCharges) -> None:
         self.slot = slot
         self.id = dom_id
         self.max_pages = max_pages
@@ -53,3 +56,4 @@ class DomainRecord:
         self.returning = threading.Lock()
         self.capsule: object | None = None
         self.final_row: np.ndarray | None = None
+        self.charges = charges

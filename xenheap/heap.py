@@ -217,7 +217,6 @@ class Heap:
         dom = Domain(self, slot, dom_id, name, max_pages)
         with self.core.lock:
             self.core.domains.add(dom)
-        self.core.charges.opened(dom_id, dom.name)
         return dom
 
     def stats(self) -> stats.HeapStats:

@@ -98,8 +98,11 @@ class Scrubber(threading.Thread):
         self.last_error: str | None = None
         self.state = "starting"
         self.pinned = False
-        self.idle_cpu_seconds = 0.0  # CPU time of slices run because a CPU was idle
-        self.deadline_cpu_seconds = 0.0  # ... because a node was overdue
+        # The thread's CPU time charged to domains by slices run because a CPU was idle
+        # (each with the time since the charge before it), and by those run because a node
+        # was overdue: what the domains' charges add up to.
+        self.idle_cpu_seconds = 0.0
+        self.deadline_cpu_seconds = 0.0
         self.cpu_seconds = 0.0  # the thread's whole CPU time, as the OS counts it
         self._stop_requested = threading.Event()
         self._stop_flag = np.zeros(1, dtype=np.int64)  # what the kernel polls
@@ -171,21 +174,20 @@ class Scrubber(threading.Thread):
 
     def _scrub(self, kind: str) -> None:
         """One slice of scrubbing, its CPU time charged to ``kind``."""
-        before = time.thread_time()
         until = time.monotonic_ns() + int(SLICE_S * 1e9)
         got = scrub_nodes(self._hs, self._node_array, self._stop_flag, BUDGET_PAGES,
                           GRANULE_PAGES, until, self._charges)
         now = time.thread_time()
-        spent = now - before
         # Everything since the last charge, polling included, goes to the domains whose
         # dirt this slice cleaned; a slice that cleaned nothing carries it over.
-        if self._book.charge_slice(kind, self._charges, now - self._charged_cpu):
+        charged = now - self._charged_cpu
+        if self._book.charge_slice(kind, self._charges, charged):
             self._charged_cpu = now
             self._charges[:] = 0
-        if kind == "deadline":
-            self.deadline_cpu_seconds += spent
-        else:
-            self.idle_cpu_seconds += spent
+            if kind == "deadline":
+                self.deadline_cpu_seconds += charged
+            else:
+                self.idle_cpu_seconds += charged
         if got == E_FAULT:
             raise XenHeapError(f"injected scrubber fault on nodes {self.nodes}")
 

@@ -42,14 +42,18 @@ bad_array_frees              numpy frees and reallocs of memory that is no live 
                              of the domain (ignored)
 frame_table_bytes            bytes of per-page metadata (the frame table)
 scrub_cpu_seconds            CPU time of the scrubber threads as the OS counts it
-                             (time.thread_time), polling included
-scrub_idle_cpu_seconds       the part spent scrubbing because a CPU was idle
-scrub_deadline_cpu_seconds   the part spent scrubbing at normal priority because a node
-                             stayed dirty past scrub_deadline (no CPU was idle)
+                             (time.thread_time), polling and chores included
+scrub_idle_cpu_seconds       the part charged to domains by slices run because a CPU was
+                             idle (each slice with the thread's time since the charge
+                             before it: xenheap.charges)
+scrub_deadline_cpu_seconds   the part charged by slices run at normal priority because a
+                             node stayed dirty past scrub_deadline (no CPU was idle)
+scrub_uncharged_cpu_seconds  the rest: time since each scrubber's last charge (all of a
+                             scrubber whose nodes stayed clean), charged to nobody yet
 domain_charges               per domain (live, and the last 1,024 destroyed): who paid for
-                             cleaning its dirt (xenheap.charges.DomainCharges); the
-                             scrubbers' share adds up to scrub_cpu_seconds, less their
-                             polling since their last slice
+                             cleaning its dirt (xenheap.charges.DomainCharges); their idle
+                             and deadline seconds add up to scrub_idle_cpu_seconds and
+                             scrub_deadline_cpu_seconds
 nodes                        one NodeStats per node, in node order
 ===========================  ===========================================================
 
@@ -182,6 +186,7 @@ class HeapStats(PoolStats):
     scrub_cpu_seconds: float
     scrub_idle_cpu_seconds: float
     scrub_deadline_cpu_seconds: float
+    scrub_uncharged_cpu_seconds: float
     domain_charges: list[DomainCharges]
     nodes: list[NodeStats]
 
