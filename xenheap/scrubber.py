@@ -14,7 +14,8 @@ priority is decided instead before each slice:
   idle loop does.
 - "deadline" work: when a node has been dirty for ``scrub_deadline`` seconds, slices run
   whatever else is runnable, at normal priority, until the node is clean. The CPU this costs
-  is counted apart (``deadline_cpu_seconds``).
+  is counted apart (``deadline_cpu_seconds``, with the looks for an idle CPU before each
+  slice: xenheap.charges says how the thread's time is charged).
 
 Otherwise the thread sleeps on an event (set by a free that leaves one of its nodes 1 MiB
 dirty), looking again every IDLE_WAIT_S when its nodes are clean and every BUSY_POLL_S
