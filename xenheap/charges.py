@@ -8,8 +8,8 @@ that freed it (PG_TAG), and whoever zeroes it charges that domain:
   splits the CPU time the OS counted for its thread (time.thread_time) since its last
   charge over those domains by pages: "idle" slices (a CPU was idle) and "deadline" slices
   (a node stayed dirty past scrub_deadline) apart. So a slice's domains pay for the slice
-  and for the thread's time before it since the last charge: watching for idle CPUs (a
-  look every 5 ms while a node is dirty and none is idle), the heap's periodic chores,
+  and for the thread's time before it since the last charge: watching for idle CPUs (while
+  a node is dirty and none is idle; xenheap.scrubber), the heap's periodic chores,
   slices that found nothing to clean. Only the time since the last charge is charged to
   nobody yet (for a scrubber whose nodes stay clean, all of it): the heap reports it as
   scrub_uncharged_cpu_seconds. Within a slice the split is by pages; across slices it is

@@ -18,8 +18,11 @@ priority is decided instead before each slice:
   slice: xenheap.charges says how the thread's time is charged).
 
 Otherwise the thread sleeps on an event (set by a free that leaves one of its nodes 1 MiB
-dirty), looking again every IDLE_WAIT_S when its nodes are clean and every BUSY_POLL_S
-while they are dirty but no CPU is idle. Finding its nodes clean, it first notifies the
+dirty), looking again every IDLE_WAIT_S when its nodes are clean, and while they are dirty
+but no CPU is idle after BUSY_POLL_S, then twice as long each look up to IDLE_WAIT_S: each
+look costs a wake-up (with 2 CPU-bound processes on 2 CPUs, 4 MiB dirtied every 1.3 s and
+cleaned at its deadline cost the thread 64-72 ms of CPU for four spells at a steady 5 ms,
+22-28 ms doubling). Finding its nodes clean, it first notifies the
 heap's ``cleaned`` condition, on which ``Heap.wait_clean`` waits.
 """
 
@@ -55,7 +58,9 @@ CHARGE_ROWS = 64  # domains one slice can tell apart; the rest are charged as on
 BUDGET_PAGES = 4096
 SLICE_S = 0.01  # one kernel call: then the GIL, the stop request and idleness are looked at
 IDLE_WAIT_S = 0.1  # clean nodes: look again this often even without a wake-up
-BUSY_POLL_S = 0.005  # dirty nodes, no idle CPU: look again this often
+# Dirty nodes, no idle CPU: look again after BUSY_POLL_S, then twice as long each time
+# up to IDLE_WAIT_S (a spell of a second costs 14 looks, not 200), anew once a slice ran.
+BUSY_POLL_S = 0.005
 # A thread pinned to some of the process's CPUs also asks whether other threads left at
 # least IDLE_SHARE of one of those unused over the last IDLE_WINDOW_S (/proc/stat counts
 # in 10 ms ticks), looking again that often while its nodes are dirty; after a clean spell
@@ -88,6 +93,7 @@ class Scrubber(threading.Thread):
         self._cpus_idle = True
         self._judged = False  # _cpus_idle comes from a window (not the initial guess)
         self._busy_mark = (0.0, 0.0, 0.0)  # (monotonic, busy, own) at the window's start
+        self._busy_poll_s = BUSY_POLL_S  # the next wait while dirty and no CPU is idle
         self.deadline_ns = int(deadline_s * 1e9)
         self._on_tick = on_tick  # called each time round the loop (Heap._tick)
         self._cleaned = cleaned  # notified each time round the loop that finds it all clean
@@ -123,14 +129,20 @@ class Scrubber(threading.Thread):
         oldest = column_min_where(self._nodes_rows, N_DIRTY_SINCE_NS, N_NEED_SCRUB,
                                   self._node_array)
         if oldest < 0:  # every node clean
+            self._busy_poll_s = BUSY_POLL_S
             return "clean", IDLE_WAIT_S
         overdue_in = (oldest + self.deadline_ns - time.monotonic_ns()) / 1e9
         if overdue_in <= 0:
+            self._busy_poll_s = BUSY_POLL_S
             return "deadline", 0.0
         others = prim.runnable_threads() - 1  # minus this thread
         if others == 0 or (others < self.usable_cpus and self._own_cpus_idle()):
+            self._busy_poll_s = BUSY_POLL_S
             return "idle", 0.0  # nothing else runs, or a CPU is idle, and one of its own
-        return None, min(BUSY_POLL_S, overdue_in)
+        if others < self.usable_cpus and not self._judged:
+            return None, min(BUSY_POLL_S, overdue_in)  # its own CPUs' first answer is near
+        wait_s, self._busy_poll_s = self._busy_poll_s, min(2 * self._busy_poll_s, IDLE_WAIT_S)
+        return None, min(wait_s, overdue_in)
 
     def _own_cpus_idle(self) -> bool:
         """Whether the CPUs this thread is pinned to had time that other threads left
