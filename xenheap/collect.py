@@ -184,6 +184,9 @@ def heap_stats(heap: Heap) -> HeapStats:
     alive = doms[:, D_STATE] == DOM_ALIVE
     cached += _numpy_parked_pages(doms[alive]) * page_size
     meta = snapshot(heap.core.state["meta"].reshape(1, -1))[0]
+    # Each scrubber's three figures from one moment: they add up.
+    figures = [s.cpu_figures for s in heap.scrubbers]
+    cpu, idle, deadline = (sum((f[i] for f in figures), 0.0) for i in range(3))
     return HeapStats(
         # Read apart, so a block parked or taken back meanwhile could make it dip below 0.
         bytes_allocated=max(0, int(meta[M_USED_PAGES]) * page_size - cached),
@@ -208,13 +211,10 @@ def heap_stats(heap: Heap) -> HeapStats:
         released_bytes=sum(n["released_bytes"] for n in nodes),
         process_resident_bytes=prim.resident_set_bytes(),
         bad_array_frees=int(meta[M_BAD_ARRAY_FREES]),
-        scrub_cpu_seconds=sum((s.cpu_seconds for s in heap.scrubbers), 0.0),
-        scrub_idle_cpu_seconds=sum((s.idle_cpu_seconds for s in heap.scrubbers), 0.0),
-        scrub_deadline_cpu_seconds=sum((s.deadline_cpu_seconds for s in heap.scrubbers), 0.0),
-        # Read apart from the two above, so it could dip a hair below 0 meanwhile.
-        scrub_uncharged_cpu_seconds=max(0.0, sum(
-            (s.cpu_seconds - s.idle_cpu_seconds - s.deadline_cpu_seconds
-             for s in heap.scrubbers), 0.0)),
+        scrub_cpu_seconds=cpu,
+        scrub_idle_cpu_seconds=idle,
+        scrub_deadline_cpu_seconds=deadline,
+        scrub_uncharged_cpu_seconds=cpu - idle - deadline,
         domain_charges=_domain_charges(heap),
         nodes=nodes,
     )

@@ -19,11 +19,11 @@ priority is decided instead before each slice:
 
 Otherwise the thread sleeps on an event (set by a free that leaves one of its nodes 1 MiB
 dirty), looking again every IDLE_WAIT_S when its nodes are clean, and while they are dirty
-but no CPU is idle after BUSY_POLL_S, then twice as long each look up to IDLE_WAIT_S: each
-look costs a wake-up (with 2 CPU-bound processes on 2 CPUs, 4 MiB dirtied every 1.3 s and
-cleaned at its deadline cost the thread 64-72 ms of CPU for four spells at a steady 5 ms,
-22-28 ms doubling). Finding its nodes clean, it first notifies the
-heap's ``cleaned`` condition, on which ``Heap.wait_clean`` waits.
+but no CPU is idle after BUSY_POLL_S, then twice as long each look up to BUSY_POLL_MAX_S:
+each look costs a wake-up, and the cap bounds how late an idle CPU is seen (an idle spell
+shorter than the wait may go unseen, leaving the work to the deadline). Finding its nodes
+clean, it first notifies the heap's ``cleaned`` condition, on which ``Heap.wait_clean``
+waits.
 """
 
 from __future__ import annotations
@@ -58,9 +58,12 @@ CHARGE_ROWS = 64  # domains one slice can tell apart; the rest are charged as on
 BUDGET_PAGES = 4096
 SLICE_S = 0.01  # one kernel call: then the GIL, the stop request and idleness are looked at
 IDLE_WAIT_S = 0.1  # clean nodes: look again this often even without a wake-up
-# Dirty nodes, no idle CPU: look again after BUSY_POLL_S, then twice as long each time
-# up to IDLE_WAIT_S (a spell of a second costs 14 looks, not 200), anew once a slice ran.
+# Dirty nodes, no idle CPU: look again after BUSY_POLL_S, then twice as long each time up
+# to BUSY_POLL_MAX_S (a second of it costs about 50 looks, not 200), anew after a free's
+# wake-up or a look that found its nodes clean, overdue or a CPU idle. The cap bounds how late an
+# idle CPU is seen, and the shortest idle spell a look is sure to catch.
 BUSY_POLL_S = 0.005
+BUSY_POLL_MAX_S = 0.02
 # A thread pinned to some of the process's CPUs also asks whether other threads left at
 # least IDLE_SHARE of one of those unused over the last IDLE_WINDOW_S (/proc/stat counts
 # in 10 ms ticks), looking again that often while its nodes are dirty; after a clean spell
@@ -105,17 +108,31 @@ class Scrubber(threading.Thread):
         self.last_error: str | None = None
         self.state = "starting"
         self.pinned = False
-        # The thread's CPU time charged to domains by slices run because a CPU was idle
-        # (each with the time since the charge before it), and by those run because a node
-        # was overdue: what the domains' charges add up to.
-        self.idle_cpu_seconds = 0.0
-        self.deadline_cpu_seconds = 0.0
-        self.cpu_seconds = 0.0  # the thread's whole CPU time, as the OS counts it
+        # (the thread's whole CPU time as the OS counts it, the part charged to domains by
+        # slices run because a CPU was idle, each with the time since the charge before it,
+        # and the part charged by those run because a node was overdue), replaced whole so
+        # that the statistics read the three from one moment
+        self.cpu_figures = (0.0, 0.0, 0.0)
         self._stop_requested = threading.Event()
         self._stop_flag = np.zeros(1, dtype=np.int64)  # what the kernel polls
         self._arenas = tuple(arenas)  # the memory it writes stays mapped while it runs
         self._nodes_rows = hs.nodes
         self._hs = hs
+
+    @property
+    def cpu_seconds(self) -> float:
+        """The thread's CPU time, as the OS counts it (time.thread_time)."""
+        return self.cpu_figures[0]
+
+    @property
+    def idle_cpu_seconds(self) -> float:
+        """The part charged to domains as idle work."""
+        return self.cpu_figures[1]
+
+    @property
+    def deadline_cpu_seconds(self) -> float:
+        """The part charged to domains as deadline work."""
+        return self.cpu_figures[2]
 
     def stop(self) -> None:
         """Ask the thread to stop; it finishes its current bounded step first."""
@@ -141,7 +158,8 @@ class Scrubber(threading.Thread):
             return "idle", 0.0  # nothing else runs, or a CPU is idle, and one of its own
         if others < self.usable_cpus and not self._judged:
             return None, min(BUSY_POLL_S, overdue_in)  # its own CPUs' first answer is near
-        wait_s, self._busy_poll_s = self._busy_poll_s, min(2 * self._busy_poll_s, IDLE_WAIT_S)
+        wait_s = self._busy_poll_s
+        self._busy_poll_s = min(2 * wait_s, BUSY_POLL_MAX_S)
         return None, min(wait_s, overdue_in)
 
     def _own_cpus_idle(self) -> bool:
@@ -197,10 +215,9 @@ class Scrubber(threading.Thread):
         if self._book.charge_slice(kind, self._charges, charged):
             self._charged_cpu = now
             self._charges[:] = 0
-            if kind == "deadline":
-                self.deadline_cpu_seconds += charged
-            else:
-                self.idle_cpu_seconds += charged
+            _cpu, idle, deadline = self.cpu_figures
+            self.cpu_figures = ((now, idle, deadline + charged) if kind == "deadline"
+                                else (now, idle + charged, deadline))
         if got == E_FAULT:
             raise XenHeapError(f"injected scrubber fault on nodes {self.nodes}")
 
@@ -226,7 +243,8 @@ class Scrubber(threading.Thread):
                     if kind == "clean":
                         with self._cleaned:
                             self._cleaned.notify_all()
-                    self.wakeup.wait(wait_s)
+                    if self.wakeup.wait(wait_s):  # a free dirtied its nodes: a new spell
+                        self._busy_poll_s = BUSY_POLL_S
                 else:
                     self.state = "scrubbing"
                     self._scrub(kind)
@@ -240,7 +258,8 @@ class Scrubber(threading.Thread):
                 self._stop_requested.wait(backoff)
                 backoff = min(backoff * 2, MAX_ERROR_BACKOFF_S)
             finally:
-                self.cpu_seconds = time.thread_time()
+                _cpu, idle, deadline = self.cpu_figures
+                self.cpu_figures = (time.thread_time(), idle, deadline)
         self.state = "stopped"
 
 

@@ -53,7 +53,8 @@ scrub_uncharged_cpu_seconds  the rest: time since each scrubber's last charge (a
 domain_charges               per domain (live, and the last 1,024 destroyed): who paid for
                              cleaning its dirt (xenheap.charges.DomainCharges); their idle
                              and deadline seconds add up to scrub_idle_cpu_seconds and
-                             scrub_deadline_cpu_seconds
+                             scrub_deadline_cpu_seconds, less those of the destroyed
+                             domains the list has let go
 nodes                        one NodeStats per node, in node order
 ===========================  ===========================================================
 
