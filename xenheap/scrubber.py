@@ -60,8 +60,8 @@ SLICE_S = 0.01  # one kernel call: then the GIL, the stop request and idleness a
 IDLE_WAIT_S = 0.1  # clean nodes: look again this often even without a wake-up
 # Dirty nodes, no idle CPU: look again after BUSY_POLL_S, then twice as long each time up
 # to BUSY_POLL_MAX_S (a second of it costs about 50 looks, not 200), anew after a free's
-# wake-up or a look that found its nodes clean, overdue or a CPU idle. The cap bounds how late an
-# idle CPU is seen, and the shortest idle spell a look is sure to catch.
+# wake-up or a look that found its nodes clean, overdue or a CPU idle. The cap bounds how
+# late an idle CPU is seen, and the shortest idle spell a look is sure to catch.
 BUSY_POLL_S = 0.005
 BUSY_POLL_MAX_S = 0.02
 # A thread pinned to some of the process's CPUs also asks whether other threads left at
