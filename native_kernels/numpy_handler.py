@@ -178,10 +178,12 @@ def _reclaimed(ctx, result, nbytes):
     largest chunk, or than the whole quota): every domain's cache would go for nothing."""
     if result != E_NOMEM and result != E_QUOTA:
         return False
+    if nbytes < 0:  # a size_t past int64
+        return False
     c = _context(ctx)
     pages = 1  # a slab's page
-    if nbytes > SLAB_MAX_OBJECT or nbytes < 0:  # < 0: a size_t past int64
-        order = order_for_bytes(_meta(c), nbytes) if nbytes > 0 else -1
+    if nbytes > SLAB_MAX_OBJECT:
+        order = order_for_bytes(_meta(c), nbytes)
         if order < 0:
             return False
         pages = 1 << order

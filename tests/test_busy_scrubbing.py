@@ -148,8 +148,9 @@ def test_a_scrubber_leaves_its_busy_cpu_alone_while_another_node_idles(monkeypat
             assert heap.wait_clean(60)
             node0 = heap.scrubbers[0]
             assert node0.nodes == (0,) and node0.pinned
-            assert node0.idle_cpu_seconds == 0.0 and node0.deadline_cpu_seconds > 0
-            assert heap.scrubbers[1].idle_cpu_seconds > 0  # its CPU was idle
+            spent = node0.cpu_figures
+            assert spent.idle_cpu_seconds == 0.0 and spent.deadline_cpu_seconds > 0
+            assert heap.scrubbers[1].cpu_figures.idle_cpu_seconds > 0  # its CPU was idle
             heap.check()
     finally:
         hog.kill()

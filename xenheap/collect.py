@@ -186,7 +186,9 @@ def heap_stats(heap: Heap) -> HeapStats:
     meta = snapshot(heap.core.state["meta"].reshape(1, -1))[0]
     # Each scrubber's three figures from one moment: they add up.
     figures = [s.cpu_figures for s in heap.scrubbers]
-    cpu, idle, deadline = (sum((f[i] for f in figures), 0.0) for i in range(3))
+    cpu = sum((f.cpu_seconds for f in figures), 0.0)
+    idle = sum((f.idle_cpu_seconds for f in figures), 0.0)
+    deadline = sum((f.deadline_cpu_seconds for f in figures), 0.0)
     return HeapStats(
         # Read apart, so a block parked or taken back meanwhile could make it dip below 0.
         bytes_allocated=max(0, int(meta[M_USED_PAGES]) * page_size - cached),

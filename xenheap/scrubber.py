@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -75,6 +76,16 @@ ERROR_BACKOFF_S = 0.05
 MAX_ERROR_BACKOFF_S = 1.0
 
 
+class CpuFigures(NamedTuple):
+    """A scrubber thread's CPU time, and the parts of it charged to domains."""
+
+    cpu_seconds: float  # the thread's whole CPU time, as the OS counts it (thread_time)
+    # Charged by slices run because a CPU was idle, each with the time since the charge
+    # before it (xenheap.charges), and by those run because a node was overdue.
+    idle_cpu_seconds: float
+    deadline_cpu_seconds: float
+
+
 class Scrubber(threading.Thread):
     """Scrubs ``nodes`` (its own first) from a daemon thread pinned to ``cpus``."""
 
@@ -108,31 +119,13 @@ class Scrubber(threading.Thread):
         self.last_error: str | None = None
         self.state = "starting"
         self.pinned = False
-        # (the thread's whole CPU time as the OS counts it, the part charged to domains by
-        # slices run because a CPU was idle, each with the time since the charge before it,
-        # and the part charged by those run because a node was overdue), replaced whole so
-        # that the statistics read the three from one moment
-        self.cpu_figures = (0.0, 0.0, 0.0)
+        # Replaced whole, so that the statistics read the three figures from one moment.
+        self.cpu_figures = CpuFigures(0.0, 0.0, 0.0)
         self._stop_requested = threading.Event()
         self._stop_flag = np.zeros(1, dtype=np.int64)  # what the kernel polls
         self._arenas = tuple(arenas)  # the memory it writes stays mapped while it runs
         self._nodes_rows = hs.nodes
         self._hs = hs
-
-    @property
-    def cpu_seconds(self) -> float:
-        """The thread's CPU time, as the OS counts it (time.thread_time)."""
-        return self.cpu_figures[0]
-
-    @property
-    def idle_cpu_seconds(self) -> float:
-        """The part charged to domains as idle work."""
-        return self.cpu_figures[1]
-
-    @property
-    def deadline_cpu_seconds(self) -> float:
-        """The part charged to domains as deadline work."""
-        return self.cpu_figures[2]
 
     def stop(self) -> None:
         """Ask the thread to stop; it finishes its current bounded step first."""
@@ -146,15 +139,12 @@ class Scrubber(threading.Thread):
         oldest = column_min_where(self._nodes_rows, N_DIRTY_SINCE_NS, N_NEED_SCRUB,
                                   self._node_array)
         if oldest < 0:  # every node clean
-            self._busy_poll_s = BUSY_POLL_S
             return "clean", IDLE_WAIT_S
         overdue_in = (oldest + self.deadline_ns - time.monotonic_ns()) / 1e9
         if overdue_in <= 0:
-            self._busy_poll_s = BUSY_POLL_S
             return "deadline", 0.0
         others = prim.runnable_threads() - 1  # minus this thread
         if others == 0 or (others < self.usable_cpus and self._own_cpus_idle()):
-            self._busy_poll_s = BUSY_POLL_S
             return "idle", 0.0  # nothing else runs, or a CPU is idle, and one of its own
         if others < self.usable_cpus and not self._judged:
             return None, min(BUSY_POLL_S, overdue_in)  # its own CPUs' first answer is near
@@ -215,9 +205,13 @@ class Scrubber(threading.Thread):
         if self._book.charge_slice(kind, self._charges, charged):
             self._charged_cpu = now
             self._charges[:] = 0
-            _cpu, idle, deadline = self.cpu_figures
-            self.cpu_figures = ((now, idle, deadline + charged) if kind == "deadline"
-                                else (now, idle + charged, deadline))
+            figures = self.cpu_figures
+            self.cpu_figures = (
+                figures._replace(cpu_seconds=now,
+                                 deadline_cpu_seconds=figures.deadline_cpu_seconds + charged)
+                if kind == "deadline" else
+                figures._replace(cpu_seconds=now,
+                                 idle_cpu_seconds=figures.idle_cpu_seconds + charged))
         if got == E_FAULT:
             raise XenHeapError(f"injected scrubber fault on nodes {self.nodes}")
 
@@ -238,6 +232,8 @@ class Scrubber(threading.Thread):
                     with contextlib.suppress(HeapClosed):
                         self._on_tick()
                 kind, wait_s = self._next_step()
+                if kind is not None:  # not waiting for an idle CPU: the next wait starts anew
+                    self._busy_poll_s = BUSY_POLL_S
                 if kind in (None, "clean"):
                     self.state = "idle"  # before the notification: wait_clean reads it
                     if kind == "clean":
@@ -258,8 +254,7 @@ class Scrubber(threading.Thread):
                 self._stop_requested.wait(backoff)
                 backoff = min(backoff * 2, MAX_ERROR_BACKOFF_S)
             finally:
-                _cpu, idle, deadline = self.cpu_figures
-                self.cpu_figures = (time.thread_time(), idle, deadline)
+                self.cpu_figures = self.cpu_figures._replace(cpu_seconds=time.thread_time())
         self.state = "stopped"
 
 
