@@ -27,13 +27,16 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 import numpy.typing as npt
 
-from native_kernels.layout import PAGE_SIZE
 from xenheap.errors import HeapClosed, InvalidArgument, InvalidFree
+from xenheap.reuse import VIEW_KEY_SHIFT
 
 if TYPE_CHECKING:
     from xenheap.domain import Domain
 
 __all__ = ["Block"]
+
+
+_UINT8 = "uint8"  # array()'s default, told apart by identity: no dtype to parse
 
 
 class _Owner(np.ndarray):
@@ -92,7 +95,7 @@ class Block:
     def _refuse_stale(self) -> NoReturn:
         raise InvalidFree(f"{self!r} is stale: it is no longer a block of {self.domain!r}")
 
-    def array(self, dtype: npt.DTypeLike = "uint8") -> np.ndarray:
+    def array(self, dtype: npt.DTypeLike = _UINT8) -> np.ndarray:
         """A writable numpy view of the block (zero-copy) with the given dtype; it and the
         views made from it keep the block alive."""
         dom = self.domain
@@ -100,24 +103,26 @@ class Block:
         if self.freed or rec.destroyed or dom.core.closed:  # _in_use(), inlined: hot path
             self._check_usable()
         # Only the block's live handle may see its bytes: one that a copy freed, or one
-        # made by hand, may name memory the heap has since given to another domain.
+        # made by hand, may name memory the heap has since given to another domain. The
+        # view: the reuse cache's while the block cycles through it, else a new one; kept
+        # by the cache, never by the handle, so that a live handle does not keep a closed
+        # heap's memory mapped.
+        mfn, order = self.mfn, self.order
         reuse = rec.reuse
         if reuse is not None:
-            if (self.mfn, self.order, self.tag) not in reuse.issued:  # what it handed out
+            if (mfn, order, self.tag) not in reuse.issued:  # what it handed out
                 self._refuse_stale()
-        elif not dom.core.owns_block(rec.slot, self.mfn, self.order, self.tag):
+            u8 = reuse.views.get(mfn << VIEW_KEY_SHIFT | order)
+            if u8 is None:
+                u8 = dom.core.page_views(mfn, order)
+        elif dom.core.owns_block(rec.slot, mfn, order, self.tag):
+            u8 = dom.core.page_views(mfn, order)
+        else:
             self._refuse_stale()
-        # The reuse cache's view while the block cycles through it, else a new one: kept by
-        # the cache, never by the handle, so that a live handle does not keep a closed
-        # heap's memory mapped.
-        nbytes = PAGE_SIZE << self.order
-        u8 = reuse.views.get(self.mfn) if reuse is not None else None
-        if u8 is None or u8.size != nbytes:
-            u8 = dom.core.bytes_at(self.mfn, nbytes)
         root = u8.view(_Owner)
         root.block = self
-        if type(dtype) is str and dtype == "uint8":  # the default: no dtype to parse
-            return root.view(type=np.ndarray)
+        if dtype is _UINT8:  # the default: no dtype to parse
+            return root.view(np.ndarray)  # positional: a keyword costs this path 10%
         if dtype is None:  # np.dtype(None) is float64, which no reader of array() expects
             raise InvalidArgument("dtype must be given, got None")
         try:

@@ -35,7 +35,11 @@ REUSE_MAX_ORDER = 9  # blocks up to 2 MiB; larger ones are better zeroed by the 
 DEFAULT_REUSE_BYTES = 4 << 20  # at most this many bytes parked per order (Heap reuse_bytes)
 REUSE_IDLE_S = 0.25  # a cache unused this long goes back to the heap
 
-_ZEROS = tuple(bytes(PAGE_SIZE << order) for order in range(4))  # for orders 0-3
+_ZEROS_ORDERS = 4
+_ZEROS = tuple(bytes(PAGE_SIZE << order) for order in range(_ZEROS_ORDERS))
+
+# The views' key: a block's mfn and order in one int (orders stay below 2**6).
+VIEW_KEY_SHIFT = 6
 
 # A handle's tag: the heap's tag for the block (PG_TAG) in these bits, and above them the
 # cache's generation, new each time the cache hands the block out again. The heap gives a
@@ -68,9 +72,10 @@ class ReuseCache:
         # (mfn, order, tag) of the live blocks. A free claims its block by removing it, one
         # atomic step whichever path the free takes, so two frees never both succeed.
         self.issued: set[tuple[int, int, int]] = set()
-        # uint8 views of blocks by mfn, made once and kept while a block cycles between the
-        # user and the cache (a view costs more to make than a 4 KiB block to zero). Kept
-        # here, never by a handle, so that closing the heap can drop them all.
+        # uint8 views of blocks by view_key(mfn, order), made once and kept while a block
+        # cycles between the user and the cache (a view costs more to make than a 4 KiB
+        # block to zero). Kept here, never by a handle, so that closing the heap can drop
+        # them all. Keyed by order too, so that a view found always has the block's size.
         self.views: dict[int, np.ndarray] = {}
         self.memoryviews: dict[int, memoryview] = {}  # the same, to zero small blocks
         # Counted under the lock, for the statistics: blocks (and their pages) taken back,
@@ -86,8 +91,8 @@ class ReuseCache:
         # and frees never wait for it (see take and give).
         self.lock = threading.Lock()
         self._generation = 0  # of the last block handed out again (HEAP_TAG_MASK)
-        # Blocks freed in the heap while the lock was busy: the next holder of the lock
-        # drops their views (_settle).
+        # Blocks freed in the heap while the lock was busy, by view_key: the next holder of
+        # the lock drops their views (_settle).
         self._settling: collections.deque[int] = collections.deque()
         self.closed = False
         # When the chore last saw hits or parks move (quiet_for): the clock is read once
@@ -97,16 +102,18 @@ class ReuseCache:
 
     def view(self, mfn: int, order: int) -> np.ndarray:
         """Block (mfn, order)'s bytes as a uint8 array, made once."""
-        u8 = self.views.get(mfn)
-        if u8 is None or u8.size != PAGE_SIZE << order:
-            u8 = self.views[mfn] = self._make_view(mfn, order)
+        key = mfn << VIEW_KEY_SHIFT | order
+        u8 = self.views.get(key)
+        if u8 is None:
+            u8 = self.views[key] = self._make_view(mfn, order)
         return u8
 
     def zeroer(self, mfn: int, order: int) -> memoryview:
         """Block (mfn, order)'s bytes as a memoryview, made once (see ``view``)."""
-        mv = self.memoryviews.get(mfn)
-        if mv is None or mv.nbytes != PAGE_SIZE << order:
-            mv = self.memoryviews[mfn] = self.view(mfn, order).data
+        key = mfn << VIEW_KEY_SHIFT | order
+        mv = self.memoryviews.get(key)
+        if mv is None:
+            mv = self.memoryviews[key] = self.view(mfn, order).data
         return mv
 
     def take(self, order: int, zero: bool) -> tuple[int, int] | None:
@@ -135,9 +142,9 @@ class ReuseCache:
             self.hits += 1
             self.hit_pages += 1 << order
             if zero:  # under the lock: a drain must not give the block back meanwhile
-                if order < len(_ZEROS):  # copying zeros beats numpy's fill below 32 KiB
-                    mv = self.memoryviews.get(mfn)  # zeroer(), inlined: the hot path
-                    if mv is None or mv.nbytes != PAGE_SIZE << order:
+                if order < _ZEROS_ORDERS:  # copying zeros beats numpy's fill below 32 KiB
+                    mv = self.memoryviews.get(mfn << VIEW_KEY_SHIFT | order)  # zeroer(), inlined
+                    if mv is None:
                         mv = self.zeroer(mfn, order)
                     mv[:] = _ZEROS[order]
                 else:
@@ -177,7 +184,7 @@ class ReuseCache:
                 return NOT_ISSUED
             if (order > REUSE_MAX_ORDER or self.closed
                     or len(self._lists[order]) >= self._room[order]):
-                self._forget_views(mfn)
+                self._forget_views(mfn << VIEW_KEY_SHIFT | order)
                 return NOT_PARKED
             blk.freed = True
             self.parks += 1
@@ -196,7 +203,7 @@ class ReuseCache:
             self.issued.remove((blk.mfn, blk.order, blk.tag))
         except KeyError:
             return NOT_ISSUED
-        self._settling.append(blk.mfn)
+        self._settling.append(blk.mfn << VIEW_KEY_SHIFT | blk.order)
         return NOT_PARKED
 
     def _settle(self) -> None:
@@ -213,8 +220,8 @@ class ReuseCache:
         out = [(order, e) for order, entries in enumerate(self._lists) for e in entries]
         for entries in self._lists:
             entries.clear()
-        for _order, (mfn, _tag) in out:
-            self._forget_views(mfn)
+        for order, (mfn, _tag) in out:
+            self._forget_views(mfn << VIEW_KEY_SHIFT | order)
         return out
 
     def drain(self, close: bool = False) -> list[tuple[int, tuple[int, int]]]:
@@ -277,12 +284,13 @@ class ReuseCache:
                     seen.add(mfn)
         return None
 
-    def _forget_views(self, mfn: int) -> None:
-        """Drop block ``mfn``'s views: it goes back to the heap (caller holds the lock)."""
-        mv = self.memoryviews.pop(mfn, None)
+    def _forget_views(self, key: int) -> None:
+        """Drop the views of the block with view key ``key``: it goes back to the heap
+        (caller holds the lock)."""
+        mv = self.memoryviews.pop(key, None)
         if mv is not None:
             mv.release()
-        self.views.pop(mfn, None)
+        self.views.pop(key, None)
 
     def quiet_for(self, now: float) -> float:
         """Seconds (by ``now``, time.monotonic) since hits or parks last moved, as seen by
