@@ -28,6 +28,7 @@ from native_kernels.layout import (
     L_HEAD,
     NIL,
     NODE_FIELDS,
+    PAGE_SIZE,
     PG_NEXT,
     PG_SCRUB_STATE,
     PG_TAG,
@@ -305,18 +306,38 @@ def test_scrubber_cpu_is_charged_to_the_domains_that_dirtied_the_memory():
             ds = dom.stats()
             assert ds["dirtied_bytes"] == ds["scrubbed_bytes"] == 16 * (i + 1) * 2 * MiB
         charged = {c["name"]: c for c in st["domain_charges"]}
-        cpu = [charged[f"tenant{i}"]["idle_cpu_seconds"]
-               + charged[f"tenant{i}"]["deadline_cpu_seconds"] for i in range(3)]
-        assert 0 < cpu[0] < cpu[1] < cpu[2]  # by pages: 1 : 2 : 3
+        # Each paid; the split by pages holds within a slice (test below), not across slices,
+        # and the first slice carries the thread's time before it.
+        assert all(charged[f"tenant{i}"]["idle_cpu_seconds"]
+                   + charged[f"tenant{i}"]["deadline_cpu_seconds"] > 0 for i in range(3))
         total = sum(c["idle_cpu_seconds"] + c["deadline_cpu_seconds"]
                     for c in st["domain_charges"])
-        # All the thread's CPU time is charged, less its polling since its last slice.
-        assert st["scrub_cpu_seconds"] * 0.95 <= total <= st["scrub_cpu_seconds"]
+        # All the thread's CPU time is charged, less its polling since its last slice: a
+        # fixed cost (0.3 ms after a 4.5 ms scrub on a fast machine), not a share.
+        assert 0 <= st["scrub_cpu_seconds"] - total <= max(0.05 * total, 0.005)
         # The heap's split is the domains': what was charged, and what is not yet.
         assert total == pytest.approx(st["scrub_idle_cpu_seconds"]
                                       + st["scrub_deadline_cpu_seconds"], abs=1e-9)
         assert st["scrub_uncharged_cpu_seconds"] == pytest.approx(
             st["scrub_cpu_seconds"] - total, abs=0.01)
+
+
+def test_a_slice_is_split_over_its_domains_by_pages():
+    book = charges_module.ChargeBook()
+    one, three = book.opened(1, "one"), book.opened(2, "three")
+    table = np.zeros((4, 2), dtype=np.int64)
+    table[0], table[1] = (1, 100), (2, 300)
+    assert book.charge_slice("idle", table, 0.4)
+    assert one["idle_cpu_seconds"] == pytest.approx(0.1)
+    assert three["idle_cpu_seconds"] == pytest.approx(0.3)
+    assert (one["scrubbed_bytes"], three["scrubbed_bytes"]) == (100 * PAGE_SIZE, 300 * PAGE_SIZE)
+    assert book.charge_slice("deadline", table[1:], 0.2)
+    assert three["deadline_cpu_seconds"] == pytest.approx(0.2)
+    assert one["deadline_cpu_seconds"] == 0.0
+    # A slice that cleaned nothing charges nobody: the scrubber carries its time over.
+    table[:] = 0
+    assert not book.charge_slice("idle", table, 1.0)
+    assert one["idle_cpu_seconds"] == pytest.approx(0.1)
 
 
 def test_a_destroyed_domains_charges_outlive_the_books_history(monkeypatch):
