@@ -455,6 +455,39 @@ def test_a_destroy_waits_for_parked_blocks_on_their_way_back(monkeypatch):
         heap.check()
 
 
+def test_an_allocation_that_fits_waits_for_parked_blocks_on_their_way_back(monkeypatch):
+    """A return in flight has taken its blocks out of the cache but not freed them yet: an
+    allocation the quota takes once they are back waits for them instead of being refused
+    (they are not held by the user, and not in the cache either)."""
+    paused, resume = threading.Event(), threading.Event()
+    drain = ReuseCache.drain
+
+    def pausing_drain(self, close=False):
+        out = drain(self, close)
+        if threading.current_thread().name == "returner":
+            paused.set()
+            resume.wait(10)
+        return out
+
+    monkeypatch.setattr(ReuseCache, "drain", pausing_drain)
+    with xenheap.Heap("16MiB", scrub="alloc", nodes=1) as heap:
+        dom = heap.create_domain(max_bytes=16 * PAGE_SIZE)
+        for blk in [dom.alloc(0) for _ in range(12)]:
+            blk.free()
+        del blk
+        returner = threading.Thread(target=return_parked, args=(heap.core, dom.record),
+                                    name="returner")
+        returner.start()
+        assert paused.wait(10)
+        threading.Timer(0.2, resume.set).start()
+        big = dom.alloc(3)  # 8 pages: the quota of 16 holds them once the 12 parked are back
+        returner.join(10)
+        assert not returner.is_alive() and resume.is_set()
+        assert dom.stats()["pages"] == 8
+        big.free()
+        heap.check()
+
+
 def test_a_collected_domain_is_destroyed_and_its_parked_memory_comes_back():
     """A domain nothing refers to any more (nor to its blocks) goes as a dropped block does:
     destroyed at the heap's next statistics call or chore, its parked blocks with it, and
@@ -497,7 +530,7 @@ def test_close_unmaps_the_memory_of_a_domain_collected_just_before():
 
 def test_a_destroy_that_meets_close_leaves_no_handler_holding_the_memory():
     """close() lands inside a destroy, after the domain left the live set and before its
-    kernel call: the destroy fails with HeapClosed, and still drops the numpy handler."""
+    kernel call: the heap's close finishes the destroy, which drops the numpy handler."""
     heap = xenheap.Heap("8MiB", scrub="alloc", nodes=1)
     dom = heap.create_domain()
     with dom.numpy_allocator():
@@ -509,10 +542,35 @@ def test_a_destroy_that_meets_close_leaves_no_handler_holding_the_memory():
         return defers()
 
     heap.core.defers_relinquish = close_first
+    dom.destroy()
+    assert dom.record.capsule is None and dom.record.destroyed and not dom.alive
+    assert all(arena.closed for arena in heap.core.arenas)
+
+
+def test_a_destroy_refused_by_close_changes_nothing(monkeypatch):
+    """close() lands as a destroy takes the domain's ``returning`` lock: the destroy,
+    refused, leaves the closed heap's last figures (its parked blocks still counted)."""
+    heap = xenheap.Heap("8MiB", scrub="alloc", nodes=1)
+    dom = heap.create_domain()
+    for blk in [dom.alloc(0) for _ in range(4)]:
+        blk.free()
+    del blk
+    lock = dom.record.returning
+
+    class ClosingFirst:  # close()'s own use of the lock goes straight to it
+        acquire, release, locked = lock.acquire, lock.release, lock.locked
+
+        def __enter__(self):
+            heap.close()
+            return lock.__enter__()
+
+        def __exit__(self, *exc_info):
+            return lock.__exit__(*exc_info)
+
+    dom.record.returning = ClosingFirst()
     with pytest.raises(xenheap.HeapClosed):
         dom.destroy()
-    assert dom.record.capsule is None
-    assert all(arena.closed for arena in heap.core.arenas)
+    assert dom.stats()["cached_bytes"] == 4 * PAGE_SIZE
 
 
 def test_a_numpy_handler_made_as_the_heap_closes_is_not_kept(monkeypatch):

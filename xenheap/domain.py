@@ -223,8 +223,14 @@ class Domain:
 
     def _room_without_parked(self, pages: int) -> bool:
         """Whether the quota takes ``pages`` more once the parked blocks are given back."""
-        held = self.stats()["bytes_allocated"] // self.heap.page_size  # parked ones excluded
-        return held + pages <= self.record.max_pages
+        rec = self.record
+        if rec.dropped or rec.dropping.locked():
+            free_dropped(self)
+        # A return in flight took its blocks out of the cache but has not freed them yet:
+        # read between returns, or those blocks count as held (parked ones are excluded).
+        with rec.returning, default_numpy_memory():
+            held = domain_stats(self)["bytes_allocated"] // self.heap.page_size
+        return held + pages <= rec.max_pages
 
     def alloc_many(self, count: int, order: int = 0, node: int | None = None) -> list[Block]:
         """``count`` zeroed blocks of 2**order pages in one call, all or nothing."""
@@ -337,19 +343,20 @@ class Domain:
         chore or statistics call."""
         core, rec = self.core, self.record
         core.refuse_if_forked()  # before the cache's lock: a parent thread may hold it
-        if core.closed:  # before the cache retires: a closed heap keeps its last figures
-            raise HeapClosed(core.closed_reason)
-        self._collected.detach()
         reuse = rec.reuse
         # Parked blocks are on the domain's list: they go with it. Under ``returning``, so
         # that a return of parked blocks in flight first frees them and counts them
         # returned: else the destroy would free them again, and count them freed twice.
-        with rec.returning:
+        with rec.returning, core.lock:
+            # Where close() sets it: a closed heap keeps its last figures, so a refused
+            # destroy must not have retired the cache. Past this, a close finishes the job.
+            if core.closed:
+                raise HeapClosed(core.closed_reason)
             records = reuse.retire() if reuse is not None else None
-            with core.lock:  # off the live list with its reuse counters into the heap's, once
-                if self in core.domains:
-                    core.domains.discard(self)
-                    fold_reuse_counters(core, reuse)
+            if self in core.domains:  # off the live list with its reuse counters, once
+                core.domains.discard(self)
+                fold_reuse_counters(core, reuse)
+        self._collected.detach()
         destroy_record(core, rec, records, who=self)
 
     def numpy_allocator(self) -> contextlib.AbstractContextManager[Domain]:
