@@ -17,8 +17,7 @@ DOCUMENTS = ("README.md", "docs/design.md")
 # Sources outside this repository that its text once cited.
 OUTSIDE_CITATIONS = ("DESIGN.md", "seed's experiment", "RFC's downside", "../shared/",
                      "shared/DESIGN")
-# Where the text the project ships lives. (native_kernels/ still has a few such citations
-# in comments, listed for the lead; add it here once they are gone.)
+# Where the text the project ships lives.
 SCANNED = ("README.md", "docs", "xenheap", "native_kernels", "bench", "tests",
            "pyproject.toml")
 XEN_NAMES = ("alloc_heap_pages", "free_heap_pages", "first_dirty", "scrub_state",

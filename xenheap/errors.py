@@ -6,7 +6,8 @@ class XenHeapError(Exception):
 
 
 class OutOfMemory(XenHeapError, MemoryError):
-    """No free chunk (or quota) is large enough for the request; nothing was changed."""
+    """No free chunk (or quota) is large enough for the request, or every domain slot is in
+    use (create_domain); nothing was changed."""
 
 
 class InvalidArgument(XenHeapError, ValueError):
@@ -22,7 +23,8 @@ class DomainDead(XenHeapError):
 
 
 class HeapClosed(XenHeapError):
-    """The heap was closed; its memory is gone."""
+    """The heap was closed (or this is a forked child, where a parent thread may hold its
+    locks); it makes no more calls. Its memory stays mapped only while views of it live."""
 
 
 class HeapCorruption(XenHeapError):

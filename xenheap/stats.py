@@ -2,10 +2,13 @@
 reads them, and writes the debug dump).
 
 Units are in the names, as jemalloc's are: ``_bytes`` and ``_pages`` are counts of bytes and
-of pages (``page_size`` bytes each), ``_seconds`` is a float in seconds. Fields without a
-unit are counts. The four allocation figures use the names of Python's memory pools
-(pyarrow's ``MemoryPool``) with the same meaning, in bytes of whole pages: a block of order
-``k`` counts ``page_size << k`` bytes, and a numpy slab counts as its whole block.
+of pages (``page_size`` bytes each), ``_seconds`` is a float in seconds; a count says what
+it counts (``domains``, ``num_allocations``). The exceptions say their unit below:
+``max_memory`` (bytes, pyarrow's name), ``page_size``, ``max_order``, ``free_by_order``, and
+the settings ``scrub_mode``, ``scrubber`` and ``debug``. The four allocation figures use the
+names of Python's memory pools (pyarrow's ``MemoryPool``) with the same meaning, in bytes of
+whole pages: a block of order ``k`` counts ``page_size << k`` bytes, and a numpy slab counts
+as its whole block.
 
 ``Heap.stats()`` returns a :class:`HeapStats` (heap-wide fields, then ``nodes``: one
 :class:`NodeStats` per node):
