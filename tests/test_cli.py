@@ -20,11 +20,13 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 from xenheap import Heap
+from xenheap.block import Block
 from xenheap.errors import InvalidArgument
-from xenheap.tools import bench, cli, demo, machine, report, workload
+from xenheap.tools import baselines, bench, cli, demo, machine, plot, report, workload
 from xenheap.tools.progress import MIN_RATE_INTERVAL_S, ScrubProgress, format_rate
 from xenheap.tools.workload import MiB
 
@@ -241,6 +243,62 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch
     assert not (tmp_path / "b.png").exists()
 
 
+@pytest.fixture
+def bench_result_at_once(monkeypatch: pytest.MonkeyPatch,
+                         bench_run: tuple[dict, bench.BenchResult, str | None]
+                         ) -> bench.BenchResult:
+    """``bench.run`` returns the module's bench result at once: for tests of the plot."""
+    pytest.importorskip("matplotlib")
+    typed = bench_run[1]
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: typed)
+    return typed
+
+
+@pytest.mark.parametrize("name", ["bench", "bench."])
+def test_a_plot_without_extension_is_a_png_at_exactly_that_path(
+        bench_result_at_once: bench.BenchResult, tmp_path, name: str) -> None:
+    path = tmp_path / name
+    out = main_ok(["bench", "--quick", "--plot", str(path)])
+    assert out.rstrip("\n").endswith(f"plot written to {path}")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == [name]  # and nothing else (matplotlib would add ".png")
+    result = json.loads(main_ok(["bench", "--quick", "--json", "--plot", str(path)]))
+    assert result["plot"] == str(path)
+
+
+def test_a_plot_format_that_cannot_be_written_fails_before_the_bench(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """.pgf needs xelatex, here not on the PATH: refused before a minute of benchmarks."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    def run(*args, **kwargs):
+        pytest.fail("the bench ran")
+
+    monkeypatch.setattr(bench, "run", run)
+    code, out, err = call_main(["bench", "--quick", "--plot", str(tmp_path / "b.pgf")])
+    assert code == 2 and out == ""
+    assert err.startswith(f"xenheap: error: --plot {tmp_path / 'b.pgf'}: matplotlib cannot "
+                          "write .pgf files here: ")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "b.pgf").exists()
+
+
+def test_a_plot_that_fails_after_the_bench_still_prints_the_figures(
+        bench_result_at_once: bench.BenchResult, monkeypatch: pytest.MonkeyPatch,
+        tmp_path) -> None:
+    def plot_bench(*args, **kwargs):
+        raise RuntimeError("the disk\nis full")
+
+    monkeypatch.setattr(plot, "plot_bench", plot_bench)
+    code, out, err = call_main(["bench", "--quick", "--plot", str(tmp_path / "b.png")])
+    assert code == 1
+    assert out == report.format_bench(bench_result_at_once) + "\n"  # no "plot written"
+    assert err == (f"xenheap: error: --plot {tmp_path / 'b.png'}: RuntimeError: the disk "
+                   "is full\n")
+
+
 # --- info -----------------------------------------------------------------------------------
 def test_info() -> None:
     result, typed = run_typed(machine, ["info", "--json"], "info")
@@ -327,6 +385,33 @@ def test_size_errors_quote_bytes(argv: list[str], quoted: list[str]) -> None:
         assert text in err, err
     if "1000TiB" not in argv:
         assert "at least" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--size", "999999999999999999999999TiB"],  # its size in MiB overflowed a float
+    ["demo", "--size", "9" * 4200],
+    ["demo", "--size", "9" * 4299 + "TiB"],  # more bytes than digits str() will write
+    ["bench", "--sizes", "64MiB", "9" * 400],
+    ["demo", "--size", str(1 << 64)],  # cli.MAX_SIZE
+])
+def test_huge_sizes_are_one_line_usage_errors(argv: list[str]) -> None:
+    code, out, err = call_main(argv)
+    assert code == 2 and out == ""
+    assert err.startswith("xenheap: error: argument --size") and err.count("\n") == 1, err
+    assert "more than any machine has" in err and len(err) < 200
+
+
+def test_a_huge_size_in_a_real_process_has_no_traceback() -> None:
+    proc = run_cli("demo", "--size", "9" * 4200, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_largest_size_still_gets_the_size_check() -> None:
+    code, _, err = call_main(["demo", "--size", str(cli.MAX_SIZE - 1)])
+    assert code == 2 and "larger than this machine can spare" in err
+    assert f"{cli.MAX_SIZE - 1} bytes (16777216 TiB)" in err
 
 
 # --- pipes and files ------------------------------------------------------------------------
@@ -426,6 +511,134 @@ def test_progress_asked_for_in_a_pipe_is_plain_lines_on_stderr() -> None:
     assert "demo (idle): highest-order allocation and leak check" in lines
     assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
     assert_quiet(proc.stderr)
+
+
+@pytest.mark.parametrize("argv", [["info"], ["--version"]])
+def test_stdout_closed_from_the_start_is_one_line_on_stderr(argv: list[str]) -> None:
+    """``xenheap info >&-``: no stdout at all (sys.stdout is None), so nothing to run."""
+    args = " ".join(argv)
+    proc = subprocess.run(["sh", "-c", f'"{sys.executable}" -m xenheap.tools.cli {args} >&-'],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == "xenheap: error: stdout is closed: nowhere to print\n"
+
+
+def test_stderr_closed_from_the_start_keeps_the_error_off_stdout() -> None:
+    proc = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -m xenheap.tools.cli demo --size 1 2>&-'],
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+
+
+def test_an_error_for_a_reader_gone_ends_quietly_with_its_status() -> None:
+    """``xenheap demo --size 1 2>&1 | true``: the error line finds no reader."""
+    proc = subprocess.Popen([sys.executable, "-m", "xenheap.tools.cli", "demo", "--size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    proc.stdout.close()  # the reader leaves at once: the error line finds none
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert code == cli.EXIT_USAGE  # not 1, from a BrokenPipeError's traceback
+
+
+def test_an_interrupt_while_the_commands_load_exits_130() -> None:
+    """Ctrl-C while the command's modules are imported (here: xenheap.tools.machine) ends as
+    a later one does. (The ``xenheap`` package itself loads before any handler can be.)"""
+    script = """if True:
+        import runpy, sys
+        import xenheap
+
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "xenheap.tools.machine":
+                    raise KeyboardInterrupt
+                return None
+
+        sys.meta_path.insert(0, Interrupt())
+        sys.argv = ["xenheap", "info"]
+        runpy.run_module("xenheap.tools.cli", run_name="__main__")
+    """
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, check=False)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, proc.stderr
+    assert proc.stderr == "xenheap: error: interrupted\n"
+
+
+def _interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+class _FillInterrupted(np.ndarray):
+    """An array whose fill() is interrupted, as by Ctrl-C (staticmethod: like numpy's own C
+    method, no Python frame holds the array while the interrupt goes up)."""
+
+    fill = staticmethod(_interrupt)
+
+
+class _NumpyFillInterrupted:
+    """numpy, but frombuffer() gives arrays whose fill() is interrupted."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(np, name)
+
+    @staticmethod
+    def frombuffer(buffer: object, dtype: object) -> np.ndarray:
+        return np.frombuffer(buffer, dtype=dtype).view(_FillInterrupted)
+
+
+def test_an_interrupt_while_scratch_memory_fills_exits_130(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``xenheap info``: Ctrl-C while its scratch mapping is faulted in must not turn into a
+    BufferError (closing the mapping while the array over it is alive)."""
+    monkeypatch.setattr(baselines, "np", _NumpyFillInterrupted())
+    code, out, err = call_main(["info"])
+    assert (code, out, err) == (130, "", "xenheap: error: interrupted\n")
+
+
+class _AnyInterrupted(np.ndarray):
+    """An array whose any() is interrupted, as by Ctrl-C, in a Python frame that holds the
+    array (as numpy's own any() has one, ``numpy.core._methods._any``)."""
+
+    def any(self, *args: object, **kwargs: object) -> bool:
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_demo_leaves_no_view_of_its_heap(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C in the demo's leak check: the heap closes as the interrupt goes through it, and
+    no view of its memory may be left in the frames the traceback keeps (the arena would
+    warn, on the terminal, that it was closed while views were alive)."""
+    real_array = Block.array
+    monkeypatch.setattr(Block, "array", lambda blk, dtype="uint8":
+                        real_array(blk, dtype).view(_AnyInterrupted))
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_mode("sync", 16 * MiB)
+    assert "views of it are alive" not in caplog.text
+
+
+@pytest.mark.parametrize("argv, error, code, message", [
+    (["demo", "--size", TINY], KeyboardInterrupt(), 130, "interrupted"),
+    (["demo", "--size", TINY], InvalidArgument("refused"), 1, "refused"),
+    (["bench", "--quick"], KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_a_failure_erases_the_progress_line_before_its_message(
+        monkeypatch: pytest.MonkeyPatch, argv: list[str], error: BaseException, code: int,
+        message: str) -> None:
+    module = demo if argv[0] == "demo" else bench
+
+    def run(*args, **kwargs):
+        progress = kwargs.get("progress", args[-1])
+        progress.stage("working")
+        raise error
+
+    monkeypatch.setattr(module, "run", run)
+    terminal = _Terminal(True)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == code
+    assert terminal.text == f"{ERASE}working{ERASE}xenheap: error: {message}\n"
 
 
 # --- progress -------------------------------------------------------------------------------

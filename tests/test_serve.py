@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import xenheap
+from xenheap.tools import serve as serve_module
 from xenheap.tools.serve import MAX_LINE, NotLoopback, Service, main, serve
 
 log = logging.getLogger(__name__)
@@ -567,6 +568,20 @@ def test_serve_refuses_non_loopback(heap: xenheap.Heap, host: str) -> None:
     with pytest.raises(NotLoopback, match="refusing to listen"):
         asyncio.run(serve(heap, host, 0))
     assert main(["--host", host]) == 2
+
+
+def test_an_interrupt_while_the_heap_is_made_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C before the signal handlers are in place (here: while the heap is made) ends
+    with 130, as a later one does, not with a traceback."""
+    def interrupted(*args: object, **kwargs: object) -> xenheap.Heap:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve_module, "Heap", interrupted)
+    try:
+        code = main(["--size", "16MiB"])
+    except KeyboardInterrupt:  # not pytest's to stop the session on
+        pytest.fail("KeyboardInterrupt escaped main()")
+    assert code == 130
 
 
 def test_command_line_refuses_non_loopback() -> None:

@@ -129,6 +129,24 @@ def test_format_size(nbytes: int, expected: str) -> None:
     assert format_size(nbytes) == expected
 
 
+@pytest.mark.parametrize(
+    ("nbytes", "expected"),
+    [
+        ((10**15 - 1) * TIB, "999999999999999 TiB"),  # the largest shown whole
+        (999999999999999999999999 * TIB, "1.00e+24 TiB"),  # not a float's 999...983222784
+        (10**400, "9.09e+387 TiB"),  # beyond any float
+        (-(10**400), "-9.09e+387 TiB"),
+    ],
+)
+def test_format_size_of_huge_sizes(nbytes: int, expected: str) -> None:
+    assert format_size(nbytes) == expected
+
+
+def test_format_size_of_more_digits_than_str_takes() -> None:
+    """Python refuses to turn an int of over 4300 digits into a string: not needed here."""
+    assert format_size(10**5000) == "9.09e+4987 TiB"
+
+
 @pytest.mark.parametrize("bad", [1.5, "12", None, True])
 def test_format_size_rejects_non_int(bad: object) -> None:
     with pytest.raises(InvalidArgument):

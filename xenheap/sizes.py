@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import re
+from decimal import Decimal
 from fractions import Fraction
 
 from xenheap.errors import InvalidArgument
@@ -21,6 +22,8 @@ for _exp, _letter in enumerate("kmgt", start=1):
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
 
 _FORMAT_UNITS = ("KiB", "MiB", "GiB", "TiB")
+# From this many of the largest unit on, format_size switches to a power of ten.
+_MAX_WHOLE = 10**15
 
 
 def parse_size(value: int | str, *, what: str = "size") -> int:
@@ -64,7 +67,8 @@ def parse_size(value: int | str, *, what: str = "size") -> int:
 def format_size(nbytes: int) -> str:
     """Format a byte count for people: ``"12 B"``, ``"512 KiB"``, ``"1.0 GiB"``.
 
-    Below 100 of a unit one decimal is shown, from 100 on none.
+    Below 100 of a unit one decimal is shown, from 100 on none; from 10**15 TiB on, a power
+    of ten: ``"1.00e+24 TiB"``.
     """
     if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
         raise InvalidArgument(f"format_size needs an integer, got {nbytes!r}")
@@ -75,9 +79,16 @@ def format_size(nbytes: int) -> str:
         return f"{sign}{magnitude} B"
     text = ""
     for exp, unit in enumerate(_FORMAT_UNITS, start=1):
-        scaled = magnitude / 1024**exp
-        text = f"{scaled:.1f} {unit}" if scaled < 100 else f"{scaled:.0f} {unit}"
+        # Exact: a float cannot hold every int (it overflows, or rounds away digits).
+        scaled = Fraction(magnitude, 1024**exp)
+        whole = round(scaled)
+        if scaled < 100:
+            text = f"{float(scaled):.1f} {unit}"
+        elif whole < _MAX_WHOLE:
+            text = f"{whole} {unit}"
+        else:  # more digits than anyone reads (or than str() of an int may have)
+            text = f"{Decimal(whole):.2e} {unit}"
         # Rounding may reach 1024 (e.g. "1024 KiB"): then the next unit reads better.
-        if round(scaled) < 1024 or exp == len(_FORMAT_UNITS):
+        if whole < 1024 or exp == len(_FORMAT_UNITS):
             break
     return sign + text

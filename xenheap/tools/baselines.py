@@ -69,13 +69,17 @@ def scratch_regions(nbytes: int, chunk: int = 2 * MiB) -> Iterator[list[tuple[in
     For measuring memset where no heap exists (``xenheap info``).
     """
     mapping = prim.map_anonymous(nbytes)
+    arr = None
     try:
         arr = np.frombuffer(mapping, dtype=np.uint8)
         arr.fill(1)  # fault every page in: memset is to be timed, not the page faults
         base = int(arr.ctypes.data)
-        del arr
+        arr = None
         yield [(base + off, min(chunk, nbytes - off)) for off in range(0, nbytes, chunk)]
     finally:
+        # The view goes first, even when an interrupt came mid-fill (the traceback keeps
+        # this frame): a mapping with a view of it alive cannot close (BufferError).
+        arr = None
         mapping.close()
 
 

@@ -269,7 +269,7 @@ class BenchResult:
 
 def run(sizes: Sequence[int] | None = None, quick: bool = False,
         progress: ScrubProgress | None = None) -> BenchResult:
-    """``xenheap bench``: every comparison of the issue, in one run on this machine."""
+    """``xenheap bench``: every comparison it knows (its sections), in one run on this machine."""
     sizes = list(sizes) if sizes else default_sizes(quick)
     heap_size = 64 * MiB if quick else 256 * MiB
     machine = machine_info()

@@ -8,32 +8,38 @@ to stdout, and nothing else does: progress and errors go to stderr, so ``xenheap
 > f`` leaves ``f`` pure JSON. Progress is shown when stderr is a terminal, or when
 ``--progress`` asks for it.
 
-Exit statuses: 0 done; 1 an error the library (XenHeapError) or the OS reported; 2 a usage
-error (bad arguments, or no command at all: then the help goes to stderr); 130 interrupted;
-141 stdout was closed early (``xenheap demo | head -1``), ended quietly, as a program killed
-by SIGPIPE would. Every error is one line on stderr, never a traceback; only a bug does that.
+Exit statuses: 0 done; 1 an error the library (XenHeapError) or the OS reported, a plot
+that could not be saved after the bench (its figures are printed all the same), or stdout
+closed from the start (``xenheap info >&-``); 2 a usage error (bad arguments, or no command
+at all: then the help goes to stderr); 130 interrupted; 141 stdout was closed early
+(``xenheap demo | head -1``), ended quietly, as a program killed by SIGPIPE would. Every
+error is one line on stderr, never a traceback; only a bug does that. With stderr closed or
+gone (``2>&-``, ``2>&1 | true``) the error is not said, only its exit status.
+
+The experiments' modules are imported by the commands, inside :func:`main`'s handling of
+Ctrl-C, so that an interrupt while they load ends like any other (the ``xenheap`` package
+itself, numba above all, loads before this module and so before any handler).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import reprlib
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import xenheap
 from native_kernels.layout import MAX_NODES
-from xenheap.errors import XenHeapError
+from xenheap.errors import InvalidArgument, XenHeapError
 from xenheap.sizes import format_size, parse_size
-from xenheap.tools import bench, busy, demo, machine
-from xenheap.tools.plot import plot_bench
-from xenheap.tools.progress import ScrubProgress
-from xenheap.tools.report import as_json, format_bench, format_busy, format_demo, format_info
-from xenheap.tools.workload import MiB
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
+
+    from xenheap.tools.progress import ScrubProgress
 
 PROG = "xenheap"
 EXIT_FAILURE = 1
@@ -41,7 +47,10 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + 13  # as if killed by SIGPIPE, which Python ignores
 # Per node, the smallest heap the experiments make sense on (room for their 2 MiB blocks).
-MIN_SIZE_PER_NODE = 4 * MiB
+MIN_SIZE_PER_NODE = 4 << 20  # 4 MiB
+# No machine has this much memory (a 64-bit address space): a larger size is a slip of the
+# keyboard, refused before its digits swamp the messages that quote it in bytes.
+MAX_SIZE = 1 << 64
 PLOT_EXTRA_HINT = "pip install -e '.[plot]'"
 MAX_HOGS = 256  # demo --busy: more CPU-bound processes than that is a mistake, not a test
 
@@ -58,9 +67,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- argument types -------------------------------------------------------------------------
+def _parse_size(text: str) -> int:
+    """:func:`parse_size`, refusing sizes of :data:`MAX_SIZE` bytes or more."""
+    nbytes = parse_size(text)
+    if nbytes >= MAX_SIZE:
+        raise InvalidArgument(f"{reprlib.repr(text)} is 2**64 bytes or more, more than any "
+                              "machine has")
+    return nbytes
+
+
 def _size(text: str) -> int:
     try:
-        return parse_size(text)
+        return _parse_size(text)
     except XenHeapError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -87,6 +105,8 @@ def _bytes(nbytes: int) -> str:
 
 def _check_size(size: int, nodes: int, option: str) -> None:
     """Refuse sizes too small for the experiment or larger than the machine can spare."""
+    from xenheap.tools import machine
+
     smallest = MIN_SIZE_PER_NODE * nodes
     if size < smallest:
         per_node = f", {_bytes(MIN_SIZE_PER_NODE)} per node" if nodes > 1 else ""
@@ -114,14 +134,27 @@ def _check_plot_path(path: str) -> None:
         os.remove(path)
 
 
-def _check_plot_format(path: str, plt: Any) -> None:
-    """The file name's extension must be one matplotlib can write (none means PNG)."""
+def _check_plot_format(path: str, plt: Any) -> str:
+    """The format the plot is written in: the file name's extension (none means PNG), which
+    matplotlib must know and be able to write here, as a small figure with text shows."""
     suffix = os.path.splitext(path)[1].lstrip(".").lower()
-    formats = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
-    if suffix and suffix not in formats:
-        raise UsageError(f"--plot {path}: matplotlib cannot write .{suffix} files "
-                         f"(use one of: {', '.join(sorted(formats))})")
+    fig = plt.figure(figsize=(1, 1))
+    try:
+        formats = fig.canvas.get_supported_filetypes()
+        if suffix and suffix not in formats:
+            raise UsageError(f"--plot {path}: matplotlib cannot write .{suffix} files "
+                             f"(use one of: {', '.join(sorted(formats))})")
+        plot_format = suffix or "png"
+        # Text: some formats need more than matplotlib to lay it out (.pgf runs xelatex).
+        fig.text(0.5, 0.5, PROG)
+        try:
+            fig.savefig(io.BytesIO(), format=plot_format)
+        except Exception as exc:  # whatever the backend raises: found before the bench runs
+            raise UsageError(f"--plot {path}: matplotlib cannot write .{plot_format} files "
+                             f"here: {type(exc).__name__}: {exc}") from None
+    finally:
+        plt.close(fig)
+    return plot_format
 
 
 def _pyplot() -> Any:
@@ -138,12 +171,9 @@ def _pyplot() -> Any:
 
 # --- the commands ---------------------------------------------------------------------------
 def _emit(result: DataclassInstance, text: str, json: bool, **extra: Any) -> None:
+    from xenheap.tools.report import as_json
+
     print(as_json(result, **extra) if json else text)
-
-
-def _progress(args: argparse.Namespace) -> ScrubProgress:
-    """Progress on stderr: when it is a terminal, or as ``--progress/--no-progress`` say."""
-    return ScrubProgress(sys.stderr, enabled=args.progress)
 
 
 def _hog_count(text: str) -> int:
@@ -156,20 +186,23 @@ def _hog_count(text: str) -> int:
     return count
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace, progress: ScrubProgress) -> int:
     """Destroy a domain in "sync" and "idle" mode; print the table (or JSON).
 
     With ``--busy N``: the busy-machine experiment instead (:mod:`xenheap.tools.busy`).
     """
+    from xenheap.tools import busy, demo
+    from xenheap.tools.report import format_busy, format_demo
+
     if args.busy is not None:
         size = args.size if args.size is not None else busy.DEFAULT_SIZE
         _check_size(size, args.nodes or 1, "--size")
-        busy_result = busy.run(size, args.busy, args.nodes, progress=_progress(args))
+        busy_result = busy.run(size, args.busy, args.nodes, progress=progress)
         _emit(busy_result, format_busy(busy_result), args.json)
         return 0
     size = args.size if args.size is not None else demo.default_size()
     _check_size(size, args.nodes or 1, "--size")
-    result = demo.run(size, args.nodes, _progress(args))
+    result = demo.run(size, args.nodes, progress)
     _emit(result, format_demo(result), args.json)
     return 0
 
@@ -180,7 +213,7 @@ def _size_list(values: Sequence[str]) -> list[int]:
         for part in value.split(","):
             if part.strip():
                 try:
-                    sizes.append(parse_size(part))
+                    sizes.append(_parse_size(part))
                 except XenHeapError as exc:
                     raise UsageError(f"argument --sizes: {exc}") from None
     if not sizes:
@@ -188,29 +221,43 @@ def _size_list(values: Sequence[str]) -> list[int]:
     return sorted(set(sizes))
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, progress: ScrubProgress) -> int:
     """Run the comparisons; print tables (or JSON) and optionally draw the plot."""
+    from xenheap.tools import bench
+    from xenheap.tools.plot import plot_bench
+    from xenheap.tools.report import format_bench
+
     plt = None
+    plot_format = ""
     if args.plot is not None:
         _check_plot_path(args.plot)
         plt = _pyplot()
-        _check_plot_format(args.plot, plt)
+        plot_format = _check_plot_format(args.plot, plt)
     sizes = _size_list(args.sizes) if args.sizes else bench.default_sizes(args.quick)
     for size in sizes:
         _check_size(size, 1, "--sizes")
-    result = bench.run(sizes, quick=args.quick, progress=_progress(args))
+    result = bench.run(sizes, quick=args.quick, progress=progress)
     text = format_bench(result)
     if plt is None:
         _emit(result, text, args.json)
         return 0
-    plot_bench(result, args.plot, plt)
+    try:
+        # In the format checked before the bench, to exactly this path (matplotlib would add
+        # ".png" to a name without an extension).
+        plot_bench(result, args.plot, plt, plot_format)
+    except Exception as exc:  # whatever the backend raises: the figures are printed anyway
+        _emit(result, text, args.json)
+        return _fail(f"--plot {args.plot}: {type(exc).__name__}: {exc}", EXIT_FAILURE)
     text += f"\n\nplot written to {args.plot}"
     _emit(result, text, args.json, plot=os.path.abspath(args.plot))
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(args: argparse.Namespace, progress: ScrubProgress) -> int:
     """Print the machine's nodes, what the OS offers, versions and memset bandwidth."""
+    from xenheap.tools import machine
+    from xenheap.tools.report import format_info
+
     result = machine.info()
     _emit(result, format_info(result), args.json)
     return 0
@@ -269,16 +316,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, status: int) -> int:
-    # One line, whatever the message carried (an OSError's text may hold newlines).
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    stream = sys.stderr
+    if stream is None:  # closed from the start (2>&-): the status says it all
+        return status
+    try:
+        # One line, whatever the message carried (an OSError's text may hold newlines).
+        print(f"{PROG}: error: {' '.join(str(message).split())}", file=stream, flush=True)
+    except OSError:  # "2>&1 | true": the reader went away; end quietly, with the status
+        _silence(stream)
     return status
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null: what is still buffered for a closed pipe then goes
-    nowhere at exit, instead of failing again in the interpreter's final flush."""
+def _silence(stream: TextIO) -> None:
+    """Point ``stream`` (stdout or stderr) at /dev/null: what is still buffered for a closed
+    pipe then goes nowhere at exit, instead of failing again in the interpreter's final
+    flush."""
     try:
-        fd = sys.stdout.fileno()
+        fd = stream.fileno()
     except (AttributeError, OSError, ValueError):  # not a real file (a test's StringIO)
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -290,8 +344,12 @@ def _silence_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = build_parser()
+    if sys.stdout is None:  # started with it closed (">&-"): no command has anywhere to print
+        return _fail("stdout is closed: nowhere to print", EXIT_FAILURE)
     try:
+        from xenheap.tools.progress import ScrubProgress
+
+        parser = build_parser()
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help and --version: printed, and done
@@ -300,11 +358,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:  # bare "xenheap": say what there is to run
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        status = args.func(args)
+        # Progress on stderr: when it is a terminal, or as --progress/--no-progress say.
+        progress = ScrubProgress(sys.stderr, enabled=getattr(args, "progress", None))
+        try:
+            status = args.func(args, progress)
+        finally:
+            progress.end()  # erased first: an error must not land on the tail of its line
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
         return status
     except BrokenPipeError:  # "xenheap demo | head -1": the reader has all it wanted
-        _silence_stdout()
+        _silence(sys.stdout)
         return EXIT_BROKEN_PIPE
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)

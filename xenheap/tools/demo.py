@@ -29,6 +29,7 @@ from xenheap.tools.workload import (
     populated_domain,
     scrub_counters,
     try_alloc,
+    views_released_on_error,
     wait_until_clean,
     warm_kernels,
     write_pattern,
@@ -113,7 +114,7 @@ def run_mode(mode: str, size: int, nodes: int | None = None,
     3. A third full domain is destroyed and at once a new one asks for the highest order,
        then takes all the rest and checks that every byte it was given reads zero.
     """
-    with Heap(size, nodes=nodes, scrub=mode) as heap:
+    with Heap(size, nodes=nodes, scrub=mode) as heap, views_released_on_error():
         if progress is not None:
             progress.stage(f"demo ({mode}): populating and writing the domain")
         guest, blocks, first_write_s = populated_domain(heap, "guest")

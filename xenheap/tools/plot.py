@@ -13,10 +13,12 @@ if TYPE_CHECKING:
     from xenheap.tools.bench import BenchResult
 
 
-def plot_bench(result: BenchResult, path: str, plt: Any) -> None:
+def plot_bench(result: BenchResult, path: str, plt: Any, plot_format: str | None = None) -> None:
     """Destroy latency against size (log-log, both modes) and the buffer comparison.
 
-    ``plt`` is matplotlib's pyplot, on a backend that writes files.
+    ``plt`` is matplotlib's pyplot, on a backend that writes files. ``plot_format`` ("png",
+    "svg", ...): written in that format to exactly ``path``; None: as ``path``'s extension
+    says (matplotlib adds ".png" where there is none).
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     destroy = result.destroy
@@ -48,5 +50,7 @@ def plot_bench(result: BenchResult, path: str, plt: Any) -> None:
     right.legend()
     fig.suptitle(f"xenheap on {machine_line(result.machine)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, format=plot_format)
+    finally:
+        plt.close(fig)

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import itertools
 import logging
@@ -298,6 +297,13 @@ async def _run(heap: Heap, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the example service from the command line; returns the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the signal handlers were in place (setup, the heap)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         check_loopback(args.host)
@@ -315,9 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except XenHeapError as exc:
         print(f"xenheap.serve: error: {exc}", file=sys.stderr)
         return 2
-    with heap, contextlib.suppress(KeyboardInterrupt):
+    with heap:
         return asyncio.run(_run(heap, args))
-    return 130  # interrupted before the signal handlers were in place
 
 
 if __name__ == "__main__":

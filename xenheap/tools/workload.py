@@ -11,7 +11,9 @@ time it would be computed over is shorter than ``MIN_TIMED_S`` (see :func:`rate`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +83,21 @@ def populated_domain(heap: Heap, name: str, byte: int = PATTERN_BYTE
     dom = heap.create_domain(name)
     blocks = fill_domain(dom)
     return dom, blocks, write_pattern(blocks, byte)
+
+
+@contextmanager
+def views_released_on_error() -> Iterator[None]:
+    """On an error or an interrupt, clear the locals of the frames it came up through.
+
+    For the body of a ``with Heap(...)``, entered after the heap: those frames (the
+    experiment's, numpy's own) may hold views of the heap's memory, and the traceback keeps
+    them alive while the heap closes, which then warns that views of it are alive.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # those still running are left as they are
+        raise
 
 
 # --- heap counters and waiting ----------------------------------------------------------------
