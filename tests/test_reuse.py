@@ -417,10 +417,10 @@ def test_numpy_takes_back_the_blocks_other_domains_parked_through_the_python_api
         heap.check()
 
 
-def test_a_destroy_waits_for_parked_blocks_on_their_way_back(monkeypatch):
-    """A return of parked blocks in flight (the idle chore, an allocation short of room)
-    finishes before a destroy retires the cache: else the destroy freed them again, and
-    the statistics counted them freed twice."""
+def _return_paused_midway(monkeypatch, dom, blocks: int
+                          ) -> tuple[threading.Thread, threading.Event]:
+    """Park ``blocks`` pages of ``dom`` and start a thread returning them, stopped right
+    after it drained the cache (the blocks taken out, not freed yet): (thread, resume)."""
     paused, resume = threading.Event(), threading.Event()
     drain = ReuseCache.drain
 
@@ -432,15 +432,23 @@ def test_a_destroy_waits_for_parked_blocks_on_their_way_back(monkeypatch):
         return out
 
     monkeypatch.setattr(ReuseCache, "drain", pausing_drain)
+    for blk in [dom.alloc(0) for _ in range(blocks)]:
+        blk.free()
+    del blk
+    returner = threading.Thread(target=return_parked, args=(dom.heap.core, dom.record),
+                                name="returner")
+    returner.start()
+    assert paused.wait(10)
+    return returner, resume
+
+
+def test_a_destroy_waits_for_parked_blocks_on_their_way_back(monkeypatch):
+    """A return of parked blocks in flight (the idle chore, an allocation short of room)
+    finishes before a destroy retires the cache: else the destroy freed them again, and
+    the statistics counted them freed twice."""
     with xenheap.Heap("16MiB", scrub="alloc", nodes=1) as heap:
         dom = heap.create_domain()
-        for blk in [dom.alloc(0) for _ in range(8)]:
-            blk.free()
-        del blk
-        returner = threading.Thread(target=return_parked, args=(heap.core, dom.record),
-                                    name="returner")
-        returner.start()
-        assert paused.wait(10)
+        returner, resume = _return_paused_midway(monkeypatch, dom, 8)
         destroyer = threading.Thread(target=dom.destroy)
         destroyer.start()
         time.sleep(0.2)  # the destroy waits for the returner: the domain still counts
@@ -459,26 +467,9 @@ def test_an_allocation_that_fits_waits_for_parked_blocks_on_their_way_back(monke
     """A return in flight has taken its blocks out of the cache but not freed them yet: an
     allocation the quota takes once they are back waits for them instead of being refused
     (they are not held by the user, and not in the cache either)."""
-    paused, resume = threading.Event(), threading.Event()
-    drain = ReuseCache.drain
-
-    def pausing_drain(self, close=False):
-        out = drain(self, close)
-        if threading.current_thread().name == "returner":
-            paused.set()
-            resume.wait(10)
-        return out
-
-    monkeypatch.setattr(ReuseCache, "drain", pausing_drain)
     with xenheap.Heap("16MiB", scrub="alloc", nodes=1) as heap:
         dom = heap.create_domain(max_bytes=16 * PAGE_SIZE)
-        for blk in [dom.alloc(0) for _ in range(12)]:
-            blk.free()
-        del blk
-        returner = threading.Thread(target=return_parked, args=(heap.core, dom.record),
-                                    name="returner")
-        returner.start()
-        assert paused.wait(10)
+        returner, resume = _return_paused_midway(monkeypatch, dom, 12)
         threading.Timer(0.2, resume.set).start()
         big = dom.alloc(3)  # 8 pages: the quota of 16 holds them once the 12 parked are back
         returner.join(10)
