@@ -1,10 +1,11 @@
 """The fast paths against numpy, side by side in one run, sides alternated, medians.
 
 Run it as a script (``python bench/fast_paths.py``): buffers of 4 KiB, 2 MiB and 64 MiB
-obtained, written once and released (zeroed, and ``zero=False`` against ``numpy.empty``),
-numpy arrays under ``dom.numpy_allocator()`` against numpy's own allocator, a 1 TiB virtual
-heap's creation, and populate + destroy from one thread and from two, against two loops that
-share nothing (one computing, one writing memory) run the same way: what the machine gives
+obtained, written once and released (zeroed, and ``zero=False`` against ``numpy.empty``;
+64 MiB also against the write alone, into memory already faulted in), numpy arrays under
+``dom.numpy_allocator()`` against numpy's own allocator, a 1 TiB virtual heap's creation,
+and populate + destroy from one thread and from two, against two loops that share nothing
+(one computing, one writing memory) run the same way: what the machine gives
 two threads at that moment. Prints Markdown.
 """
 
@@ -109,6 +110,14 @@ def main() -> None:
     compare("2 MiB zero=False vs numpy.empty", buffer(2 * MiB, zero=False),
             numpy_buffer(2 * MiB, np.empty), 300)
     compare("zeroed 64 MiB, written once", buffer(64 * MiB), numpy_buffer(64 * MiB), 8, 7)
+    faulted = np.zeros(64 * MiB, dtype=np.uint8)
+    faulted[:] = 0  # its pages faulted in: what is left is the write
+
+    def write_faulted() -> None:
+        faulted[:] = 1
+
+    compare("zeroed 64 MiB vs only writing 64 MiB already faulted in (the floor)",
+            buffer(64 * MiB), write_faulted, 8, 7)
     compare("np.zeros(512) x100, handler vs numpy's", under_handler(zeros_512), zeros_512, 300)
     compare("1,000 small arrays (8-1000 B), handler vs numpy's", under_handler(small_arrays),
             small_arrays, 60)
