@@ -401,6 +401,13 @@ def test_huge_sizes_are_one_line_usage_errors(argv: list[str]) -> None:
     assert "more than any machine has" in err and len(err) < 200
 
 
+def test_a_size_of_more_digits_than_int_reads_is_a_short_usage_error() -> None:
+    code, out, err = call_main(["demo", "--size", "9" * 5000])
+    assert code == 2 and out == ""
+    assert err.startswith("xenheap: error: argument --size: size: cannot parse '999")
+    assert err.count("\n") == 1 and len(err) < 200, err
+
+
 def test_a_huge_size_in_a_real_process_has_no_traceback() -> None:
     proc = run_cli("demo", "--size", "9" * 4200, timeout=60)
     assert proc.returncode == 2, proc.stderr
@@ -775,3 +782,13 @@ def test_the_library_never_imports_its_tools() -> None:
                            "sys.modules if m.startswith('xenheap.tools')))"],
                           capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc
+
+
+def test_progress_without_stderr_is_off_and_harmless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started with stderr closed (sys.stderr is None), ``--progress`` has nothing to show
+    it on: it is off, and a stage does not fail the command."""
+    monkeypatch.setattr(sys, "stderr", None)
+    progress = ScrubProgress(enabled=True)
+    assert not progress.enabled
+    progress.stage("working")
+    progress.end()

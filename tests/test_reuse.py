@@ -519,22 +519,34 @@ def test_close_unmaps_the_memory_of_a_domain_collected_just_before():
     assert not heap.core.orphans
 
 
-def test_a_destroy_that_meets_close_leaves_no_handler_holding_the_memory():
-    """close() lands inside a destroy, after the domain left the live set and before its
-    kernel call: the heap's close finishes the destroy, which drops the numpy handler."""
+def test_a_close_waits_for_a_destroy_under_way():
+    """close() lands inside a destroy, after it found the heap open and before its kernel
+    call: the close waits, the destroy is whole (its parked blocks counted freed once, the
+    numpy handler dropped), then the arenas go."""
     heap = xenheap.Heap("8MiB", scrub="alloc", nodes=1)
     dom = heap.create_domain()
     with dom.numpy_allocator():
         np.ones(10)
+    for blk in [dom.alloc(0) for _ in range(4)]:
+        blk.free()
+    del blk
     defers = heap.core.defers_relinquish  # called right before the destroy's kernel call
+    closer = threading.Thread(target=heap.close)
 
-    def close_first() -> bool:
-        heap.close()
+    def close_meanwhile() -> bool:
+        closer.start()
+        time.sleep(0.2)  # the close has begun, and waits for this destroy
+        assert closer.is_alive()
         return defers()
 
-    heap.core.defers_relinquish = close_first
+    heap.core.defers_relinquish = close_meanwhile
     dom.destroy()
+    closer.join(10)
+    assert not closer.is_alive() and heap.closed
     assert dom.record.capsule is None and dom.record.destroyed and not dom.alive
+    st = dom.stats()
+    assert st["num_frees"] == st["num_allocations"] >= 5  # numpy's, and the 4 parked
+    assert st["bytes_allocated"] == st["cached_bytes"] == 0
     assert all(arena.closed for arena in heap.core.arenas)
 
 

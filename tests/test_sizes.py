@@ -182,3 +182,14 @@ def test_format_then_parse_is_close(nbytes: int) -> None:
     back = round(float(number) * {"B": 1, **_BINARY}[unit])
     assert abs(back - nbytes) <= 0.05 * nbytes
     assert parse_size(str(nbytes)) == nbytes
+
+
+def test_parse_size_quotes_a_long_value_abridged() -> None:
+    with pytest.raises(InvalidArgument, match=r"^size: cannot parse '999.*\.\.\..*999' as") as info:
+        parse_size("9" * 5000)
+    assert len(str(info.value)) < 100
+
+
+def test_format_size_shows_no_decimal_from_100_of_a_unit_after_rounding() -> None:
+    assert format_size(102359) == "100 KiB"  # 99.96 KiB
+    assert format_size(102348) == "99.9 KiB"

@@ -347,17 +347,19 @@ class Domain:
         # Parked blocks are on the domain's list: they go with it. Under ``returning``, so
         # that a return of parked blocks in flight first frees them and counts them
         # returned: else the destroy would free them again, and count them freed twice.
-        with rec.returning, core.lock:
-            # Where close() sets it: a closed heap keeps its last figures, so a refused
-            # destroy must not have retired the cache. Past this, a close finishes the job.
-            if core.closed:
-                raise HeapClosed(core.closed_reason)
-            records = reuse.retire() if reuse is not None else None
-            if self in core.domains:  # off the live list with its reuse counters, once
-                core.domains.discard(self)
-                fold_reuse_counters(core, reuse)
-        self._collected.detach()
-        destroy_record(core, rec, records, who=self)
+        # close() also waits on it, for each live domain, before it stops the kernels: a
+        # destroy that found the heap open is never cut off halfway.
+        with rec.returning:
+            with core.lock:  # where close() sets it: a refused destroy changes nothing
+                if core.closed:
+                    raise HeapClosed(core.closed_reason)
+                records = reuse.retire() if reuse is not None else None
+            self._collected.detach()
+            destroy_record(core, rec, records, who=self)
+            with core.lock:  # off the live list with its reuse counters, once
+                if self in core.domains:
+                    core.domains.discard(self)
+                    fold_reuse_counters(core, reuse)
 
     def numpy_allocator(self) -> contextlib.AbstractContextManager[Domain]:
         """``with dom.numpy_allocator():`` numpy arrays created in this thread or asyncio

@@ -181,23 +181,16 @@ def destroy_record(core: HeapCore, rec: DomainRecord, records: object, who: obje
     what retire() gave, dropped once its memory is relinquished); ``who`` (its str) names
     the domain in errors."""
     defer = core.defers_relinquish()
-    overtaken = False
     try:
         status, wake = core.call(api.heap_destroy, rec.slot, rec.id, defer)
-    except HeapClosed:
-        if not core.closed:  # a forked child's heap: nothing was done
-            raise
-        # Closed after the domain left the live list (so after close() dropped the live
-        # domains' handlers): its memory goes with the heap, and the destroy is done.
-        overtaken = True
-    else:
-        if status < 0:
-            raise DomainDead(f"{who!s} was already destroyed")
+    except HeapClosed:  # closed meanwhile, after close() dropped the live domains' handlers
+        rec.capsule = None
+        raise
+    if status < 0:
+        raise DomainDead(f"{who!s} was already destroyed")
     rec.destroyed = True
     rec.dropped.clear()  # their blocks go with the domain
     rec.capsule = None  # arrays made with it hold their own reference (see numpy_handler)
-    if overtaken:
-        return
     core.charges.destroyed(rec.id)
     core.retire_slot(rec)
     if defer:  # the first scrubber's chore frees the blocks (HeapCore.relinquish)

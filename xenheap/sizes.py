@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import reprlib
 from decimal import Decimal
 from fractions import Fraction
 
@@ -33,34 +34,35 @@ def parse_size(value: int | str, *, what: str = "size") -> int:
     or ``"2MB"`` (``K``/``KiB`` = 1024, ``KB`` = 1000; units are case-insensitive).
     Raises :class:`InvalidArgument`, naming ``what``, for anything else.
     """
+    shown = reprlib.repr(value)  # abridged: 5,000 digits stay one short line
     # bool is an Integral but "True bytes" is surely a mistake.
     if isinstance(value, bool):
-        raise InvalidArgument(f"{what} must be an integer or a size string, not bool {value!r}")
+        raise InvalidArgument(f"{what} must be an integer or a size string, not bool {shown}")
     if isinstance(value, numbers.Integral):
         nbytes = int(value)
         if nbytes < 0:
-            raise InvalidArgument(f"{what} must not be negative, got {value!r}")
+            raise InvalidArgument(f"{what} must not be negative, got {shown}")
         return nbytes
     if not isinstance(value, str):
         raise InvalidArgument(
-            f"{what} must be an integer or a size string, not {type(value).__name__} {value!r}"
+            f"{what} must be an integer or a size string, not {type(value).__name__} {shown}"
         )
     match = _SIZE_RE.fullmatch(value)
     if match is None:
-        raise InvalidArgument(f"{what}: cannot parse {value!r} as a size (e.g. 4096, 64K, 1.5GiB)")
+        raise InvalidArgument(f"{what}: cannot parse {shown} as a size (e.g. 4096, 64K, 1.5GiB)")
     number, unit = match.groups()
     multiplier = _UNITS.get(unit.lower())
     if multiplier is None:
         raise InvalidArgument(
-            f"{what}: unknown unit {unit!r} in {value!r} (use B, K/KiB, M/MiB, G/GiB, T/TiB, "
+            f"{what}: unknown unit {unit!r} in {shown} (use B, K/KiB, M/MiB, G/GiB, T/TiB, "
             "or KB/MB/GB/TB for powers of 1000)"
         )
     try:
         exact = Fraction(number) * multiplier
     except ValueError as exc:  # e.g. more digits than int() accepts
-        raise InvalidArgument(f"{what}: cannot parse {value!r} as a size") from exc
+        raise InvalidArgument(f"{what}: cannot parse {shown} as a size") from exc
     if exact.denominator != 1:
-        raise InvalidArgument(f"{what}: {value!r} is not a whole number of bytes")
+        raise InvalidArgument(f"{what}: {shown} is not a whole number of bytes")
     return int(exact)
 
 
@@ -82,7 +84,7 @@ def format_size(nbytes: int) -> str:
         # Exact: a float cannot hold every int (it overflows, or rounds away digits).
         scaled = Fraction(magnitude, 1024**exp)
         whole = round(scaled)
-        if scaled < 100:
+        if round(scaled, 1) < 100:  # "100.0 KiB" reads as "100 KiB" does
             text = f"{float(scaled):.1f} {unit}"
         elif whole < _MAX_WHOLE:
             text = f"{whole} {unit}"

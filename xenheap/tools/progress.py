@@ -102,7 +102,9 @@ class ScrubProgress:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.live = _is_terminal(self.stream)  # rewrite one line in place
-        self.enabled = self.live if enabled is None else bool(enabled)
+        # No stream at all (the process started with stderr closed): nothing to show it on.
+        self.enabled = (self.stream is not None
+                        and (self.live if enabled is None else bool(enabled)))
         if repaint_s is None:
             repaint_s = REPAINT_S if self.live else LOG_REPAINT_S
         self.repaint_s = repaint_s
