@@ -146,13 +146,18 @@ class Domain:
         outlive a destroy until numpy frees them). A destroyed domain keeps its figures.
         Every field is in xenheap.stats."""
         rec = self.record
-        # Also while another thread frees the last of them: wait for it (free_dropped).
-        if rec.dropped or rec.dropping.locked():
-            free_dropped(self)
+        self._free_dropped_now()
         if rec.destroyed:
             self.core.relinquish()
         with default_numpy_memory():  # its working arrays never come from this domain
             return domain_stats(self)
+
+    def _free_dropped_now(self) -> None:
+        """Free the blocks of dropped handles, before figures are read: also while another
+        thread frees the last of them, by waiting for it (free_dropped)."""
+        rec = self.record
+        if rec.dropped or rec.dropping.locked():
+            free_dropped(self)
 
     # --- allocation ----------------------------------------------------------------------
     def _raise_for(self, code: int, what: str) -> None:
@@ -224,8 +229,7 @@ class Domain:
     def _room_without_parked(self, pages: int) -> bool:
         """Whether the quota takes ``pages`` more once the parked blocks are given back."""
         rec = self.record
-        if rec.dropped or rec.dropping.locked():
-            free_dropped(self)
+        self._free_dropped_now()
         # A return in flight took its blocks out of the cache but has not freed them yet:
         # read between returns, or those blocks count as held (parked ones are excluded).
         with rec.returning, default_numpy_memory():

@@ -34,35 +34,35 @@ def parse_size(value: int | str, *, what: str = "size") -> int:
     or ``"2MB"`` (``K``/``KiB`` = 1024, ``KB`` = 1000; units are case-insensitive).
     Raises :class:`InvalidArgument`, naming ``what``, for anything else.
     """
-    shown = reprlib.repr(value)  # abridged: 5,000 digits stay one short line
+    # Values are quoted abridged (reprlib): 5,000 digits stay one short line.
     # bool is an Integral but "True bytes" is surely a mistake.
     if isinstance(value, bool):
-        raise InvalidArgument(f"{what} must be an integer or a size string, not bool {shown}")
+        raise InvalidArgument(f"{what} must be an integer or a size string, not bool {value!r}")
     if isinstance(value, numbers.Integral):
         nbytes = int(value)
         if nbytes < 0:
-            raise InvalidArgument(f"{what} must not be negative, got {shown}")
+            raise InvalidArgument(f"{what} must not be negative, got {reprlib.repr(value)}")
         return nbytes
     if not isinstance(value, str):
-        raise InvalidArgument(
-            f"{what} must be an integer or a size string, not {type(value).__name__} {shown}"
-        )
+        raise InvalidArgument(f"{what} must be an integer or a size string, not "
+                              f"{type(value).__name__} {reprlib.repr(value)}")
     match = _SIZE_RE.fullmatch(value)
     if match is None:
-        raise InvalidArgument(f"{what}: cannot parse {shown} as a size (e.g. 4096, 64K, 1.5GiB)")
+        raise InvalidArgument(f"{what}: cannot parse {reprlib.repr(value)} as a size "
+                              "(e.g. 4096, 64K, 1.5GiB)")
     number, unit = match.groups()
     multiplier = _UNITS.get(unit.lower())
     if multiplier is None:
         raise InvalidArgument(
-            f"{what}: unknown unit {unit!r} in {shown} (use B, K/KiB, M/MiB, G/GiB, T/TiB, "
-            "or KB/MB/GB/TB for powers of 1000)"
+            f"{what}: unknown unit {unit!r} in {reprlib.repr(value)} (use B, K/KiB, M/MiB, "
+            "G/GiB, T/TiB, or KB/MB/GB/TB for powers of 1000)"
         )
     try:
         exact = Fraction(number) * multiplier
     except ValueError as exc:  # e.g. more digits than int() accepts
-        raise InvalidArgument(f"{what}: cannot parse {shown} as a size") from exc
+        raise InvalidArgument(f"{what}: cannot parse {reprlib.repr(value)} as a size") from exc
     if exact.denominator != 1:
-        raise InvalidArgument(f"{what}: {shown} is not a whole number of bytes")
+        raise InvalidArgument(f"{what}: {reprlib.repr(value)} is not a whole number of bytes")
     return int(exact)
 
 

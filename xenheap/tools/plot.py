@@ -13,12 +13,11 @@ if TYPE_CHECKING:
     from xenheap.tools.bench import BenchResult
 
 
-def plot_bench(result: BenchResult, path: str, plt: Any, plot_format: str | None = None) -> None:
-    """Destroy latency against size (log-log, both modes) and the buffer comparison.
+def plot_bench(result: BenchResult, path: str, plt: Any, plot_format: str) -> None:
+    """Destroy latency against size (log-log, both modes) and the buffer comparison,
+    written in ``plot_format`` ("png", "svg", ...) to exactly ``path``.
 
-    ``plt`` is matplotlib's pyplot, on a backend that writes files. ``plot_format`` ("png",
-    "svg", ...): written in that format to exactly ``path``; None: as ``path``'s extension
-    says (matplotlib adds ".png" where there is none).
+    ``plt`` is matplotlib's pyplot, on a backend that writes files.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     destroy = result.destroy
